@@ -1,0 +1,1 @@
+"""lmpg: policy-gradient fine-tuning of causal language models."""

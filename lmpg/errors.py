@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every mistake a user can make (bad config, bad data, a broken reward function) raises a subclass of
+`LmpgError` whose message is one line saying what is wrong and how to fix it. The CLI prints such
+errors without a traceback and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class LmpgError(Exception):
+    """Base class for errors caused by user input, reported as one line."""
+
+
+class ConfigError(LmpgError, ValueError):
+    """A config field is unknown, of the wrong type, or inconsistent with another field."""
+
+
+class DataError(LmpgError, ValueError):
+    """The dataset cannot be read or lacks what training needs (e.g. a `prompt` column)."""
+
+
+class RewardError(LmpgError, RuntimeError):
+    """A reward function cannot be loaded, raised, or returned something unusable."""
+
+
+class TrainingError(LmpgError, RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite updates)."""
