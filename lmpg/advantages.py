@@ -1,0 +1,194 @@
+"""Returns, baselines and advantages: the weights A_t of the policy gradient.
+
+The policy gradient (CS224R lecture 3) is
+
+    grad J(theta) = E_tau [ sum_t grad log pi_theta(a_t | s_t) * A_t ]
+
+where a prompt is the initial state, each generated token a_t is an action and a completion is the
+trajectory. This module computes A_t from the rewards, one visible step at a time:
+
+1. `returns`: the return credited to each token, either the whole return of the trajectory
+   (REINFORCE) or the reward-to-go (causality: an action only gets credit for rewards after it).
+2. `baseline`: a value b subtracted from the return. A baseline that does not depend on the sample's
+   own action leaves the gradient unbiased (E[grad log pi * b] = b * grad sum pi = 0) and cuts its
+   variance. `group_mean` includes the sample's own return, which scales the expected gradient by
+   exactly (G-1)/G; `leave_one_out` (RLOO) excludes it and is exactly unbiased.
+3. `normalise_advantages`: optional division by the group or batch standard deviation (GRPO).
+
+Shapes: B sequences (B = number of prompts * G, the G samples of a prompt contiguous), G samples per
+prompt, T completion tokens. `completion_mask` (B, T) is True where a token counts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from lmpg.masked import masked_mean
+
+Baseline = Literal["none", "batch_mean", "group_mean", "leave_one_out"]
+AdvNorm = Literal["none", "group", "batch"]
+BASELINES = ("none", "batch_mean", "group_mean", "leave_one_out")
+ADV_NORMS = ("none", "group", "batch")
+
+
+def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.Tensor,
+                            gamma: float = 1.0) -> torch.Tensor:
+    """ret_t = sum_{t' >= t} gamma^(t'-t) r_t'  over counted tokens, 0 at masked positions.
+
+    token_rewards: (B, T) reward received after each action; completion_mask: (B, T).
+    Computed right to left: ret_t = r_t + gamma * ret_{t+1}. Masked positions carry no reward and
+    do not break the chain (padding only ever follows the completion).
+    """
+    B, T = token_rewards.shape  # sequences, completion tokens
+    r = torch.where(completion_mask, token_rewards, torch.zeros_like(token_rewards))
+    ret = torch.zeros_like(r)
+    running = torch.zeros(B, dtype=r.dtype, device=r.device)
+    for t in range(T - 1, -1, -1):
+        running = r[:, t] + gamma * running
+        ret[:, t] = running
+    return torch.where(completion_mask, ret, torch.zeros_like(ret))
+
+
+def returns(token_rewards: torch.Tensor, completion_mask: torch.Tensor, reward_to_go: bool = False,
+            gamma: float = 1.0) -> torch.Tensor:
+    """The return credited to each token, (B, T).
+
+    reward_to_go=False (REINFORCE): every token of trajectory i gets the whole discounted return
+        R_i = sum_t gamma^t r_{i,t}, i.e. ret_{i,t} = R_i.
+    reward_to_go=True: ret_{i,t} = sum_{t' >= t} gamma^(t'-t) r_{i,t'} (see
+        `discounted_reward_to_go`); for a reward given only at the last token with gamma = 1 both
+        choices are the same.
+    """
+    rtg = discounted_reward_to_go(token_rewards, completion_mask, gamma)
+    if reward_to_go:
+        return rtg
+    whole = rtg[:, :1].expand_as(rtg) if rtg.shape[1] else rtg
+    return torch.where(completion_mask, whole, torch.zeros_like(rtg))
+
+
+def sequence_returns(token_returns: torch.Tensor) -> torch.Tensor:
+    """R_i, the return of the whole trajectory: the return credited to its first token. (B,)."""
+    B, T = token_returns.shape
+    if T == 0:
+        return token_returns.new_zeros(B)
+    return token_returns[:, 0]
+
+
+def baseline(ret: torch.Tensor, group_size: int, kind: Baseline,
+             sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The baseline b_i subtracted from sample i's return, (B,).
+
+    ret: (B,) sequence returns R_i, groups of `group_size` consecutive samples per prompt.
+    sample_mask: (B,) True for samples that have a return (a sample no reward function scored is
+    left out of every mean); defaults to all True.
+
+    none:          b_i = 0
+    batch_mean:    b_i = (1/N) sum_j R_j over the whole batch (includes R_i: bias factor (N-1)/N)
+    group_mean:    b_i = (1/G) sum_{j in g(i)} R_j (includes R_i: expected gradient times (G-1)/G)
+    leave_one_out: b_i = (1/(G-1)) sum_{j in g(i), j != i} R_j (RLOO; exactly unbiased; needs G >= 2)
+    """
+    B = ret.shape[0]
+    if B % group_size:
+        raise ValueError(f"batch of {B} returns is not a whole number of groups of {group_size}")
+    m = torch.ones_like(ret, dtype=torch.bool) if sample_mask is None else sample_mask.bool()
+    x = torch.where(m, ret, torch.zeros_like(ret))
+    mf = m.to(ret.dtype)
+    if kind == "none":
+        return torch.zeros_like(ret)
+    if kind == "batch_mean":
+        return (x.sum() / mf.sum().clamp(min=1)).expand(B).clone()
+    groups = x.view(-1, group_size)  # (B/G, G)
+    counts = mf.view(-1, group_size).sum(1, keepdim=True)  # (B/G, 1)
+    sums = groups.sum(1, keepdim=True)
+    if kind == "group_mean":
+        return (sums / counts.clamp(min=1)).expand(-1, group_size).reshape(B).clone()
+    if kind == "leave_one_out":
+        if group_size < 2:
+            raise ValueError("leave_one_out baseline needs group_size >= 2")
+        others = (sums - groups) / (counts - mf.view(-1, group_size)).clamp(min=1)
+        return others.reshape(B)
+    raise ValueError(f"unknown baseline {kind!r}; choose one of {BASELINES}")
+
+
+def advantage_std(adv: torch.Tensor, group_size: int, scope: AdvNorm,
+                  sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Standard deviation used to scale the advantages, per sample (B,).
+
+    group: std of the returns-minus-baseline within the sample's group; batch: over the batch.
+    The population std (divide by the count), of samples in `sample_mask` only.
+    """
+    B = adv.shape[0]
+    m = torch.ones_like(adv, dtype=torch.bool) if sample_mask is None else sample_mask.bool()
+    if scope == "none":
+        return torch.ones_like(adv)
+    if scope == "batch":
+        mean = masked_mean(adv, m)
+        return masked_mean((adv - mean) ** 2, m).sqrt().expand(B).clone()
+    if scope == "group":
+        a, gm = adv.view(-1, group_size), m.view(-1, group_size)
+        mean = masked_mean(a, gm, dim=1).unsqueeze(1)
+        std = masked_mean((a - mean) ** 2, gm, dim=1).sqrt()
+        return std.unsqueeze(1).expand(-1, group_size).reshape(B)
+    raise ValueError(f"unknown adv_norm {scope!r}; choose one of {ADV_NORMS}")
+
+
+def normalise_advantages(adv: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i / (std_i + eps); where std_i == 0 (all returns alike) A_i is 0 already and stays 0."""
+    return adv / (std + eps)
+
+
+def zero_spread_groups(ret: torch.Tensor, group_size: int,
+                       sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B/G,) True for groups whose scored samples all have the same return (no learning signal)."""
+    m = torch.ones_like(ret, dtype=torch.bool) if sample_mask is None else sample_mask.bool()
+    r, gm = ret.view(-1, group_size), m.view(-1, group_size)
+    big = torch.finfo(ret.dtype).max
+    hi = torch.where(gm, r, torch.full_like(r, -big)).max(1).values
+    lo = torch.where(gm, r, torch.full_like(r, big)).min(1).values
+    return (hi - lo <= 0) | (gm.sum(1) <= 1)
+
+
+def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
+                       baseline_kind: Baseline = "group_mean", adv_norm: AdvNorm = "none",
+                       reward_to_go: bool = False, gamma: float = 1.0,
+                       sample_mask: torch.Tensor | None = None, eps: float = 1e-6,
+                       gather=None, process_index: int = 0):
+    """All steps above in order; returns (adv (B, T), stats).
+
+    A_{i,t} = (ret_{i,t} - b_i) / (std_i + eps)   on counted tokens of scored samples, else 0,
+    with ret from `returns`, b from `baseline` on the sequence returns R_i, std from
+    `advantage_std` (1 when adv_norm is none). With reward-to-go the same constant b_i is subtracted
+    from every token's return: it does not depend on sample i's actions, so the gradient stays
+    unbiased (for leave_one_out; group_mean keeps its (G-1)/G factor).
+
+    Across processes, `gather` concatenates a (B,) tensor over processes in rank order (each with
+    the same B); batch-level baselines and stds then see the global batch, and this process keeps
+    its slice `process_index`. The default (None) is one process.
+    """
+    B = token_rewards.shape[0]
+    m = torch.ones(B, dtype=torch.bool, device=token_rewards.device) \
+        if sample_mask is None else sample_mask.bool()
+    ret = returns(token_rewards, completion_mask, reward_to_go, gamma)  # (B, T)
+    seq_ret = sequence_returns(ret)  # (B,)
+    all_ret, all_m = (seq_ret, m) if gather is None else (gather(seq_ret), gather(m))
+    b_all = baseline(all_ret, group_size, baseline_kind, all_m)
+    std_all = advantage_std(all_ret - b_all, group_size, adv_norm, all_m)
+    own = slice(process_index * B, (process_index + 1) * B)
+    b, std = b_all[own].to(ret.device), std_all[own].to(ret.device)  # (B,)
+    adv = normalise_advantages(ret - b.unsqueeze(1), std.unsqueeze(1), eps) \
+        if adv_norm != "none" else ret - b.unsqueeze(1)
+    keep = completion_mask & m.unsqueeze(1)
+    adv = torch.where(keep, adv, torch.zeros_like(adv))
+    seq_adv = adv[:, 0] if adv.shape[1] else adv.new_zeros(adv.shape[0])
+    stats = {
+        "ret_mean": float(masked_mean(all_ret, all_m)),
+        "baseline_mean": float(masked_mean(b_all, all_m)),
+        "adv_mean": float(masked_mean(adv, keep)),
+        "adv_std": float(masked_mean((adv - masked_mean(adv, keep)) ** 2, keep).sqrt()),
+        "adv_abs_max": float(adv.abs().max()) if adv.numel() else 0.0,
+        "adv_zero_frac": float(masked_mean((seq_adv == 0).to(adv.dtype), m)),
+        "zero_spread_group_frac": float(zero_spread_groups(all_ret, group_size, all_m).float().mean()),
+    }
+    return adv, stats

@@ -1,0 +1,323 @@
+"""PGConfig: every hyperparameter of a run, validated at construction.
+
+Each field has a docstring under it (shown by `lmpg train --help`). Defaults run on a laptop CPU.
+Invalid values and combinations raise `ConfigError` with one line saying what to set.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import textwrap
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmpg.advantages import ADV_NORMS, BASELINES
+from lmpg.errors import ConfigError
+from lmpg.kl import KL_ESTIMATORS
+from lmpg.losses import LOSS_AGGS, RATIO_LEVELS
+
+
+@dataclass
+class PGConfig:
+    # --- run ---
+    output_dir: str = "runs/lmpg"
+    """Run directory: resolved config, metrics.jsonl, samples, checkpoints, final model."""
+    seed: int = 0
+    """Seed for python, numpy and torch: same seed, same config, same machine -> same run."""
+    model: str | None = None
+    """Model name on the hub or local path (CLI; in Python pass the model to PGTrainer)."""
+    dataset: str | None = None
+    """Prompts: a local .jsonl/.json/.csv/.parquet file or a hub dataset name (CLI)."""
+    dataset_split: str = "train"
+    """Split to read when `dataset` is a hub name or a DatasetDict."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt: a string, or a list of chat messages rendered with the chat template."""
+    rewards: list = field(default_factory=list)
+    """Reward functions for the CLI: 'package.module:function', 'path/file.py:function' or a built-in name."""
+    reward_weights: list | None = None
+    """One weight per reward function (default 1.0 each); the return is the weighted sum."""
+    reward_on_error: str = "raise"
+    """What a reward function that raises or returns NaN/inf/wrong length does: 'raise' stops the run, 'none' treats the sample as unscored (counted in the metrics)."""
+    reward_executor: str = "serial"
+    """How sync reward functions run: 'serial', 'thread' or 'process' (a pool, batch split in chunks). Async functions always run concurrently."""
+    reward_workers: int | None = None
+    """Pool size for reward_executor thread/process (default: number of CPUs)."""
+
+    # --- sampling ---
+    iterations: int = 100
+    """Number of iterations: sample a batch, score it, update the policy on it."""
+    batch_size: int = 32
+    """Completions per iteration over all processes (prompts per iteration = batch_size / group_size)."""
+    group_size: int = 4
+    """G: completions sampled per prompt; group baselines compare the G samples of a prompt."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens keep their last max_prompt_length tokens (counted in metrics)."""
+    max_new_tokens: int = 64
+    """Completion length limit; a completion that reaches it without EOS is truncated (counted)."""
+    temperature: float = 1.0
+    """Sampling temperature tau; the policy is softmax(logits / tau) in the loss too."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off). Truncation makes sampling slightly off-policy."""
+    top_k: int = 0
+    """Top-k sampling (0 = off). Truncation makes sampling slightly off-policy."""
+
+    # --- update ---
+    epochs_per_batch: int = 1
+    """Passes over each sampled batch (> 1 reuses the batch with importance ratios pi_theta/pi_old)."""
+    minibatch_size: int | None = None
+    """Completions per optimizer step (default: batch_size, one step per epoch). Must divide batch_size."""
+    micro_batch_size: int | None = None
+    """Completions per forward/backward on one process (gradient accumulation); default: the whole minibatch share."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient's global norm to this (None = no clipping)."""
+    lr_scheduler: str = "constant"
+    """Learning-rate schedule over optimizer steps: constant, linear or cosine (after warmup)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warmup."""
+
+    # --- estimator ---
+    baseline: str = "group_mean"
+    """Baseline b subtracted from the return: none, batch_mean, group_mean (per prompt) or leave_one_out (RLOO)."""
+    adv_norm: str = "none"
+    """Divide advantages by the std of (return - baseline): none, group or batch (GRPO uses group)."""
+    reward_to_go: bool = False
+    """Credit each token only with rewards at or after it (for per-token rewards)."""
+    gamma: float = 1.0
+    """Discount for the return / reward-to-go: ret_t = sum_{t'>=t} gamma^(t'-t) r_t'."""
+    ratio_level: str = "token"
+    """Importance ratio: token (PPO/GRPO), sequence (product of token ratios) or sequence_mean (its length-normalised form, GSPO)."""
+    clip_eps_low: float | None = 0.2
+    """PPO clipping: ratio floor 1 - clip_eps_low (None with clip_eps_high None = no clipping)."""
+    clip_eps_high: float | None = 0.2
+    """PPO clipping: ratio ceiling 1 + clip_eps_high (DAPO raises it, e.g. 0.28)."""
+    loss_agg: str = "token_mean"
+    """Loss aggregation: token_mean, sequence_mean, sequence_sum or constant (see lmpg.losses)."""
+    loss_constant: float | None = None
+    """Normaliser per sequence for loss_agg=constant (default: max_new_tokens)."""
+    kl_coef: float = 0.0
+    """beta: weight of the KL penalty to the reference policy (0 = off, no reference model kept)."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3 (see lmpg.kl)."""
+    kl_in: str = "loss"
+    """Where the KL penalty goes: 'loss' (GRPO) or 'reward' (subtracted per token from the rewards)."""
+    adv_eps: float = 1e-6
+    """Added to the std before dividing advantages by it."""
+
+    # --- model ---
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    mixed_precision: str = "no"
+    """Accelerate mixed precision: no, bf16 or fp16 (GPU)."""
+    lora_r: int = 0
+    """LoRA rank (0 = full fine-tuning)."""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scaling alpha / r)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_target_modules: Any = "all-linear"
+    """Modules LoRA wraps: 'all-linear' or a list of module names."""
+
+    # --- logging, checkpoints ---
+    log_every: int = 1
+    """Print a metrics line every this many iterations (metrics.jsonl gets every iteration)."""
+    sample_log_every: int = 10
+    """Show a few sample completions with rewards and advantages every this many iterations (0 = never)."""
+    num_samples_to_show: int = 2
+    """How many completions to show each time."""
+    save_every: int = 0
+    """Checkpoint every this many iterations (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    resume: str = "never"
+    """'never', 'auto' (continue from the latest checkpoint in output_dir) or a checkpoint path."""
+    overwrite_output_dir: bool = False
+    """Allow starting a new run in an output_dir that already holds a run."""
+    max_consecutive_skips: int = 3
+    """Stop after this many consecutive updates skipped for a non-finite loss or gradient."""
+    report_to: list = field(default_factory=list)
+    """Extra trackers through accelerate: tensorboard, wandb, trackio."""
+    progress_bar: bool = True
+    """Show a progress bar on a TTY (never under CI or when output is not a terminal)."""
+
+    def __post_init__(self):
+        _check_types(self)
+        self._validate()
+
+    # ----- derived values -----
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.batch_size // self.group_size
+
+    @property
+    def resolved_minibatch_size(self) -> int:
+        return self.minibatch_size or self.batch_size
+
+    @property
+    def clipping(self) -> bool:
+        return self.clip_eps_low is not None or self.clip_eps_high is not None
+
+    @property
+    def resolved_loss_constant(self) -> float:
+        return float(self.loss_constant or self.max_new_tokens)
+
+    def _validate(self):
+        choices = {"baseline": BASELINES, "adv_norm": ADV_NORMS, "ratio_level": RATIO_LEVELS,
+                   "loss_agg": LOSS_AGGS, "kl_estimator": KL_ESTIMATORS, "kl_in": ("loss", "reward"),
+                   "reward_on_error": ("raise", "none"),
+                   "reward_executor": ("serial", "thread", "process"),
+                   "lr_scheduler": ("constant", "linear", "cosine"),
+                   "mixed_precision": ("no", "bf16", "fp16")}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not valid; set it to one of {', '.join(allowed)}")
+        positive = ["iterations", "batch_size", "group_size", "max_new_tokens", "max_prompt_length",
+                    "epochs_per_batch", "log_every", "keep_last", "max_consecutive_skips"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % self.group_size:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by group_size={self.group_size}; "
+                              f"set batch_size to a multiple of {self.group_size}")
+        mb = self.resolved_minibatch_size
+        if mb < 1 or self.batch_size % mb:
+            raise ConfigError(f"minibatch_size={mb} must divide batch_size={self.batch_size}")
+        if self.micro_batch_size is not None and (self.micro_batch_size < 1 or mb % self.micro_batch_size):
+            raise ConfigError(f"micro_batch_size={self.micro_batch_size} must divide minibatch_size={mb}")
+        if self.baseline == "leave_one_out" and self.group_size < 2:
+            raise ConfigError("baseline=leave_one_out needs group_size >= 2")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 (sampling only; use greedy eval for argmax)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"gamma={self.gamma} must be in [0, 1]")
+        if self.clip_eps_low is not None and not 0 < self.clip_eps_low < 1:
+            raise ConfigError(f"clip_eps_low={self.clip_eps_low} must be in (0, 1), or None for no clipping")
+        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+            raise ConfigError(f"clip_eps_high={self.clip_eps_high} must be > 0, or None for no clipping")
+        if self.loss_constant is not None and self.loss_constant <= 0:
+            raise ConfigError(f"loss_constant={self.loss_constant} must be > 0")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r={self.lora_r} must be >= 0 (0 = full fine-tuning)")
+        if self.reward_weights is not None and self.rewards and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards; "
+                              "give one weight per reward function")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm} must be > 0, or None for no clipping")
+        for name in ("save_every", "sample_log_every", "warmup_steps", "num_samples_to_show"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        trackers = ("tensorboard", "wandb", "trackio")
+        for t in self.report_to:
+            if t not in trackers:
+                raise ConfigError(f"report_to entry {t!r} is not valid; use any of {', '.join(trackers)}")
+
+    # ----- construction -----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PGConfig":
+        names = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else "; see `lmpg train --help` for the fields"
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "PGConfig":
+        """Config from a YAML file (or none) plus `key=value` overrides (values parsed as YAML)."""
+        values: dict = {}
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(values).__name__}")
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value (e.g. learning_rate=1e-5)")
+            key, raw = item.split("=", 1)
+            try:
+                values[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError:
+                values[key.strip()] = raw
+        return cls.from_dict(values)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def field_docs() -> dict[str, str]:
+    """The docstring under each PGConfig field, read from this module's source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(PGConfig)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def _check_types(config: PGConfig) -> None:
+    """Coerce ints to floats where a float is expected; reject values of the wrong type."""
+    hints = typing.get_type_hints(PGConfig)
+    for f in fields(config):
+        value = getattr(config, f.name)
+        hint = hints[f.name]
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        if float in allowed and isinstance(value, str):
+            try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+                value = float(value)
+                setattr(config, f.name, value)
+            except ValueError:
+                pass
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+            continue
+        if float in allowed and isinstance(value, float):
+            if math.isnan(value):
+                raise ConfigError(f"{f.name} is NaN; give a number")
+            continue
+        ok = any(t is Any or (isinstance(t, type) and isinstance(value, t) and not (t is int and isinstance(value, bool)))
+                 or (typing.get_origin(t) is list and isinstance(value, list)) for t in allowed)
+        if list in allowed and isinstance(value, str) and f.name in ("rewards", "report_to"):
+            setattr(config, f.name, [value])
+            continue
+        if not ok:
+            want = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+            raise ConfigError(f"{f.name}={value!r} has type {type(value).__name__}; it must be {want}")

@@ -1,0 +1,115 @@
+"""Prompts: loading, checking, rendering, and a resumable order over them.
+
+A dataset row is one initial state: its `prompt` column is a string, or a list of chat messages
+({"role", "content"}) rendered with the tokenizer's chat template. Every other column (e.g.
+`answer`) is handed to the reward functions, aligned to the completions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmpg.errors import DataError
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_prompt_dataset(source, split: str = "train", prompt_column: str = "prompt"):
+    """A `datasets.Dataset` from a Dataset, a DatasetDict, a local file, or a hub name; checked."""
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise DataError(f"dataset has no split {split!r}; it has {', '.join(source)}; set dataset_split")
+        source = source[split]
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        suffix = path.suffix.lower()
+        if suffix in LOCAL_FORMATS or path.exists():
+            if not path.is_file():
+                raise DataError(f"dataset file {path} does not exist; give a .jsonl/.json/.csv/.parquet path or a hub name")
+            if suffix not in LOCAL_FORMATS:
+                raise DataError(f"dataset file {path} has an unknown format; use one of {', '.join(LOCAL_FORMATS)}")
+            try:
+                source = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+            except Exception as e:  # pyarrow/json errors are long; keep the first line
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"cannot read dataset file {path}: {first}") from None
+        else:
+            try:
+                source = datasets.load_dataset(str(source), split=split)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"cannot load dataset {source!r} from the hub: {first}") from None
+    if isinstance(source, list):
+        source = datasets.Dataset.from_list(source)
+    if not isinstance(source, datasets.Dataset):
+        raise DataError(f"train_dataset must be a datasets.Dataset, a file path or a hub name, not {type(source).__name__}")
+    check_prompt_dataset(source, prompt_column)
+    return source
+
+
+def check_prompt_dataset(dataset, prompt_column: str = "prompt") -> None:
+    """Raise DataError unless the dataset is non-empty and has the prompt column."""
+    if prompt_column not in dataset.column_names:
+        raise DataError(f"dataset has no {prompt_column!r} column; its columns are {', '.join(dataset.column_names) or 'none'}; "
+                        f"rename one (dataset.rename_column) or set prompt_column")
+    if len(dataset) == 0:
+        raise DataError("dataset is empty; give at least one prompt")
+
+
+def is_conversational(prompt) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
+def render_prompt(tokenizer, prompt) -> tuple[str, bool]:
+    """(text, add_special_tokens): chat messages go through the chat template (which already holds
+    any BOS), plain strings are tokenized with the tokenizer's special tokens."""
+    if is_conversational(prompt):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError("prompts are chat messages but the tokenizer has no chat_template; "
+                            "set tokenizer.chat_template or give string prompts")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), False
+    if not isinstance(prompt, str):
+        raise DataError(f"a prompt must be a string or a list of chat messages, not {type(prompt).__name__}")
+    return prompt, True
+
+
+class PromptOrder:
+    """Endless, reproducible order over dataset rows: a fresh permutation each epoch.
+
+    The permutation of epoch e is a function of (seed, e) alone, so the position (epoch, index) is
+    all a checkpoint needs to resume the same order.
+    """
+
+    def __init__(self, num_rows: int, seed: int, shuffle: bool = True):
+        self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
+        self.epoch, self.position = 0, 0
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_rows))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_rows, generator=g).tolist()
+
+    def next_indices(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            perm = self._permutation(self.epoch)
+            take = perm[self.position:self.position + n - len(out)]
+            out += take
+            self.position += len(take)
+            if self.position >= self.num_rows:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "num_rows": self.num_rows, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_rows"] != self.num_rows:
+            raise DataError(f"checkpoint was made with a dataset of {state['num_rows']} rows, this one has "
+                            f"{self.num_rows}; resume with the same dataset")
+        self.epoch, self.position = state["epoch"], state["position"]

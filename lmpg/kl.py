@@ -1,0 +1,35 @@
+"""Per-token estimators of KL(pi_theta || pi_ref) from tokens sampled by the policy.
+
+With x = log pi_ref(a_t|s_t) - log pi_theta(a_t|s_t) at a sampled token a_t ~ pi_theta
+(J. Schulman, "Approximating KL divergence", 2020, http://joschu.net/blog/kl-approx.html):
+
+- k1 = -x = log pi_theta - log pi_ref        unbiased, high variance, can be negative
+- k2 = x^2 / 2                                biased, low variance
+- k3 = exp(x) - 1 - x                         unbiased, low variance, always >= 0 (GRPO's choice)
+
+Where the penalty goes is the trainer's choice (`kl_in`): added to the loss (GRPO; k3 there gives a
+gradient that pulls towards pi_ref), or subtracted from the per-token rewards (PPO-RLHF; k1 there is
+the usual choice and the penalty is then credited through the returns).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+KlEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: KlEstimator = "k3") -> torch.Tensor:
+    """Per-token KL estimate, same shape as logp (B, T); see the module docstring for each formula."""
+    x = logp_ref - logp
+    if estimator == "k1":
+        return -x
+    if estimator == "k2":
+        return 0.5 * x * x
+    if estimator == "k3":
+        # clamp x before exp so a token the reference finds far likelier cannot overflow to inf
+        return torch.exp(x.clamp(max=20.0)) - 1.0 - x
+    raise ValueError(f"unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}")

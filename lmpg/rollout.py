@@ -1,0 +1,114 @@
+"""Sampling trajectories: G completions per prompt from the current policy.
+
+A prompt is the initial state s_0, each generated token a_t an action, and the completion (up to and
+including the first EOS, or `max_new_tokens` tokens) the trajectory. Sampling uses the model's KV
+cache through `generate`, under no_grad.
+
+The policy is softmax(logits / temperature). top_k / top_p truncate the sampler's distribution;
+the log-probabilities used in the loss are of the untruncated tempered policy, as in TRL, so with
+truncation on the sampler is slightly off-policy (leave both off for the exact estimator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """A batch of B = num_prompts * G trajectories, the G samples of a prompt contiguous."""
+
+    prompt_ids: torch.Tensor  # (B, P) left padded
+    prompt_mask: torch.Tensor  # (B, P) bool, True on real prompt tokens
+    completion_ids: torch.Tensor  # (B, T) right padded
+    completion_mask: torch.Tensor  # (B, T) bool, True on tokens up to and including the first EOS
+    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
+    completions: list[str]  # decoded completions (special tokens skipped)
+    prompt_index: list[int]  # (B,) index of each sample's prompt in the batch of prompts
+    prompts_truncated: int = 0  # prompts cut (from the left) to max_prompt_length
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(completion_mask, truncated): True up to and including the first EOS; truncated rows have none."""
+    B, T = completion_ids.shape
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_token_ids:
+        is_eos |= completion_ids == e
+    has_eos = is_eos.any(1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(1), torch.full((B,), T, device=completion_ids.device))
+    positions = torch.arange(T, device=completion_ids.device).unsqueeze(0)  # (1, T)
+    mask = positions <= first_eos.unsqueeze(1)
+    mask &= positions < T
+    return mask, ~has_eos
+
+
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS plus the generation config's."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(e) for e in extra)
+    return sorted(ids)
+
+
+def encode_prompts(tokenizer, prompt_texts: list[str], max_prompt_length: int, add_special_tokens: bool,
+                   device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded (prompt_ids, prompt_mask, number truncated); long prompts keep their last tokens."""
+    encoded = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in prompt_texts]
+    truncated = sum(len(e) > max_prompt_length for e in encoded)
+    encoded = [e[-max_prompt_length:] for e in encoded]
+    P = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(encoded), P), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), P), dtype=torch.bool)
+    for i, e in enumerate(encoded):
+        if e:
+            ids[i, P - len(e):] = torch.tensor(e, dtype=torch.long)
+            mask[i, P - len(e):] = True
+    return ids.to(device), mask.to(device), truncated
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: int, *, max_new_tokens: int,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       max_prompt_length: int = 512, add_special_tokens: bool = True,
+                       eos_ids: list[int] | None = None) -> Rollout:
+    """Sample `group_size` completions for each prompt text with `model.generate` (KV cache on)."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask, n_trunc = encode_prompts(tokenizer, prompt_texts, max_prompt_length,
+                                                      add_special_tokens, device)
+    prompt_ids = prompt_ids.repeat_interleave(group_size, 0)  # (B, P)
+    prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
+    eos_ids = eos_ids or eos_token_ids(tokenizer, model)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
+            temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None,
+            max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+            use_cache=True, return_dict_in_generate=False,
+        )
+    finally:
+        model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
+    completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
+    completion_ids = torch.where(completion_mask, completion_ids,
+                                 torch.full_like(completion_ids, tokenizer.pad_token_id))
+    completions = tokenizer.batch_decode(
+        [row[m].tolist() for row, m in zip(completion_ids, completion_mask)], skip_special_tokens=True)
+    prompt_index = [i // group_size for i in range(prompt_ids.shape[0])]
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, completions,
+                   prompt_index, n_trunc)

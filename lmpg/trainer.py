@@ -1,0 +1,532 @@
+"""PGTrainer: the policy-gradient loop.
+
+Each iteration (CS224R lecture 3, "REINFORCE" with the options of lmpg.advantages / lmpg.losses):
+
+1. take the next prompts (each process its share; a prompt's G samples never leave its process);
+2. sample G completions per prompt from the current policy pi_old (no grad, KV cache);
+3. score every completion with every reward function -> per-token rewards r_{i,t};
+4. log pi_old and log pi_ref of the taken tokens (a no-grad forward, skipped when the batch gets a
+   single optimizer step: then pi_old is pi_theta at that step and logp_old = logp.detach());
+5. advantages A_{i,t} = (ret_{i,t} - b_i) / std_i;
+6. `epochs_per_batch` passes over the batch in minibatches, each an optimizer step on the surrogate
+   loss (micro-batches accumulate gradients so the sum equals the whole minibatch's gradient);
+7. metrics to metrics.jsonl (deterministic values) and timings.jsonl (wall-clock values).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmpg.advantages import compute_advantages
+from lmpg.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from lmpg.config import PGConfig
+from lmpg.data import PromptOrder, is_conversational, load_prompt_dataset, render_prompt
+from lmpg.errors import ConfigError, TrainingError
+from lmpg.kl import kl_estimate
+from lmpg.logprobs import sequence_logprobs
+from lmpg.losses import aggregate, policy_gradient_loss
+from lmpg.masked import masked_mean
+from lmpg.metrics import JsonlWriter, format_metrics_line, read_jsonl
+from lmpg.modeling import apply_lora, disable_dropout, frozen_copy, is_peft_model, load_model_and_tokenizer
+from lmpg.rewards import RewardScorer
+from lmpg.rollout import Rollout, eos_token_ids, sample_completions
+
+logger = logging.getLogger("lmpg")
+
+RUN_MARKER = "lmpg_run.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PGTrainer:
+    """Fine-tune a causal LM with the policy gradient.
+
+    model: a transformers causal LM or a hub name / local path.
+    reward_fns: callables `fn(prompts, completions, **kwargs) -> list[float | None]` (or per-token
+        lists), spec strings ('pkg.mod:fn', 'file.py:fn', built-in names), or one of them.
+    train_dataset: a datasets.Dataset (or file path / hub name) with a `prompt` column.
+    """
+
+    def __init__(self, model, reward_fns, train_dataset, config: PGConfig | None = None, tokenizer=None,
+                 reward_weights=None, peft_config=None):
+        from accelerate import Accelerator
+
+        self.config = c = config if config is not None else PGConfig()
+        if not isinstance(c, PGConfig):
+            raise ConfigError(f"config must be a PGConfig, not {type(c).__name__}; build one with PGConfig(...)")
+        self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision,
+                                             log_with=c.report_to or None, project_dir=c.output_dir)
+        n_proc = acc.num_processes
+        if c.prompts_per_iteration % n_proc:
+            raise ConfigError(f"{c.prompts_per_iteration} prompts per iteration (batch_size/group_size) do not split "
+                              f"over {n_proc} processes; make batch_size a multiple of {c.group_size * n_proc}")
+        local_mb = c.resolved_minibatch_size // n_proc
+        if c.resolved_minibatch_size % (n_proc * c.group_size) and c.resolved_minibatch_size % n_proc:
+            raise ConfigError(f"minibatch_size={c.resolved_minibatch_size} does not split over {n_proc} processes")
+        self.local_minibatch_size = local_mb
+        self.micro_batch_size = min(c.micro_batch_size or local_mb, local_mb)
+        if local_mb % self.micro_batch_size:
+            raise ConfigError(f"micro_batch_size={self.micro_batch_size} must divide the per-process minibatch {local_mb}")
+        seed_everything(c.seed)
+
+        self.train_dataset = load_prompt_dataset(train_dataset, c.dataset_split, c.prompt_column)
+        model, tokenizer = load_model_and_tokenizer(model, tokenizer)
+        self.tokenizer = tokenizer
+        disable_dropout(model)
+        model = apply_lora(model, c, peft_config)
+        if c.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.ref_model = None
+        if c.kl_coef > 0 and not is_peft_model(model):
+            self.ref_model = frozen_copy(model).to(acc.device)  # with LoRA: the adapter disabled is pi_ref
+
+        weights = reward_weights if reward_weights is not None else c.reward_weights
+        fns = reward_fns if reward_fns is not None else c.rewards
+        fns = [fns] if callable(fns) or isinstance(fns, str) else list(fns)
+        if not fns:
+            raise ConfigError("no reward function given; pass reward_fns=[...] or set rewards in the config")
+        self.scorer = RewardScorer(fns, weights, on_error=c.reward_on_error, executor=c.reward_executor,
+                                   max_workers=c.reward_workers)
+        self.reward_weights = list(weights) if weights is not None else [1.0] * len(self.scorer.names)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                      eps=c.adam_eps, weight_decay=c.weight_decay)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = _make_scheduler(self.optimizer, c)
+        self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
+        self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
+        self.iteration = 0
+        self.consecutive_skips = 0
+        self.total_skips = 0
+        self.output_dir = Path(c.output_dir)
+        self.metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
+        self.timings_log = JsonlWriter(self.output_dir / "timings.jsonl")
+        self.samples_log = JsonlWriter(self.output_dir / "samples.jsonl")
+        self._run_dir_ready = False
+
+    # ------------------------------------------------------------------ public API
+    def train(self):
+        """Run `config.iterations` iterations (continuing from a checkpoint if `resume` says so)."""
+        c = self.config
+        self._prepare_run_dir()
+        bar = self._progress_bar()
+        try:
+            while self.iteration < c.iterations:
+                metrics = self.step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3g}",
+                                    tok_s=f"{metrics['_timing']['tokens_per_s']:.0f}")
+                elif self.accelerator.is_main_process and (self.iteration % c.log_every == 0 or self.iteration == c.iterations):
+                    print(format_metrics_line({**metrics, **metrics["_timing"]}), flush=True)
+                if c.save_every and self.iteration % c.save_every == 0 and self.iteration < c.iterations:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.scorer.close()
+        self.save_checkpoint()
+        self.save_model(self.output_dir / "final")
+        self._write_marker(finished=True)
+        self.accelerator.end_training()
+        return read_jsonl(self.output_dir / "metrics.jsonl")
+
+    def save_model(self, path) -> None:
+        """save_pretrained of the policy (only the adapter for a LoRA policy) and its tokenizer."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            unwrapped = acc.unwrap_model(self.model)
+            unwrapped.save_pretrained(str(path), state_dict=acc.get_state_dict(self.model), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(path))
+        acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> dict:
+        c, acc = self.config, self.accelerator
+        t_start = time.perf_counter()
+
+        # 1. prompts: the global batch in a seeded order, this process's contiguous share
+        n_local = c.prompts_per_iteration // acc.num_processes
+        indices = self.prompt_order.next_indices(c.prompts_per_iteration)
+        indices = indices[acc.process_index * n_local:(acc.process_index + 1) * n_local]
+        rows = self.train_dataset[indices]  # dict of columns
+        prompts = rows[c.prompt_column]
+        rendered = [render_prompt(self.tokenizer, p) for p in prompts]
+
+        # 2. sample G completions per prompt from pi_old
+        rollout = self._sample([t for t, _ in rendered], rendered[0][1])
+        t_sampled = time.perf_counter()
+
+        # 3. score
+        token_rewards, has_reward, scores = self._score(rollout, prompts, rows)
+        t_scored = time.perf_counter()
+
+        # 4. log pi_old and log pi_ref (no grad)
+        single_step = c.epochs_per_batch == 1 and c.resolved_minibatch_size == c.batch_size
+        need_old_pass = not single_step or (c.kl_coef > 0 and c.kl_in == "reward")
+        logp_old = entropy = None
+        if need_old_pass:
+            logp_old, entropy = self._logprobs_no_grad(self.model, rollout, with_entropy=True)
+        logp_ref = self._reference_logprobs(rollout) if c.kl_coef > 0 else None
+        if c.kl_coef > 0 and c.kl_in == "reward":
+            kl_tok = kl_estimate(logp_old, logp_ref, c.kl_estimator)
+            token_rewards = token_rewards - c.kl_coef * torch.where(rollout.completion_mask, kl_tok, 0.0)
+
+        # 5. advantages
+        adv, adv_stats = compute_advantages(
+            token_rewards, rollout.completion_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
+            c.gamma, sample_mask=has_reward, eps=c.adv_eps, gather=self._gather,
+            process_index=acc.process_index)
+        loss_mask = rollout.completion_mask & has_reward.unsqueeze(1)
+
+        # 6. update
+        update_stats, entropy = self._update(rollout, loss_mask, adv, logp_old, logp_ref, entropy)
+        t_updated = time.perf_counter()
+
+        # 7. metrics
+        self.iteration += 1
+        metrics = self._metrics(rollout, token_rewards, has_reward, scores, adv_stats, update_stats, entropy)
+        timing = {"time_sample": t_sampled - t_start, "time_score": t_scored - t_sampled,
+                  "time_update": t_updated - t_scored, "time_total": t_updated - t_start}
+        n_tokens = float(self._gather(torch.tensor([rollout.num_tokens], dtype=torch.float32)).sum())
+        timing["tokens_per_s"] = n_tokens / max(timing["time_total"], 1e-9)
+        timing["sample_tokens_per_s"] = n_tokens / max(timing["time_sample"], 1e-9)
+        if acc.is_main_process:
+            self.metrics_log.write(metrics)
+            self.timings_log.write({"iteration": self.iteration, **timing})
+            self._write_samples(rollout, prompts, scores, token_rewards, has_reward, adv)
+            if acc.trackers:
+                acc.log({k: v for k, v in {**metrics, **timing}.items() if isinstance(v, (int, float))},
+                        step=self.iteration)
+        metrics["_timing"] = timing
+        return metrics
+
+    def _sample(self, prompt_texts, add_special_tokens) -> Rollout:
+        c = self.config
+        policy = self.accelerator.unwrap_model(self.model)
+        return sample_completions(policy, self.tokenizer, prompt_texts, c.group_size,
+                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                  top_k=c.top_k, max_prompt_length=c.max_prompt_length,
+                                  add_special_tokens=add_special_tokens, eos_ids=self.eos_ids)
+
+    def _score(self, rollout: Rollout, prompts, rows):
+        c = self.config
+        conversational = is_conversational(prompts[0])
+        prompts_rep = [prompts[i] for i in rollout.prompt_index]
+        completions = [[{"role": "assistant", "content": t}] for t in rollout.completions] \
+            if conversational else list(rollout.completions)
+        columns = {k: [v[i] for i in rollout.prompt_index] for k, v in rows.items() if k != c.prompt_column}
+        completion_ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
+        scores = self.scorer.score(prompts_rep, completions, completion_ids, step=self.iteration, columns=columns)
+        token_rewards, has_reward = scores.to_token_rewards(self.reward_weights, rollout.completion_mask.cpu())
+        device = rollout.completion_mask.device
+        return token_rewards.to(device), has_reward.to(device), scores
+
+    def _micro_batches(self, order: torch.Tensor):
+        for s in range(0, len(order), self.micro_batch_size):
+            yield order[s:s + self.micro_batch_size]
+
+    def _forward(self, model, rollout: Rollout, idx, with_entropy: bool):
+        return sequence_logprobs(model, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
+                                 rollout.completion_mask[idx], self.config.temperature, with_entropy)
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model, rollout: Rollout, with_entropy: bool = False):
+        """Log-probs of the whole batch in the same micro-batches the first epoch uses (so the first
+        update step recomputes them bit for bit and its ratio is exactly 1)."""
+        B = rollout.completion_ids.shape[0]
+        logps, ents = [], []
+        for idx in self._micro_batches(torch.arange(B)):
+            logp, ent = self._forward(model, rollout, idx, with_entropy)
+            logps.append(logp)
+            ents.append(ent)
+        return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+    def _reference_logprobs(self, rollout: Rollout):
+        if self.ref_model is not None:
+            return self._logprobs_no_grad(self.ref_model, rollout)[0]
+        with self.accelerator.unwrap_model(self.model).disable_adapter():  # LoRA: pi_ref = base model
+            return self._logprobs_no_grad(self.model, rollout)[0]
+
+    def _update(self, rollout: Rollout, loss_mask, adv, logp_old, logp_ref, entropy):
+        c, acc = self.config, self.accelerator
+        B = rollout.completion_ids.shape[0]  # local sequences
+        n_proc = acc.num_processes
+        n_minibatches = B // self.local_minibatch_size
+        sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
+        ratio_min, ratio_max, steps, skipped = math.inf, -math.inf, 0, 0
+        entropy_parts = [] if entropy is None else None
+        self.model.train()
+        for epoch in range(c.epochs_per_batch):
+            # epoch 0 in sampling order (the pi_old pass used the same micro-batches); later epochs shuffled
+            order = torch.arange(B) if epoch == 0 else torch.randperm(B)
+            for mb in range(n_minibatches):
+                mb_idx = order[mb * self.local_minibatch_size:(mb + 1) * self.local_minibatch_size]
+                totals = self._gather(torch.tensor([float(loss_mask[mb_idx].sum()), float(len(mb_idx))])).view(-1, 2).sum(0)
+                num_tokens, num_sequences = float(totals[0]), float(totals[1])
+                micro = list(self._micro_batches(mb_idx))
+                mb_loss = mb_pg = mb_kl = 0.0
+                stat_list = []
+                for k, idx in enumerate(micro):
+                    want_entropy = entropy_parts is not None and epoch == 0
+                    logp, ent = self._forward(self.model, rollout, idx, want_entropy)
+                    old = logp.detach() if logp_old is None else logp_old[idx]
+                    if want_entropy:
+                        entropy_parts.append(ent)
+                    mask = loss_mask[idx]
+                    loss, st = policy_gradient_loss(
+                        logp, old, adv[idx], mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
+                        clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant,
+                        num_tokens=num_tokens, num_sequences=num_sequences)
+                    pg = float(loss.detach())
+                    if c.kl_coef > 0:
+                        kl_tok = kl_estimate(logp, logp_ref[idx], c.kl_estimator)
+                        kl_term = aggregate(kl_tok, mask, c.loss_agg, c.resolved_loss_constant, num_tokens, num_sequences)
+                        mb_kl += float(kl_term.detach())
+                        if c.kl_in == "loss":
+                            loss = loss + c.kl_coef * kl_term
+                    mb_loss += float(loss.detach())
+                    mb_pg += pg
+                    stat_list.append((st, float(mask.sum())))
+                    # DDP averages gradients over processes; each process holds a share of the global sum
+                    ctx = acc.no_sync(self.model) if k < len(micro) - 1 else _nullcontext()
+                    with ctx:
+                        acc.backward(loss * n_proc)
+                grad_norm = self._grad_norm()
+                losses = self._gather(torch.tensor([mb_loss, mb_pg, mb_kl])).view(-1, 3).sum(0)
+                finite = math.isfinite(grad_norm) and bool(torch.isfinite(losses).all())
+                if not finite:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self.consecutive_skips += 1
+                    self.total_skips += 1
+                    logger.warning("non-finite loss or gradient at iteration %d epoch %d minibatch %d; update skipped",
+                                   self.iteration + 1, epoch, mb)
+                    if self.consecutive_skips >= c.max_consecutive_skips:
+                        raise TrainingError(
+                            f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient "
+                            f"(last at iteration {self.iteration + 1}, epoch {epoch}, minibatch {mb}); "
+                            f"the last good checkpoint is in {self.output_dir / 'checkpoints'}; lower learning_rate "
+                            f"or check the rewards")
+                    continue
+                self.consecutive_skips = 0
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                steps += 1
+                sums["loss"] += float(losses[0])
+                sums["pg_loss"] += float(losses[1])
+                sums["kl"] += float(losses[2])
+                sums["grad_norm"] += grad_norm
+                tok = sum(n for _, n in stat_list) or 1.0
+                sums["clip_frac"] += sum(s["clip_frac"] * n for s, n in stat_list) / tok
+                sums["ratio_mean"] += sum(s["ratio_mean"] * n for s, n in stat_list) / tok
+                ratio_min = min([ratio_min] + [s["ratio_min"] for s, _ in stat_list])
+                ratio_max = max([ratio_max] + [s["ratio_max"] for s, _ in stat_list])
+        if entropy_parts is not None:
+            entropy = torch.cat(entropy_parts) if entropy_parts else None
+        n = max(steps, 1)
+        stats = {k: v / n for k, v in sums.items()}
+        if c.kl_coef == 0:
+            stats.pop("kl")
+        stats.update(ratio_min=ratio_min if steps else float("nan"), ratio_max=ratio_max if steps else float("nan"),
+                     optimizer_steps=steps, skipped_updates=skipped, lr=self.scheduler.get_last_lr()[0])
+        return stats, entropy
+
+    def _grad_norm(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.config.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
+        else:
+            grads = [p.grad.detach().norm(2) for p in params if p.grad is not None]
+            norm = torch.stack(grads).norm(2) if grads else torch.zeros(())
+        return float(norm)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a tensor over processes in rank order (identity on one process)."""
+        if self.accelerator.num_processes == 1:
+            return t
+        return self.accelerator.gather(t.to(self.accelerator.device)).cpu() if t.device.type == "cpu" \
+            else self.accelerator.gather(t)
+
+    # ------------------------------------------------------------------ metrics
+    def _metrics(self, rollout, token_rewards, has_reward, scores, adv_stats, update_stats, entropy) -> dict:
+        mask = rollout.completion_mask
+        seq_reward = self._gather(token_rewards.sum(1).float().cpu())
+        scored = self._gather(has_reward.cpu())
+        lengths = self._gather(mask.sum(1).float().cpu())
+        truncated = self._gather(rollout.truncated.float().cpu())
+        empty = self._gather((mask.sum(1) == 1).float().cpu() * (~rollout.truncated).float().cpu())
+        r = seq_reward[scored]
+        m = {"iteration": self.iteration,
+             "reward_mean": float(r.mean()) if r.numel() else float("nan"),
+             "reward_std": float(r.std(unbiased=False)) if r.numel() else float("nan"),
+             "unscored_frac": float((~scored).float().mean())}
+        for name, value in scores.means().items():
+            m[f"reward/{name}"] = value
+        for name, count in scores.error_counts.items():
+            m[f"reward_errors/{name}"] = count
+        m.update(adv_stats)
+        m.update({k: update_stats[k] for k in ("loss", "pg_loss", "kl", "ratio_min", "ratio_mean", "ratio_max",
+                                               "clip_frac", "grad_norm", "optimizer_steps", "skipped_updates", "lr")
+                  if k in update_stats})
+        if entropy is not None:
+            m["entropy"] = float(masked_mean(entropy.float(), mask))
+        m.update({"completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+                  "truncated_frac": float(truncated.mean()), "eos_first_frac": float(empty.mean()),
+                  "prompts_truncated": rollout.prompts_truncated, "skipped_updates_total": self.total_skips})
+        return m
+
+    def _write_samples(self, rollout, prompts, scores, token_rewards, has_reward, adv):
+        c = self.config
+        records = []
+        for i, text in enumerate(rollout.completions):
+            rec = {"iteration": self.iteration, "prompt": prompts[rollout.prompt_index[i]], "completion": text,
+                   "reward": float(token_rewards[i].sum()) if bool(has_reward[i]) else None,
+                   "advantage": float(adv[i][rollout.completion_mask[i]][0]) if bool(rollout.completion_mask[i].any()) else 0.0,
+                   "truncated": bool(rollout.truncated[i])}
+            for name, values in zip(scores.names, scores.values):
+                v = values[i]
+                rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, list) else v
+            records.append(rec)
+            self.samples_log.write(rec)
+        if c.sample_log_every and self.iteration % c.sample_log_every == 0 and c.num_samples_to_show:
+            for rec in records[:c.num_samples_to_show]:
+                prompt = rec["prompt"] if isinstance(rec["prompt"], str) else rec["prompt"][-1]["content"]
+                print(f"  [sample it {self.iteration}] {prompt!r} -> {rec['completion']!r} "
+                      f"reward={rec['reward']} adv={rec['advantage']:.3f}", flush=True)
+
+    def _progress_bar(self):
+        c = self.config
+        if not (c.progress_bar and sys.stderr.isatty() and not os.environ.get("CI") and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=c.iterations, initial=self.iteration, desc="lmpg", dynamic_ncols=True)
+
+    # ------------------------------------------------------------------ run directory, checkpoints
+    def _prepare_run_dir(self):
+        """Create the run directory, or resume / refuse: a run is never overwritten silently."""
+        if self._run_dir_ready:
+            return
+        c, out = self.config, self.output_dir
+        resume_from = None
+        if c.resume == "auto":
+            resume_from = latest_checkpoint(out)
+        elif c.resume not in ("never", "auto"):
+            resume_from = Path(c.resume)
+            if not resume_from.is_dir():
+                raise ConfigError(f"resume={c.resume} is not a checkpoint directory; use resume=auto or a path "
+                                  f"under {out / 'checkpoints'}")
+        if resume_from is None and out.exists() and any(out.iterdir()):
+            marker = out / RUN_MARKER
+            what = "a run" if marker.exists() else "files that are not an lmpg run"
+            if not c.overwrite_output_dir or not marker.exists():
+                hint = ("set resume=auto to continue it, overwrite_output_dir=true to replace it, or choose another "
+                        "output_dir") if marker.exists() else "choose an empty or new output_dir"
+                raise ConfigError(f"output_dir {out} already holds {what}; {hint}")
+            for name in ("metrics.jsonl", "timings.jsonl", "samples.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose a writable directory") from None
+        if self.accelerator.is_main_process:
+            self.config.save_yaml(out / "config.yaml")
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self._write_marker(finished=False)
+        self._run_dir_ready = True
+
+    def _write_marker(self, finished: bool):
+        if self.accelerator.is_main_process:
+            (self.output_dir / RUN_MARKER).write_text(json.dumps(
+                {"iteration": self.iteration, "iterations": self.config.iterations, "finished": finished}))
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            state = {"iteration": self.iteration, "prompt_order": self.prompt_order.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "rng": rng_state(), "consecutive_skips": self.consecutive_skips, "total_skips": self.total_skips,
+                     "metrics_lines": len(read_jsonl(self.output_dir / "metrics.jsonl")),
+                     "config": self.config.to_dict()}
+            path = save_checkpoint(self.output_dir, self.iteration, self._save_weights, state, self.config.keep_last)
+        acc.wait_for_everyone()
+        return path
+
+    def _save_weights(self, path: Path):
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.save_pretrained(str(path), safe_serialization=True)
+
+    def load_checkpoint(self, path) -> None:
+        """Restore weights, optimizer, scheduler, RNG, data position and counters from a checkpoint."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state = load_state(path)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        weights_dir = path / "model"
+        if is_peft_model(unwrapped):
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(unwrapped, load_file(str(weights_dir / "adapter_model.safetensors")))
+        else:
+            weights = {}
+            for f in sorted(weights_dir.glob("*.safetensors")):
+                weights.update(load_file(str(f)))
+            missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+            tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
+            missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+            if missing or unexpected:
+                raise TrainingError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
+                                    f"unexpected {unexpected[:3]}); resume with the same model")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.prompt_order.load_state_dict(state["prompt_order"])
+        self.iteration = state["iteration"]
+        self.consecutive_skips = state["consecutive_skips"]
+        self.total_skips = state["total_skips"]
+        set_rng_state(state["rng"])
+        if self.accelerator.is_main_process:
+            self.metrics_log.truncate_to(state["metrics_lines"])
+            self.timings_log.truncate_to(state["iteration"])
+            kept = [r for r in read_jsonl(self.samples_log.path) if r["iteration"] <= state["iteration"]]
+            self.samples_log.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _make_scheduler(optimizer, c: PGConfig):
+    from transformers import get_scheduler
+
+    steps_per_iteration = c.epochs_per_batch * (c.batch_size // c.resolved_minibatch_size)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[c.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=c.warmup_steps,
+                         num_training_steps=c.iterations * steps_per_iteration)
