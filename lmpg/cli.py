@@ -1,7 +1,10 @@
 """The `lmpg` command line.
 
-    lmpg train CONFIG.yaml [key=value ...]   train with the policy gradient
-    lmpg rewards                             list the built-in reward functions
+    lmpg train CONFIG.yaml [key=value ...]          train with the policy gradient
+    lmpg eval MODEL DATA --reward SPEC [--k K]      mean reward, accuracy and pass@k on a dataset
+    lmpg sample MODEL "prompt" [--n N]              print completions of one prompt with their rewards
+    lmpg plot RUN_DIR [-o out.png]                  plot a run's metrics.jsonl
+    lmpg rewards                                    list the built-in reward functions
 
 User errors (bad config, data or reward function) print one line and exit with status 2.
 """
@@ -9,6 +12,8 @@ User errors (bad config, data or reward function) print one line and exit with s
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import textwrap
 
@@ -52,6 +57,77 @@ def cmd_rewards(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from lmpg.evaluate import evaluate, load_policy
+
+    model, tokenizer = load_policy(args.model)
+    result = evaluate(model, tokenizer, args.data, args.reward, k=args.k, n=args.n, temperature=args.temperature,
+                      top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      greedy=args.greedy, success_threshold=args.threshold, prompt_column=args.prompt_column,
+                      split=args.split, limit=args.limit, seed=args.seed, reward_weights=args.weights,
+                      on_error=args.on_error)
+    if args.json:
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in result.items()}, indent=2))
+        return 0
+    decoding = "greedy" if args.greedy else f"temperature {args.temperature}"
+    print(f"{result['prompts']} prompts x {result['samples_per_prompt']} samples ({decoding}, "
+          f"max_new_tokens {args.max_new_tokens})")
+    print(f"  reward_mean   {result['reward_mean']:.4f} ± {result['reward_std']:.4f}")
+    print(f"  accuracy      {result['accuracy']:.4f}   (reward >= {args.threshold})")
+    print(f"  pass@{args.k:<8d} {result[f'pass@{args.k}']:.4f}")
+    for key, value in result.items():
+        if key.startswith("reward/"):
+            print(f"  {key:<13} {value:.4f}")
+    print(f"  length_mean   {result['completion_len_mean']:.1f} tokens, truncated {result['truncated_frac']:.1%}"
+          + (f", unscored {result['unscored_frac']:.1%}" if result["unscored_frac"] else ""))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from lmpg.evaluate import load_policy, sample_and_score
+
+    model, tokenizer = load_policy(args.model)
+    records = sample_and_score(model, tokenizer, [args.prompt], args.reward, args.n,
+                               temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                               greedy=args.greedy, seed=args.seed, reward_weights=args.weights,
+                               on_error=args.on_error)
+    print(f"prompt: {args.prompt!r}")
+    for i, rec in enumerate(records):
+        parts = [f"[{i}]"]
+        if args.reward:
+            reward = "None" if rec["reward"] is None else f"{rec['reward']:.4f}"
+            per_fn = ", ".join(f"{k[len('reward/'):]} {v if v is None else format(v, '.4f')}"
+                               for k, v in rec.items() if k.startswith("reward/"))
+            parts.append(f"reward {reward}" + (f" ({per_fn})" if len(args.reward) > 1 else ""))
+        parts.append(f"{rec['length']} tokens" + (", truncated" if rec["truncated"] else ""))
+        print("  ".join(parts))
+        print(textwrap.indent(rec["completion"] or "(empty)", "    "))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from lmpg.plot import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser, n_help: str) -> None:
+    p.add_argument("--reward", action="append", default=[], metavar="SPEC",
+                   help="reward function: 'pkg.mod:fn', 'path/file.py:fn' or a built-in name (repeatable)")
+    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                   help="one weight per --reward (default 1.0 each); the reward is the weighted sum")
+    p.add_argument("--n", type=int, default=None, help=n_help)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion length limit (default 64)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding: one completion per prompt")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--on-error", choices=("raise", "none"), default="raise",
+                   help="a reward function that raises: stop (raise, default) or score the sample None")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpg", description="Policy-gradient fine-tuning of causal language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -61,6 +137,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config file (optional if everything is given as key=value)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="mean reward, accuracy and pass@k of a model or adapter on a prompt dataset",
+                        description="Sample n completions per prompt, score them, and report mean reward, accuracy "
+                                    "(fraction with reward >= threshold) and the unbiased pass@k (Chen et al. 2021).")
+    ev.add_argument("model", metavar="MODEL_OR_ADAPTER", help="saved model dir, hub name, or peft adapter dir")
+    ev.add_argument("data", metavar="DATA", help="local .jsonl/.json/.csv/.parquet file with a prompt column")
+    _add_generation_args(ev, "samples per prompt, n >= k (default: k)")
+    ev.add_argument("--k", type=int, default=1, help="the k of pass@k (default 1)")
+    ev.add_argument("--threshold", type=float, default=1.0,
+                    help="a completion is correct when its reward >= this (default 1.0)")
+    ev.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    ev.add_argument("--prompt-column", default="prompt", help="column holding the prompts (default prompt)")
+    ev.add_argument("--split", default="train", help="split to read (default train)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    sample = sub.add_parser("sample", help="print completions of one prompt with their rewards",
+                            description="Generate completions of one prompt and print each with its reward.")
+    sample.add_argument("model", metavar="MODEL_OR_ADAPTER", help="saved model dir, hub name, or peft adapter dir")
+    sample.add_argument("prompt", help="the prompt text")
+    _add_generation_args(sample, "completions to generate (default 4; 1 with --greedy)")
+    sample.set_defaults(func=cmd_sample)
+
+    plot = sub.add_parser("plot", help="plot a run's metrics (reward, KL, entropy, length, clipping) to a PNG",
+                          description="Plot RUN_DIR/metrics.jsonl to a PNG (default RUN_DIR/metrics.png).")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by lmpg train")
+    plot.add_argument("-o", "--output", default=None, metavar="OUT.png", help="where to write the PNG")
+    plot.set_defaults(func=cmd_plot)
+
     rewards = sub.add_parser("rewards", help="list the built-in reward functions with their one-line docs")
     rewards.set_defaults(func=cmd_rewards)
     return parser
@@ -72,6 +178,8 @@ def main(argv=None) -> int:
     if args.command == "train" and args.config and "=" in args.config:
         args.overrides.insert(0, args.config)  # `lmpg train key=value ...` without a file
         args.config = None
+    if args.command == "sample" and args.n is None:
+        args.n = 1 if args.greedy else 4
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -68,6 +68,8 @@ class PGConfig:
     """Nucleus sampling threshold (1.0 = off). Truncation makes sampling slightly off-policy."""
     top_k: int = 0
     """Top-k sampling (0 = off). Truncation makes sampling slightly off-policy."""
+    sampler: str = "lmpg"
+    """'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number of processes and after a resume); 'generate': transformers' generate."""
 
     # --- update ---
     epochs_per_batch: int = 1
@@ -181,7 +183,7 @@ class PGConfig:
     def _validate(self):
         choices = {"baseline": BASELINES, "adv_norm": ADV_NORMS, "ratio_level": RATIO_LEVELS,
                    "loss_agg": LOSS_AGGS, "kl_estimator": KL_ESTIMATORS, "kl_in": ("loss", "reward"),
-                   "reward_on_error": ("raise", "none"),
+                   "reward_on_error": ("raise", "none"), "sampler": ("lmpg", "generate"),
                    "reward_executor": ("serial", "thread", "process"),
                    "lr_scheduler": ("constant", "linear", "cosine"),
                    "mixed_precision": ("no", "bf16", "fp16")}

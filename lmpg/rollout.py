@@ -84,31 +84,54 @@ def encode_prompts(tokenizer, prompt_texts: list[str], max_prompt_length: int, a
 def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: int, *, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        max_prompt_length: int = 512, add_special_tokens: bool = True,
-                       eos_ids: list[int] | None = None) -> Rollout:
-    """Sample `group_size` completions for each prompt text with `model.generate` (KV cache on)."""
+                       eos_ids: list[int] | None = None, seeds: list[int] | None = None,
+                       sampler: str = "lmpg") -> Rollout:
+    """Sample `group_size` completions for each prompt text (KV cache on).
+
+    sampler="lmpg" (default): `lmpg.sampler.sample_tokens`, one random stream per sample from
+    `seeds` (B = len(prompt_texts) * group_size of them; default: drawn from the global torch RNG);
+    the rollout then carries the sampler's log-probs in `extras["sampler_logp"]`.
+    sampler="generate": transformers' `model.generate` on the global torch RNG.
+    """
+    from lmpg.sampler import sample_tokens
+
     device = next(model.parameters()).device
     prompt_ids, prompt_mask, n_trunc = encode_prompts(tokenizer, prompt_texts, max_prompt_length,
                                                       add_special_tokens, device)
     prompt_ids = prompt_ids.repeat_interleave(group_size, 0)  # (B, P)
     prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
+    B = prompt_ids.shape[0]
     eos_ids = eos_ids or eos_token_ids(tokenizer, model)
+    extras = {}
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
-            temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None,
-            max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-            use_cache=True, return_dict_in_generate=False,
-        )
+        if sampler == "lmpg":
+            if seeds is None:
+                seeds = torch.randint(0, 2**62, (B,)).tolist()
+            if len(seeds) != B:
+                raise ValueError(f"got {len(seeds)} seeds for {B} samples")
+            completion_ids, sampler_logp = sample_tokens(
+                model, prompt_ids, prompt_mask, seeds, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p)
+            extras["sampler_logp"] = sampler_logp
+        elif sampler == "generate":
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
+                temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None,
+                max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                use_cache=True, return_dict_in_generate=False,
+            )
+            completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; use 'lmpg' or 'generate'")
     finally:
         model.train(was_training)
-    completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
     completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
     completion_ids = torch.where(completion_mask, completion_ids,
                                  torch.full_like(completion_ids, tokenizer.pad_token_id))
     completions = tokenizer.batch_decode(
         [row[m].tolist() for row, m in zip(completion_ids, completion_mask)], skip_special_tokens=True)
-    prompt_index = [i // group_size for i in range(prompt_ids.shape[0])]
+    prompt_index = [i // group_size for i in range(B)]
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, completions,
-                   prompt_index, n_trunc)
+                   prompt_index, n_trunc, extras)

@@ -40,6 +40,7 @@ from lmpg.metrics import JsonlWriter, format_metrics_line, read_jsonl
 from lmpg.modeling import apply_lora, disable_dropout, frozen_copy, is_peft_model, load_model_and_tokenizer
 from lmpg.rewards import RewardScorer
 from lmpg.rollout import Rollout, eos_token_ids, sample_completions
+from lmpg.sampler import row_seed
 
 logger = logging.getLogger("lmpg")
 
@@ -75,8 +76,9 @@ class PGTrainer:
             raise ConfigError(f"{c.prompts_per_iteration} prompts per iteration (batch_size/group_size) do not split "
                               f"over {n_proc} processes; make batch_size a multiple of {c.group_size * n_proc}")
         local_mb = c.resolved_minibatch_size // n_proc
-        if c.resolved_minibatch_size % (n_proc * c.group_size) and c.resolved_minibatch_size % n_proc:
-            raise ConfigError(f"minibatch_size={c.resolved_minibatch_size} does not split over {n_proc} processes")
+        if n_proc > 1 and c.resolved_minibatch_size % (n_proc * c.group_size):
+            raise ConfigError(f"minibatch_size={c.resolved_minibatch_size} does not split into whole groups over "
+                              f"{n_proc} processes; make it a multiple of group_size * processes = {c.group_size * n_proc}")
         self.local_minibatch_size = local_mb
         self.micro_batch_size = min(c.micro_batch_size or local_mb, local_mb)
         if local_mb % self.micro_batch_size:
@@ -161,16 +163,17 @@ class PGTrainer:
         c, acc = self.config, self.accelerator
         t_start = time.perf_counter()
 
-        # 1. prompts: the global batch in a seeded order, this process's contiguous share
-        n_local = c.prompts_per_iteration // acc.num_processes
+        # 1. prompts: the global batch in a seeded order, this process's share of every minibatch
+        positions = self._local_prompt_positions()
         indices = self.prompt_order.next_indices(c.prompts_per_iteration)
-        indices = indices[acc.process_index * n_local:(acc.process_index + 1) * n_local]
+        indices = [indices[p] for p in positions]
         rows = self.train_dataset[indices]  # dict of columns
         prompts = rows[c.prompt_column]
         rendered = [render_prompt(self.tokenizer, p) for p in prompts]
 
-        # 2. sample G completions per prompt from pi_old
-        rollout = self._sample([t for t, _ in rendered], rendered[0][1])
+        # 2. sample G completions per prompt from pi_old, each from its own random stream
+        seeds = [row_seed(c.seed, self.iteration, p, j) for p in positions for j in range(c.group_size)]
+        rollout = self._sample([t for t, _ in rendered], rendered[0][1], seeds)
         t_sampled = time.perf_counter()
 
         # 3. score
@@ -217,13 +220,28 @@ class PGTrainer:
         metrics["_timing"] = timing
         return metrics
 
-    def _sample(self, prompt_texts, add_special_tokens) -> Rollout:
+    def _local_prompt_positions(self) -> list[int]:
+        """Positions (in the global batch of prompts) this process samples and trains on.
+
+        Each minibatch is a contiguous block of the global batch, split evenly over the processes,
+        so process r holds sub-block r of every minibatch: N processes then take, step for step,
+        the optimizer steps one process takes on the whole batch.
+        """
+        c, acc = self.config, self.accelerator
+        n_proc, rank = acc.num_processes, acc.process_index
+        per_mb = max(c.resolved_minibatch_size // c.group_size, 1)  # prompts per minibatch
+        share = per_mb // n_proc
+        return [block + rank * share + i for block in range(0, c.prompts_per_iteration, per_mb)
+                for i in range(share)]
+
+    def _sample(self, prompt_texts, add_special_tokens, seeds=None) -> Rollout:
         c = self.config
         policy = self.accelerator.unwrap_model(self.model)
         return sample_completions(policy, self.tokenizer, prompt_texts, c.group_size,
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, max_prompt_length=c.max_prompt_length,
-                                  add_special_tokens=add_special_tokens, eos_ids=self.eos_ids)
+                                  add_special_tokens=add_special_tokens, eos_ids=self.eos_ids, seeds=seeds,
+                                  sampler=c.sampler)
 
     def _score(self, rollout: Rollout, prompts, rows):
         c = self.config
@@ -274,10 +292,13 @@ class PGTrainer:
         entropy_parts = [] if entropy is None else None
         self.model.train()
         for epoch in range(c.epochs_per_batch):
-            # epoch 0 in sampling order (the pi_old pass used the same micro-batches); later epochs shuffled
-            order = torch.arange(B) if epoch == 0 else torch.randperm(B)
-            for mb in range(n_minibatches):
-                mb_idx = order[mb * self.local_minibatch_size:(mb + 1) * self.local_minibatch_size]
+            # epoch 0 in sampling order (the pi_old pass used the same micro-batches); later epochs take
+            # the minibatches in a seeded random order, the same on every process (their membership
+            # stays: the batch is already a random draw, and rows cannot move between processes)
+            mb_order = list(range(n_minibatches)) if epoch == 0 else torch.randperm(
+                n_minibatches, generator=torch.Generator().manual_seed(row_seed(c.seed, self.iteration, -1, epoch))).tolist()
+            for mb in mb_order:
+                mb_idx = torch.arange(mb * self.local_minibatch_size, (mb + 1) * self.local_minibatch_size)
                 totals = self._gather(torch.tensor([float(loss_mask[mb_idx].sum()), float(len(mb_idx))])).view(-1, 2).sum(0)
                 num_tokens, num_sequences = float(totals[0]), float(totals[1])
                 micro = list(self._micro_batches(mb_idx))

@@ -1,0 +1,140 @@
+"""Plotting a run: one PNG of the metrics `lmpg train` writes to RUN_DIR/metrics.jsonl.
+
+    plot_run("runs/lmpg")            # -> runs/lmpg/metrics.png
+
+Panels, each drawn only when its metric was logged: reward mean with a ±std band; the mean of each
+reward function; KL to the reference; entropy; completion length (mean and max); clip fraction;
+importance ratio min/mean/max; gradient signal-to-noise ratio; effective sample size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lmpg.errors import DataError
+from lmpg.metrics import read_jsonl
+
+
+def _series(rows: list[dict], key: str) -> list[float]:
+    """Values of `key` per row, NaN where absent or null (metrics.jsonl writes NaN as null)."""
+    out = []
+    for row in rows:
+        v = row.get(key)
+        out.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+    return out
+
+
+def _present(rows: list[dict], key: str) -> bool:
+    return any(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in rows)
+
+
+def _keys_with_prefix(rows: list[dict], prefix: str) -> list[str]:
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith(prefix))
+    return [k for k in keys if _present(rows, k)]
+
+
+def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str]], str | None]]:
+    """(title, [(metric key, label)], band std key or None) for each panel whose metrics exist."""
+    panels = []
+
+    def add(title, lines, band=None):
+        lines = [(k, label) for k, label in lines if _present(rows, k)]
+        if lines:
+            panels.append((title, lines, band if band and _present(rows, band) else None))
+
+    add("reward (mean ± std)", [("reward_mean", "mean")], band="reward_std")
+    add("reward per function (mean)", [(k, k[len("reward/"):]) for k in _keys_with_prefix(rows, "reward/")])
+    add("KL to reference", [("kl", "kl")])
+    add("entropy (nats / token)", [("entropy", "entropy")])
+    add("completion length (tokens)", [("completion_len_mean", "mean"), ("completion_len_max", "max")])
+    add("clip fraction", [("clip_frac", "clip_frac")])
+    add("importance ratio", [("ratio_max", "max"), ("ratio_mean", "mean"), ("ratio_min", "min")])
+    add("gradient SNR", [(k, k) for k in _keys_with_prefix(rows, "grad_snr")])
+    add("effective sample size", [(k, k) for k in _keys_with_prefix(rows, "ess")])
+    return panels
+
+
+def _clip_bounds(run_dir: Path) -> list[float]:
+    """The clipping range 1 - clip_eps_low, 1 + clip_eps_high from the run's config.yaml, if any."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(config, dict):
+        return []
+    low, high = config.get("clip_eps_low"), config.get("clip_eps_high")
+    return [b for b in (1 - low if isinstance(low, (int, float)) else None,
+                        1 + high if isinstance(high, (int, float)) else None) if b is not None]
+
+
+def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write a PNG of RUN_DIR/metrics.jsonl (default RUN_DIR/metrics.png) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise DataError(f"{metrics_path} does not exist; give a run directory written by `lmpg train`")
+    try:
+        rows = read_jsonl(metrics_path)
+    except ValueError as e:
+        raise DataError(f"{metrics_path} is not valid JSON lines ({e}); was it written by `lmpg train`?") from None
+    if not rows:
+        raise DataError(f"{metrics_path} is empty; the run has not finished an iteration yet")
+    out = Path(out_path) if out_path is not None else run_dir / "metrics.png"
+
+    x = [r.get("iteration", i + 1) for i, r in enumerate(rows)]
+    panels = _panels(rows)
+    if not panels:
+        raise DataError(f"{metrics_path} holds none of the plotted metrics (reward_mean, kl, entropy, ...)")
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
+    marker = "o" if len(rows) <= 30 else None  # a handful of points: show them
+    for ax, (title, lines, band) in zip(axes.flat, panels):
+        for key, label in lines:
+            ax.plot(x, _series(rows, key), label=label, marker=marker, markersize=3, linewidth=1.4)
+        if band is not None:
+            mean, std = _series(rows, lines[0][0]), _series(rows, band)
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            alpha=0.25, linewidth=0, label="± std")
+        if title == "importance ratio":
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+            bounds = _clip_bounds(run_dir)
+            for bound in bounds:
+                ax.axhline(bound, color="grey", linewidth=0.8, linestyle="--")
+            if bounds:
+                title += " (dashed: clip range)"
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        if len(lines) > 1 or band is not None or title.startswith("reward per function"):
+            ax.legend(fontsize=7, loc="best")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration", fontsize=9)
+    # hidden panels in the last row leave the panel above without an x label
+    for col in range(ncols):
+        for row in range(nrows - 1, -1, -1):
+            ax = axes[row, col]
+            if ax.get_visible():
+                ax.set_xlabel("iteration", fontsize=9)
+                ax.xaxis.set_tick_params(labelbottom=True)
+                break
+    fig.suptitle(f"{run_dir.resolve().name}: {len(rows)} iterations", fontsize=11)
+    fig.tight_layout()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise DataError(f"cannot write {out} ({e.strerror}); choose a writable path with -o") from None
+    finally:
+        plt.close(fig)
+    return out

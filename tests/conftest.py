@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny causal LM and a character tokenizer built in-process (nothing downloaded)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ALPHABET = "0123456789+=ab "
+
+
+@pytest.fixture
+def tokenizer():
+    from lmpg.tiny import make_char_tokenizer
+
+    return make_char_tokenizer(ALPHABET)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    from lmpg.tiny import make_tiny_causal_lm
+
+    return make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
+
+
+@pytest.fixture
+def prompts_dataset():
+    import datasets
+
+    return datasets.Dataset.from_list([{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(12)])
+
+
+def count_a(prompts, completions, **kwargs):
+    """Reward: fraction of 'a' characters among 8 (a signal a tiny model learns in a few iterations)."""
+    return [c.count("a") / 8 for c in completions]

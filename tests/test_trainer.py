@@ -1,0 +1,151 @@
+"""The trainer end to end on a tiny model: learning, masking, exact first-step ratio, KL, determinism."""
+
+import json
+
+import pytest
+import torch
+
+from lmpg import PGConfig, PGTrainer
+from lmpg.errors import ConfigError, DataError
+from lmpg.logprobs import sequence_logprobs
+from lmpg.metrics import read_jsonl
+from lmpg.rollout import completion_mask_from_eos, sample_completions
+
+from conftest import count_a
+
+
+def small_config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), iterations=2, batch_size=8, group_size=4, max_new_tokens=6,
+                learning_rate=3e-3, sample_log_every=0, progress_bar=False)
+    base.update(kw)
+    return PGConfig(**base)
+
+
+def test_reward_rises_end_to_end(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    config = small_config(tmp_path, iterations=24, batch_size=16, max_new_tokens=8, epochs_per_batch=2,
+                          minibatch_size=8)
+    metrics = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+    first = sum(m["reward_mean"] for m in metrics[:4]) / 4
+    last = sum(m["reward_mean"] for m in metrics[-4:]) / 4
+    assert last > first + 0.3, (first, last)
+    run = tmp_path / "run"
+    assert (run / "final" / "config.json").exists() and (run / "config.yaml").exists()
+    samples = read_jsonl(run / "samples.jsonl")
+    assert len(samples) == 24 * 16 and {"prompt", "completion", "reward", "advantage"} <= set(samples[0])
+    required = {"reward_mean", "reward_std", "reward/count_a", "adv_mean", "adv_std", "loss", "entropy",
+                "ratio_min", "ratio_mean", "ratio_max", "clip_frac", "zero_spread_group_frac",
+                "completion_len_mean", "completion_len_max", "truncated_frac"}
+    assert required <= set(metrics[0])
+    timings = read_jsonl(run / "timings.jsonl")
+    assert {"tokens_per_s", "time_sample", "time_score", "time_update"} <= set(timings[0])
+
+
+def test_logprobs_do_not_depend_on_padding(tiny_model, tokenizer):
+    """A completion's log-probs are the same alone and inside a padded batch (prompt and completion
+    padding are masked out of attention and positions count from the first real token)."""
+    torch.manual_seed(0)
+    roll = sample_completions(tiny_model, tokenizer, ["1+1=", "123+456="], 2, max_new_tokens=5)
+    logp_batch, _ = sequence_logprobs(tiny_model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
+                                      roll.completion_mask)
+    for i in range(roll.prompt_ids.shape[0]):
+        p = roll.prompt_ids[i][roll.prompt_mask[i]].unsqueeze(0)
+        c = roll.completion_ids[i][roll.completion_mask[i]].unsqueeze(0)
+        alone, _ = sequence_logprobs(tiny_model, p, torch.ones_like(p, dtype=torch.bool), c,
+                                     torch.ones_like(c, dtype=torch.bool))
+        torch.testing.assert_close(alone[0], logp_batch[i][roll.completion_mask[i]], atol=1e-5, rtol=1e-5)
+
+
+def test_completion_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    mask, truncated = completion_mask_from_eos(ids, [1])
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_first_update_ratio_is_exactly_one(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    """With several minibatches the no-grad pi_old pass runs in the same micro-batches as the first
+    update, so log pi_theta at the first step equals log pi_old bit for bit."""
+    config = small_config(tmp_path, epochs_per_batch=2, minibatch_size=4)
+    trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer)
+    roll = trainer._sample(["1+1=", "2+2="], True)
+    logp_old, _ = trainer._logprobs_no_grad(trainer.model, roll)
+    first = torch.arange(trainer.micro_batch_size)
+    logp, _ = trainer._forward(trainer.model, roll, first, False)
+    assert torch.equal(logp.detach(), logp_old[first])
+
+
+def test_constant_reward_gives_zero_advantage_and_no_nan(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    config = small_config(tmp_path, adv_norm="group")
+    metrics = PGTrainer(tiny_model, [lambda prompts, completions, **kw: [1.0] * len(completions)],
+                        prompts_dataset, config, tokenizer=tokenizer).train()
+    for m in metrics:
+        assert m["zero_spread_group_frac"] == 1.0 and m["adv_zero_frac"] == 1.0
+        assert m["loss"] == 0.0 and m["skipped_updates"] == 0
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, tiny_model.parameters()))
+
+
+def test_kl_to_reference_starts_at_zero(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    config = small_config(tmp_path, kl_coef=0.1, iterations=3, learning_rate=1e-2)
+    metrics = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert metrics[-1]["kl"] > 1e-6
+
+
+def test_per_token_rewards_with_reward_to_go(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    def per_token_a(prompts, completions, completion_ids, **kw):
+        a = tokenizer.convert_tokens_to_ids("a")
+        return [[1.0 if t == a else 0.0 for t in ids] for ids in completion_ids]
+
+    config = small_config(tmp_path, reward_to_go=True, gamma=0.9, iterations=2)
+    metrics = PGTrainer(tiny_model, [per_token_a], prompts_dataset, config, tokenizer=tokenizer).train()
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+def test_same_seed_same_metrics(tmp_path, tokenizer, prompts_dataset):
+    from lmpg.tiny import make_tiny_causal_lm
+
+    runs = []
+    for name in ("a", "b"):
+        model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
+        config = small_config(tmp_path, output_dir=str(tmp_path / name), iterations=3, epochs_per_batch=2,
+                              minibatch_size=4)
+        PGTrainer(model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+        runs.append((tmp_path / name / "metrics.jsonl").read_text())
+    assert runs[0] == runs[1]
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    config = small_config(tmp_path, iterations=1)
+    PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+    with pytest.raises(ConfigError, match="already holds a run; set resume=auto"):
+        PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an lmpg run"):
+        PGTrainer(tiny_model, [count_a], prompts_dataset, small_config(tmp_path, output_dir=str(foreign)),
+                  tokenizer=tokenizer).train()
+
+
+def test_missing_prompt_column_lists_columns(tmp_path, tiny_model, tokenizer):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"question": "1+1=", "answer": "2"}])
+    with pytest.raises(DataError, match="no 'prompt' column; its columns are question, answer"):
+        PGTrainer(tiny_model, [count_a], ds, small_config(tmp_path), tokenizer=tokenizer)
+
+
+def test_chat_prompts_use_the_template(tmp_path, tiny_model, tokenizer):
+    import datasets
+
+    seen = {}
+
+    def record(prompts, completions, **kw):
+        seen["prompt"], seen["completion"] = prompts[0], completions[0]
+        return [0.0] * len(completions)
+
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1="}]}] * 4)
+    PGTrainer(tiny_model, [record], ds, small_config(tmp_path, iterations=1), tokenizer=tokenizer).train()
+    assert seen["prompt"] == [{"role": "user", "content": "1+1="}]
+    assert seen["completion"][0]["role"] == "assistant"
