@@ -76,9 +76,10 @@ def cmd_eval(args) -> int:
     print(f"  reward_mean   {result['reward_mean']:.4f} ± {result['reward_std']:.4f}")
     print(f"  accuracy      {result['accuracy']:.4f}   (reward >= {args.threshold})")
     print(f"  pass@{args.k:<8d} {result[f'pass@{args.k}']:.4f}")
-    for key, value in result.items():
-        if key.startswith("reward/"):
-            print(f"  {key:<13} {value:.4f}")
+    per_fn = {k: v for k, v in result.items() if k.startswith("reward/")}
+    width = max([13] + [len(k) for k in per_fn])
+    for key, value in per_fn.items():
+        print(f"  {key:<{width}} {value:.4f}")
     print(f"  length_mean   {result['completion_len_mean']:.1f} tokens, truncated {result['truncated_frac']:.1%}"
           + (f", unscored {result['unscored_frac']:.1%}" if result["unscored_frac"] else ""))
     return 0
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="mean reward, accuracy and pass@k of a model or adapter on a prompt dataset",
+    ev = sub.add_parser("eval", help="mean reward, accuracy and pass@k on a prompt dataset",
                         description="Sample n completions per prompt, score them, and report mean reward, accuracy "
                                     "(fraction with reward >= threshold) and the unbiased pass@k (Chen et al. 2021).")
     ev.add_argument("model", metavar="MODEL_OR_ADAPTER", help="saved model dir, hub name, or peft adapter dir")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(sample, "completions to generate (default 4; 1 with --greedy)")
     sample.set_defaults(func=cmd_sample)
 
-    plot = sub.add_parser("plot", help="plot a run's metrics (reward, KL, entropy, length, clipping) to a PNG",
+    plot = sub.add_parser("plot", help="plot a run's metrics.jsonl to a PNG",
                           description="Plot RUN_DIR/metrics.jsonl to a PNG (default RUN_DIR/metrics.png).")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by lmpg train")
     plot.add_argument("-o", "--output", default=None, metavar="OUT.png", help="where to write the PNG")

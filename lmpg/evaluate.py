@@ -26,6 +26,7 @@ from lmpg.data import is_conversational, load_prompt_dataset, render_prompt
 from lmpg.errors import ConfigError
 from lmpg.modeling import ensure_pad_token, load_model_and_tokenizer
 from lmpg.rollout import eos_token_ids, sample_completions
+from lmpg.sampler import row_seed
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -86,7 +87,8 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
     when no function scored it), reward/NAME per function, length (tokens, EOS included) and
     truncated. `columns` are extra dataset columns (one value per prompt) passed to the reward
     functions as keyword arguments, e.g. `answer`. `greedy` takes the argmax token at every step
-    (n must then be 1). Sampling is seeded and leaves the global RNG as it was.
+    (n must then be 1). Sample j of prompt i draws from its own random stream
+    `row_seed(seed, 0, i, j)`: the same completions whatever the batch size, global RNG untouched.
     """
     from lmpg.rewards import RewardScorer
 
@@ -101,22 +103,20 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
     weights = scorer.weights if scorer is not None else []
     columns = columns or {}
     eos_ids = eos_token_ids(tokenizer, model)
-    device = next(model.parameters()).device
     records = []
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start:start + batch_size]
-                rendered = [render_prompt(tokenizer, p) for p in batch]
-                # top_k=1 keeps only the most likely token: sampling from it is greedy decoding
-                rollout = sample_completions(model, tokenizer, [t for t, _ in rendered], n,
-                                             max_new_tokens=max_new_tokens,
-                                             temperature=1.0 if greedy else temperature,
-                                             top_p=1.0 if greedy else top_p, top_k=1 if greedy else 0,
-                                             max_prompt_length=max_prompt_length,
-                                             add_special_tokens=rendered[0][1], eos_ids=eos_ids)
-                records += _score_rollout(rollout, batch, start, columns, scorer, weights)
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            rendered = [render_prompt(tokenizer, p) for p in batch]
+            # one random stream per (prompt, sample): a prompt's samples do not depend on batch_size
+            seeds = [row_seed(seed, 0, start + i, j) for i in range(len(batch)) for j in range(n)]
+            # top_k=1 keeps only the most likely token: sampling from it is greedy decoding
+            rollout = sample_completions(model, tokenizer, [t for t, _ in rendered], n,
+                                         max_new_tokens=max_new_tokens, temperature=1.0 if greedy else temperature,
+                                         top_p=1.0 if greedy else top_p, top_k=1 if greedy else 0,
+                                         max_prompt_length=max_prompt_length, add_special_tokens=rendered[0][1],
+                                         eos_ids=eos_ids, seeds=seeds)
+            records += _score_rollout(rollout, batch, start, columns, scorer, weights)
     finally:
         if scorer is not None:
             scorer.close()

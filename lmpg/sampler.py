@@ -56,6 +56,19 @@ def gumbel_noise(generators: list[torch.Generator], vocab_size: int, device) -> 
     return -torch.log(-torch.log(u))
 
 
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: `cache` in transformers >= 5.x, else `past_key_values`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: list[int], *,
                   max_new_tokens: int, eos_ids: list[int], pad_id: int, temperature: float = 1.0,
@@ -74,7 +87,8 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
     positions = position_ids_from_mask(attention_mask)
     out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    past = out.past_key_values
+    cache_kwarg = _cache_kwarg(model)
+    past = _returned_cache(out)
     next_position = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
@@ -92,8 +106,8 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
             break
         attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
         out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+                    use_cache=True, **{cache_kwarg: past})
+        past = _returned_cache(out)
         next_position = next_position + 1
     if not tokens:
         return prompt_ids.new_zeros(B, 0), torch.zeros(B, 0, device=device)

@@ -69,7 +69,7 @@ class PGTrainer:
         self.config = c = config if config is not None else PGConfig()
         if not isinstance(c, PGConfig):
             raise ConfigError(f"config must be a PGConfig, not {type(c).__name__}; build one with PGConfig(...)")
-        self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision,
+        self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision, cpu=_no_accelerator(),
                                              log_with=c.report_to or None, project_dir=c.output_dir)
         n_proc = acc.num_processes
         if c.prompts_per_iteration % n_proc:
@@ -145,7 +145,8 @@ class PGTrainer:
         self.save_checkpoint()
         self.save_model(self.output_dir / "final")
         self._write_marker(finished=True)
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): it would tear down the process group
+            tracker.finish()
         return read_jsonl(self.output_dir / "metrics.jsonl")
 
     def save_model(self, path) -> None:
@@ -287,7 +288,9 @@ class PGTrainer:
         B = rollout.completion_ids.shape[0]  # local sequences
         n_proc = acc.num_processes
         n_minibatches = B // self.local_minibatch_size
-        sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
+        sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "grad_norm": 0.0}
+        # token-weighted tallies of this process, gathered over processes at the end
+        ratio_sum = clip_sum = counted = 0.0
         ratio_min, ratio_max, steps, skipped = math.inf, -math.inf, 0, 0
         entropy_parts = [] if entropy is None else None
         self.model.train()
@@ -355,9 +358,9 @@ class PGTrainer:
                 sums["pg_loss"] += float(losses[1])
                 sums["kl"] += float(losses[2])
                 sums["grad_norm"] += grad_norm
-                tok = sum(n for _, n in stat_list) or 1.0
-                sums["clip_frac"] += sum(s["clip_frac"] * n for s, n in stat_list) / tok
-                sums["ratio_mean"] += sum(s["ratio_mean"] * n for s, n in stat_list) / tok
+                ratio_sum += sum(s["ratio_mean"] * n for s, n in stat_list)
+                clip_sum += sum(s["clip_frac"] * n for s, n in stat_list)
+                counted += sum(n for _, n in stat_list)
                 ratio_min = min([ratio_min] + [s["ratio_min"] for s, _ in stat_list])
                 ratio_max = max([ratio_max] + [s["ratio_max"] for s, _ in stat_list])
         if entropy_parts is not None:
@@ -366,6 +369,12 @@ class PGTrainer:
         stats = {k: v / n for k, v in sums.items()}
         if c.kl_coef == 0:
             stats.pop("kl")
+        tallies = self._gather(torch.tensor([ratio_sum, clip_sum, counted, -ratio_min, ratio_max],
+                                            dtype=torch.float64)).view(-1, 5)
+        ratio_sum, clip_sum, counted = (float(v) for v in tallies[:, :3].sum(0))
+        ratio_min, ratio_max = -float(tallies[:, 3].max()), float(tallies[:, 4].max())
+        stats["ratio_mean"] = ratio_sum / counted if counted else float("nan")
+        stats["clip_frac"] = clip_sum / counted if counted else float("nan")
         stats.update(ratio_min=ratio_min if steps else float("nan"), ratio_max=ratio_max if steps else float("nan"),
                      optimizer_steps=steps, skipped_updates=skipped, lr=self.scheduler.get_last_lr()[0])
         return stats, entropy
@@ -454,6 +463,7 @@ class PGTrainer:
             if not resume_from.is_dir():
                 raise ConfigError(f"resume={c.resume} is not a checkpoint directory; use resume=auto or a path "
                                   f"under {out / 'checkpoints'}")
+        # every process makes the same read-only checks, then the main process writes
         if resume_from is None and out.exists() and any(out.iterdir()):
             marker = out / RUN_MARKER
             what = "a run" if marker.exists() else "files that are not an lmpg run"
@@ -461,19 +471,28 @@ class PGTrainer:
                 hint = ("set resume=auto to continue it, overwrite_output_dir=true to replace it, or choose another "
                         "output_dir") if marker.exists() else "choose an empty or new output_dir"
                 raise ConfigError(f"output_dir {out} already holds {what}; {hint}")
-            for name in ("metrics.jsonl", "timings.jsonl", "samples.jsonl"):
-                (out / name).unlink(missing_ok=True)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose a writable directory") from None
+            overwrite = True
+        else:
+            overwrite = False
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            if overwrite:
+                for name in ("metrics.jsonl", "timings.jsonl", "samples.jsonl"):
+                    (out / name).unlink(missing_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / ".write_test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose a writable directory") from None
             self.config.save_yaml(out / "config.yaml")
+        self.accelerator.wait_for_everyone()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        if c.report_to:
+            tracker_config = {k: v for k, v in c.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            self.accelerator.init_trackers(out.name or "lmpg", config=tracker_config)
         self._write_marker(finished=False)
         self._run_dir_ready = True
 
@@ -534,6 +553,15 @@ class PGTrainer:
             kept = [r for r in read_jsonl(self.samples_log.path) if r["iteration"] <= state["iteration"]]
             self.samples_log.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+
+def _no_accelerator() -> bool:
+    """True on a machine with no GPU: Accelerator(cpu=True) then runs N launched processes as a
+    MULTI_CPU (gloo) group instead of N independent single-process runs."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
 
 
 class _nullcontext:

@@ -1,0 +1,275 @@
+"""Returns, baselines and advantages (lmpg.advantages): hand-worked numbers and a plain reference loop.
+
+Shapes: B sequences (groups of G consecutive samples per prompt), T completion tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmpg.advantages import (
+    advantage_std,
+    baseline,
+    compute_advantages,
+    discounted_reward_to_go,
+    returns,
+    sequence_returns,
+    zero_spread_groups,
+)
+
+DT = torch.float64
+BASELINES = ("none", "batch_mean", "group_mean", "leave_one_out")
+
+
+def right_padded_mask(lengths, T):
+    """(B, T) bool, True on the first lengths[i] tokens of row i."""
+    return torch.arange(T).unsqueeze(0) < torch.as_tensor(lengths).unsqueeze(1)
+
+
+def random_batch(B, T, seed, padding_value=float("nan")):
+    """Random per-token rewards and right-padded completions of random length 0..T.
+
+    Padding holds `padding_value` (NaN by default): a masked position carries no reward, so it must
+    never reach a return or an advantage."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    mask = right_padded_mask(lengths, T)
+    r = torch.randn(B, T, generator=g, dtype=DT)
+    return torch.where(mask, r, torch.full_like(r, padding_value)), mask
+
+
+def last_token_rewards(R, lengths, T):
+    """A scalar reward per sequence placed on its last counted token, (B, T)."""
+    r = torch.zeros(len(R), T, dtype=DT)
+    r[torch.arange(len(R)), torch.as_tensor(lengths) - 1] = torch.as_tensor(R, dtype=DT)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# returns
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reward_to_go_matches_reference_loop(gamma):
+    r, mask = random_batch(B=9, T=7, seed=0)
+    ref = torch.zeros_like(r)
+    for i in range(r.shape[0]):
+        n = int(mask[i].sum())
+        for t in range(n):
+            ref[i, t] = sum(gamma ** (u - t) * float(r[i, u]) for u in range(t, n))
+    torch.testing.assert_close(discounted_reward_to_go(r, mask, gamma), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(returns(r, mask, reward_to_go=True, gamma=gamma), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_return_is_broadcast_to_every_token(gamma):
+    """reward_to_go=False: every counted token of trajectory i gets R_i = sum_t gamma^t r_t."""
+    r, mask = random_batch(B=9, T=7, seed=1)
+    ret = returns(r, mask, reward_to_go=False, gamma=gamma)
+    for i in range(r.shape[0]):
+        n = int(mask[i].sum())
+        R = sum(gamma ** t * float(r[i, t]) for t in range(n))
+        torch.testing.assert_close(ret[i, :n], torch.full((n,), R, dtype=DT), rtol=0, atol=1e-12)
+        assert (ret[i, n:] == 0).all()
+        assert float(sequence_returns(ret)[i]) == pytest.approx(R, abs=1e-12)
+
+
+def test_returns_by_hand():
+    r = torch.tensor([[1.0, 2.0, 3.0, 0.0]], dtype=DT)
+    mask = torch.tensor([[True, True, True, False]])
+    # gamma 0.5: rtg_2 = 3, rtg_1 = 2 + 0.5 * 3 = 3.5, rtg_0 = 1 + 0.5 * 3.5 = 2.75
+    assert returns(r, mask, True, 0.5).tolist() == [[2.75, 3.5, 3.0, 0.0]]
+    assert returns(r, mask, False, 0.5).tolist() == [[2.75, 2.75, 2.75, 0.0]]
+    # gamma 1 with the reward at the last token only: both credits are the same
+    last = torch.tensor([[0.0, 0.0, 3.0, 0.0]], dtype=DT)
+    assert returns(last, mask, True).tolist() == returns(last, mask, False).tolist() == [[3.0, 3.0, 3.0, 0.0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines
+# ---------------------------------------------------------------------------------------------
+
+RET = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], dtype=DT)  # two groups of G=4
+
+
+def test_baselines_by_hand_group_of_four():
+    assert baseline(RET, 4, "none").tolist() == [0.0] * 8
+    assert baseline(RET, 4, "batch_mean").tolist() == [10 / 8] * 8
+    assert baseline(RET, 4, "group_mean").tolist() == [0.5] * 4 + [2.0] * 4
+    # leave-one-out: a 1 sees the others (0 + 0 + 1) / 3, a 0 sees (1 + 0 + 1) / 3
+    torch.testing.assert_close(baseline(RET, 4, "leave_one_out"),
+                               torch.tensor([1 / 3, 2 / 3, 2 / 3, 1 / 3, 2, 2, 2, 2], dtype=DT))
+
+
+def test_baselines_by_hand_group_of_two():
+    assert baseline(RET, 2, "group_mean").tolist() == [0.5, 0.5, 0.5, 0.5, 2, 2, 2, 2]
+    assert baseline(RET, 2, "leave_one_out").tolist() == [0, 1, 1, 0, 2, 2, 2, 2]
+
+
+def test_group_mean_advantage_is_scaled_leave_one_out():
+    """R_i - mean_g = (G-1)/G (R_i - mean_{g, j != i}): per batch, not only in expectation."""
+    g = torch.Generator().manual_seed(2)
+    ret = torch.randn(12, generator=g, dtype=DT)
+    for G in (2, 3, 4):
+        torch.testing.assert_close(ret - baseline(ret, G, "group_mean"),
+                                   (G - 1) / G * (ret - baseline(ret, G, "leave_one_out")))
+
+
+def test_baseline_rejects_bad_groups():
+    with pytest.raises(ValueError, match="whole number of groups"):
+        baseline(RET, 3, "group_mean")
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        baseline(RET, 1, "leave_one_out")
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline(RET, 4, "median")
+
+
+def test_compute_advantages_by_hand():
+    """Sequence rewards at the last token of completions of lengths 1-3: A = R - b on counted tokens."""
+    lengths = [3, 1, 2, 3, 2, 2, 1, 3]
+    T = 4
+    mask = right_padded_mask(lengths, T)
+    r = last_token_rewards(RET, lengths, T)
+    expected_b = {"none": [0.0] * 8, "batch_mean": [1.25] * 8, "group_mean": [0.5] * 4 + [2.0] * 4,
+                  "leave_one_out": [1 / 3, 2 / 3, 2 / 3, 1 / 3] + [2.0] * 4}
+    for kind, b in expected_b.items():
+        adv, stats = compute_advantages(r, mask, 4, kind)
+        want = torch.where(mask, (RET - torch.tensor(b, dtype=DT)).unsqueeze(1).expand(8, T), 0.0)
+        torch.testing.assert_close(adv, want, rtol=0, atol=1e-15)
+        assert stats["ret_mean"] == 1.25
+    # adv_norm group (GRPO): group 1 has A = [.5, -.5, -.5, .5], population std 0.5; group 2 A = 0
+    adv, stats = compute_advantages(r, mask, 4, "group_mean", adv_norm="group", eps=1e-6)
+    scale = 0.5 / (0.5 + 1e-6)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([scale, -scale, -scale, scale, 0, 0, 0, 0], dtype=DT))
+    assert stats["zero_spread_group_frac"] == 0.5
+    # adv_norm batch: A = [.5, -.5, -.5, .5, 0, 0, 0, 0], mean 0, std sqrt(1/8)
+    adv, _ = compute_advantages(r, mask, 4, "group_mean", adv_norm="batch", eps=0.0)
+    torch.testing.assert_close(adv[:4, 0], torch.tensor([1.0, -1, -1, 1], dtype=DT) * 0.5 / 0.125 ** 0.5)
+
+
+def test_advantage_std_is_population_std():
+    adv = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, 2.0], dtype=DT)
+    assert advantage_std(adv, 2, "group").tolist() == [1, 1, 0, 0, 0, 0]
+    # batch: mean 4/3, squares (1/9 + 25/9 + 16/9 * 2 + 4/9 * 2) / 6 = 66/54
+    torch.testing.assert_close(advantage_std(adv, 2, "batch"), torch.full((6,), (66 / 54) ** 0.5, dtype=DT))
+    assert advantage_std(adv, 2, "none").tolist() == [1.0] * 6
+
+
+# ---------------------------------------------------------------------------------------------
+# unscored samples (sample_mask)
+# ---------------------------------------------------------------------------------------------
+
+def test_sample_mask_excludes_unscored_samples_from_baselines():
+    # group 1: [1, 0, (9, unscored), 1]; group 2: [2, 4, 6, 8]
+    ret = torch.tensor([1.0, 0.0, 9.0, 1.0, 2.0, 4.0, 6.0, 8.0], dtype=DT)
+    m = torch.tensor([True, True, False, True, True, True, True, True])
+    torch.testing.assert_close(baseline(ret, 4, "group_mean", m),
+                               torch.tensor([2 / 3] * 4 + [5.0] * 4, dtype=DT))
+    # leave-one-out over the other scored samples: 1 -> (0 + 1)/2, 0 -> (1 + 1)/2, unscored -> 2/3
+    torch.testing.assert_close(baseline(ret, 4, "leave_one_out", m)[:4],
+                               torch.tensor([0.5, 1.0, 2 / 3, 0.5], dtype=DT))
+    torch.testing.assert_close(baseline(ret, 4, "batch_mean", m), torch.full((8,), 22 / 7, dtype=DT))
+    # std of [1/3, -2/3, 1/3] (the unscored sample left out): sqrt(2/9)
+    std = advantage_std(ret - baseline(ret, 4, "group_mean", m), 4, "group", m)
+    torch.testing.assert_close(std[:4], torch.full((4,), (2 / 9) ** 0.5, dtype=DT))
+
+
+def test_unscored_sample_gets_zero_advantage_even_with_nan_reward():
+    lengths = [2, 2, 3, 1]
+    mask = right_padded_mask(lengths, 3)
+    r = last_token_rewards([1.0, 0.0, 0.0, 1.0], lengths, 3)
+    r[2] = float("nan")  # a reward function that failed
+    m = torch.tensor([True, True, False, True])
+    for kind in BASELINES:
+        for norm in ("none", "group", "batch"):
+            adv, stats = compute_advantages(r, mask, 4, kind, norm, sample_mask=m)
+            assert torch.isfinite(adv).all() and all(v == v for v in stats.values()), (kind, norm)
+            assert (adv[2] == 0).all()
+            # the same as a group of the 3 scored samples alone
+            scored = compute_advantages(r[[0, 1, 3]], mask[[0, 1, 3]], 3, kind, norm)[0]
+            torch.testing.assert_close(adv[[0, 1, 3]], scored, rtol=0, atol=1e-12)
+    adv, _ = compute_advantages(r, mask, 4, "leave_one_out", sample_mask=m)
+    assert adv[:, 0].tolist() == [0.5, -1.0, 0.0, 0.5]
+
+
+def test_zero_spread_groups_flags():
+    ret = torch.tensor([1.0, 1.0, 7.0, 1.0, 1.0, 0.0, 1.0, 1.0, 5.0, 3.0, 3.0, 3.0], dtype=DT)
+    m = torch.tensor([True, True, False, True, True, True, True, True, True, False, False, False])
+    # group 1: scored all 1 -> flagged; group 2: spread; group 3: one scored sample -> no comparison
+    assert zero_spread_groups(ret, 4, m).tolist() == [True, False, True]
+    assert zero_spread_groups(ret, 4).tolist() == [False, False, False]
+    assert zero_spread_groups(torch.tensor([2.0, 2.0, 0.0, 1.0], dtype=DT), 2).tolist() == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# zero spread, padding
+# ---------------------------------------------------------------------------------------------
+
+ZERO_SPREAD_BUG = ("bug: normalise_advantages divides A by (std + eps) where std == 0; with a baseline "
+                   "that is not the group's (none, batch_mean) A is not 0 there and becomes A / eps")
+
+
+def _bug(*args):
+    return pytest.param(*args, marks=pytest.mark.xfail(strict=True, reason=ZERO_SPREAD_BUG))
+
+
+@pytest.mark.parametrize("kind,adv_norm", [
+    ("group_mean", "group"), ("leave_one_out", "group"), _bug("none", "group"), _bug("batch_mean", "group"),
+    ("group_mean", "batch"), ("leave_one_out", "batch"), _bug("none", "batch"), ("batch_mean", "batch"),
+])
+def test_zero_spread_gives_zero_advantage_not_nan(kind, adv_norm):
+    """A group (adv_norm group) or a batch (adv_norm batch) whose returns are all equal has std 0 and
+    no learning signal (`zero_spread_groups`): its advantages must be 0, finite, not A / eps."""
+    lengths = [2, 3, 1, 2, 3, 3, 2, 1]
+    mask = right_padded_mask(lengths, 3)
+    # adv_norm group: group 1 [1, 0, 0, 1] has spread, group 2 [2, 2, 2, 2] has none;
+    # adv_norm batch: the whole batch is [3] * 8
+    R = RET if adv_norm == "group" else torch.full((8,), 3.0, dtype=DT)
+    zero = slice(4, 8) if adv_norm == "group" else slice(0, 8)
+    r = last_token_rewards(R, lengths, 3)
+    assert zero_spread_groups(R, 4).tolist() == ([False, True] if adv_norm == "group" else [True, True])
+    adv, _ = compute_advantages(r, mask, 4, kind, adv_norm)
+    assert torch.isfinite(adv).all()
+    assert (adv[zero] == 0).all(), adv[zero, 0].tolist()  # (none, group): 2 / 1e-6 = 2e6
+
+
+@pytest.mark.parametrize("kind", BASELINES)
+@pytest.mark.parametrize("adv_norm", ["none", "group", "batch"])
+@pytest.mark.parametrize("reward_to_go,gamma", [(False, 1.0), (True, 1.0), (True, 0.9), (False, 0.9)])
+def test_advantages_are_zero_on_padding(kind, adv_norm, reward_to_go, gamma):
+    r, mask = random_batch(B=8, T=5, seed=3)  # NaN rewards on the padding
+    adv, stats = compute_advantages(r, mask, 4, kind, adv_norm, reward_to_go, gamma)
+    assert torch.isfinite(adv).all()
+    assert (adv[~mask] == 0).all()
+    assert all(v == v for v in stats.values())
+
+
+def test_reward_to_go_subtracts_one_baseline_per_sequence():
+    """With reward-to-go A_t = ret_t - b_i, b_i from the sequences' whole returns R_i = ret_0."""
+    r = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]], dtype=DT)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    # ret = [[3, 2, 0], [2, 2, 1]], R = [3, 2], group mean 2.5
+    adv, _ = compute_advantages(r, mask, 2, "group_mean", reward_to_go=True)
+    assert adv.tolist() == [[0.5, -0.5, 0.0], [-0.5, -0.5, -1.5]]
+
+
+def test_gather_across_processes_equals_one_process():
+    """Two processes each holding half the batch (fake `gather`) get the halves of the one-process
+    advantages: batch-level baselines and stds see the whole batch."""
+    r, mask = random_batch(B=8, T=4, seed=4)
+    m = torch.tensor([True, True, False, True, True, True, True, True])
+    for kind in BASELINES:
+        for norm in ("none", "group", "batch"):
+            whole, _ = compute_advantages(r, mask, 2, kind, norm, sample_mask=m)
+            full = {torch.bool: m, DT: returns(r, mask)[:, 0]}
+            for p in (0, 1):
+                part = slice(4 * p, 4 * p + 4)
+
+                def gather(x):
+                    torch.testing.assert_close(x, full[x.dtype][part])  # this process's share
+                    return full[x.dtype]
+
+                adv, _ = compute_advantages(r[part], mask[part], 2, kind, norm, sample_mask=m[part],
+                                            gather=gather, process_index=p)
+                torch.testing.assert_close(adv, whole[part], rtol=0, atol=1e-12)
