@@ -28,21 +28,36 @@ from reward_fns.sandbox import SandboxLimits  # noqa: E402
 
 # (solution body, 3 test cases, a wrong body)
 CODE_TASKS = [
-    ("def add(a, b):\n    return a + b", ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(5, 5) == 10"],
-     "def add(a, b):\n    return a - b"),
-    ("def reverse(s):\n    return s[::-1]", ["assert reverse('abc') == 'cba'", "assert reverse('') == ''", "assert reverse('ab') == 'ba'"],
-     "def reverse(s):\n    return s"),
-    ("def factorial(n):\n    out = 1\n    for k in range(2, n + 1):\n        out *= k\n    return out",
-     ["assert factorial(0) == 1", "assert factorial(5) == 120", "assert factorial(3) == 6"],
-     "def factorial(n):\n    return n * factorial(n - 1)"),  # no base case: RecursionError
-    ("def is_palindrome(s):\n    return s == s[::-1]",
-     ["assert is_palindrome('aba')", "assert not is_palindrome('ab')", "assert is_palindrome('')"],
-     "def is_palindrome(s):\n    return True"),
-    ("def largest(xs):\n    return max(xs)", ["assert largest([1, 3, 2]) == 3", "assert largest([-1]) == -1", "assert largest([2, 2]) == 2"],
-     "def largest(xs):\n    return xs[0]"),
-    ("import math\n\ndef hypot(a, b):\n    return math.sqrt(a * a + b * b)",
-     ["assert hypot(3, 4) == 5", "assert hypot(0, 0) == 0", "assert abs(hypot(1, 1) - 2 ** 0.5) < 1e-9"],
-     "def hypot(a, b):\n    return a + b"),
+    (
+        "def add(a, b):\n    return a + b",
+        ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(5, 5) == 10"],
+        "def add(a, b):\n    return a - b",
+    ),
+    (
+        "def reverse(s):\n    return s[::-1]",
+        ["assert reverse('abc') == 'cba'", "assert reverse('') == ''", "assert reverse('ab') == 'ba'"],
+        "def reverse(s):\n    return s",
+    ),
+    (
+        "def factorial(n):\n    out = 1\n    for k in range(2, n + 1):\n        out *= k\n    return out",
+        ["assert factorial(0) == 1", "assert factorial(5) == 120", "assert factorial(3) == 6"],
+        "def factorial(n):\n    return n * factorial(n - 1)",
+    ),  # no base case: RecursionError
+    (
+        "def is_palindrome(s):\n    return s == s[::-1]",
+        ["assert is_palindrome('aba')", "assert not is_palindrome('ab')", "assert is_palindrome('')"],
+        "def is_palindrome(s):\n    return True",
+    ),
+    (
+        "def largest(xs):\n    return max(xs)",
+        ["assert largest([1, 3, 2]) == 3", "assert largest([-1]) == -1", "assert largest([2, 2]) == 2"],
+        "def largest(xs):\n    return xs[0]",
+    ),
+    (
+        "import math\n\ndef hypot(a, b):\n    return math.sqrt(a * a + b * b)",
+        ["assert hypot(3, 4) == 5", "assert hypot(0, 0) == 0", "assert abs(hypot(1, 1) - 2 ** 0.5) < 1e-9"],
+        "def hypot(a, b):\n    return a + b",
+    ),
 ]
 HANG = "def add(a, b):\n    while True:\n        pass"
 
@@ -55,11 +70,15 @@ def math_batch(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
         if kind == 0:  # GSM8K
             a, b = rng.randint(10, 99), rng.randint(10, 99)
             answers.append(f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}")
-            completions.append(f"She has {a} and buys {b}, so {a} + {b} = {a + b + wrong}.\n#### {a + b + wrong}")
+            completions.append(
+                f"She has {a} and buys {b}, so {a} + {b} = {a + b + wrong}.\n#### {a + b + wrong}"
+            )
         elif kind == 1:  # boxed fraction vs decimal reference
             q = rng.choice([2, 4, 5, 8])
             answers.append(str(1 / q))
-            completions.append(f"Each share is $\\frac{{1}}{{{q}}}$ of the cake, so \\boxed{{\\frac{{1}}{{{q + wrong}}}}}.")
+            completions.append(
+                f"Each share is $\\frac{{1}}{{{q}}}$ of the cake, so \\boxed{{\\frac{{1}}{{{q + wrong}}}}}."
+            )
         elif kind == 2:  # thousands separator
             value = rng.randint(1000, 99999)
             answers.append(str(value))
@@ -94,21 +113,31 @@ def run(reward, completions: list, columns: dict, executor: str, workers: int | 
     prompts, completion_ids = ["prompt"] * n, [[0] * 32] * n
     with RewardScorer([reward], executor=executor, max_workers=workers) as scorer:
         began = time.perf_counter()
-        scorer.score(prompts[:2], completions[:2], completion_ids[:2], columns={k: v[:2] for k, v in columns.items()})
+        scorer.score(
+            prompts[:2], completions[:2], completion_ids[:2], columns={k: v[:2] for k, v in columns.items()}
+        )
         warmup = time.perf_counter() - began  # starts the pool (processes import torch, sympy)
         began = time.perf_counter()
         scores = scorer.score(prompts, completions, completion_ids, columns=columns)
         seconds = time.perf_counter() - began
     mean = scores.means()[scores.names[0]]
     shown_workers = "-" if executor == "serial" else str(scorer.max_workers)
-    return {"seconds": seconds, "per_second": n / seconds, "mean": mean, "warmup": warmup, "workers": shown_workers}
+    return {
+        "seconds": seconds,
+        "per_second": n / seconds,
+        "mean": mean,
+        "warmup": warmup,
+        "workers": shown_workers,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="completions per reward")
     parser.add_argument("--executors", default="serial,thread,process")
-    parser.add_argument("--workers", type=int, default=None, help="max_workers (default: the scorer's default)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="max_workers (default: the scorer's default)"
+    )
     parser.add_argument("--timeout", type=float, default=2.0, help="sandbox wall-clock limit per completion")
     parser.add_argument("--hangs", type=int, default=3, help="code completions that loop forever")
     parser.add_argument("--rewards", default="math,code")
@@ -126,7 +155,9 @@ def main() -> None:
         return code_reward, completions, {"tests": tests}
 
     print(f"{args.n} completions per reward, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
-    print(f"{'reward':<8}{'executor':<10}{'workers':>8}{'seconds':>10}{'compl/s':>10}{'mean r':>9}{'warm-up s':>11}")
+    print(
+        f"{'reward':<8}{'executor':<10}{'workers':>8}{'seconds':>10}{'compl/s':>10}{'mean r':>9}{'warm-up s':>11}"
+    )
     for name in args.rewards.split(","):
         for seed, executor in enumerate(args.executors.split(",")):
             reward, completions, columns = batch(name, seed)

@@ -135,8 +135,13 @@ def advantage_std(adv: torch.Tensor, group_size: int, scope: AdvNorm,
 
 
 def normalise_advantages(adv: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """A_i / (std_i + eps); where std_i == 0 (all returns alike) A_i is 0 already and stays 0."""
-    return adv / (std + eps)
+    """A_i / (std_i + eps) where std_i > 0; 0 where std_i == 0.
+
+    A zero std means every return in the group (or batch) is the same: there is no spread to learn
+    from, and dividing by eps would blow up whatever the baseline left (e.g. baseline none), so the
+    advantage is set to 0, as `zero_spread_groups` counts it.
+    """
+    return torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
 
 
 def zero_spread_groups(ret: torch.Tensor, group_size: int,
@@ -145,8 +150,8 @@ def zero_spread_groups(ret: torch.Tensor, group_size: int,
     m = torch.ones_like(ret, dtype=torch.bool) if sample_mask is None else sample_mask.bool()
     r, gm = ret.view(-1, group_size), m.view(-1, group_size)
     big = torch.finfo(ret.dtype).max
-    hi = torch.where(gm, r, torch.full_like(r, -big)).max(1).values
-    lo = torch.where(gm, r, torch.full_like(r, big)).min(1).values
+    hi = torch.where(gm, r, torch.full_like(r, -big)).amax(1)
+    lo = torch.where(gm, r, torch.full_like(r, big)).amin(1)
     return (hi - lo <= 0) | (gm.sum(1) <= 1)
 
 

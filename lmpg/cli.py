@@ -12,6 +12,7 @@ User errors (bad config, data or reward function) print one line and exit with s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -47,13 +48,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _reward_summary(fn) -> str:
+    """First docstring line of a reward: its own, a partial's function's, else its module's."""
+    own = fn.__dict__.get("__doc__") if isinstance(fn, functools.partial) else fn.__doc__
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    module = sys.modules.get(getattr(target, "__module__", "") or "")
+    for doc in (own, target.__doc__, getattr(module, "__doc__", None)):
+        lines = (doc or "").strip().splitlines()
+        if lines:
+            return lines[0]
+    return ""
+
+
 def cmd_rewards(args) -> int:
     from reward_fns import BUILTIN_REWARDS
 
     width = max(len(n) for n in BUILTIN_REWARDS)
     for name, fn in sorted(BUILTIN_REWARDS.items()):
-        doc = (fn.__doc__ or "").strip().splitlines()
-        print(f"{name:<{width}}  {doc[0] if doc else ''}")
+        print(f"{name:<{width}}  {_reward_summary(fn)}")
     return 0
 
 

@@ -100,7 +100,9 @@ def _import_module(target: str, spec: str) -> Any:
                 f"reward function '{spec}': module '{target}' not found; install it, or give a file"
                 " path instead (e.g. 'path/to/rewards.py:my_reward')"
             ) from None
-        raise RewardError(f"reward function '{spec}': importing '{target}' failed: {_one_line(error)}") from None
+        raise RewardError(
+            f"reward function '{spec}': importing '{target}' failed: {_one_line(error)}"
+        ) from None
     except Exception as error:
         raise RewardError(
             f"reward function '{spec}': importing '{target}' raised {type(error).__name__}: {_one_line(error)}"
@@ -206,7 +208,10 @@ def _check_sample(value: Any, n_tokens: int) -> tuple[float | list[float] | None
     if sequence is None:
         return _as_real(value)
     if len(sequence) != n_tokens:
-        return None, f"a per-token list needs one value per completion token: got {len(sequence)}, expected {n_tokens}"
+        return (
+            None,
+            f"a per-token list needs one value per completion token: got {len(sequence)}, expected {n_tokens}",
+        )
     rewards = []
     for position, element in enumerate(sequence):
         number, why = _as_real(element)
@@ -227,45 +232,58 @@ class _CallResult(NamedTuple):
     output: Any  # what the function returned, or (exception type name, message) if it raised
 
 
-def _check_call(name: str, call: _CallResult, completion_ids: Sequence) -> tuple[list, int, str | None]:
-    """(values for samples [start, stop) with bad ones set to None, how many were set to None, the first
-    problem as a RewardError message or None)."""
+class _CheckedCall(NamedTuple):
+    values: list
+    """The values for samples [start, stop), bad ones set to None."""
+    n_errors: int
+    """How many samples were set to None."""
+    problem: str | None
+    """The first problem, worded as a RewardError message; None if all was well."""
+
+
+def _check_call(name: str, call: _CallResult, completion_ids: Sequence) -> _CheckedCall:
+    """Check what one call returned: a sequence of one entry per sample, each valid (module docstring)."""
     n = call.stop - call.start
     span = f"samples {call.start}..{call.stop - 1}"
     fix = "fix the function or set on_error='none' to score such samples None"
-    if call.raised:
-        kind, message = call.output
-        return [None] * n, n, f"reward function '{name}' raised {kind}: {message} (on {span}); {fix}"
     output = call.output
-    if inspect.isawaitable(output):
+    values = None if call.raised or inspect.isawaitable(output) else _as_sequence(output)
+    if call.raised:
+        kind, message = output
+        problem = f"reward function '{name}' raised {kind}: {message} (on {span}); {fix}"
+    elif inspect.isawaitable(output):
         if inspect.iscoroutine(output):
-            output.close()
-        return [None] * n, n, (
+            output.close()  # never awaited; closing avoids a RuntimeWarning
+        problem = (
             f"reward function '{name}' returned an awaitable; declare it `async def` (or give its class an"
             " async __call__) so RewardScorer awaits it"
         )
-    values = _as_sequence(output)
-    if values is None:
-        return [None] * n, n, (
+    elif values is None:
+        problem = (
             f"reward function '{name}' returned {_short_repr(output)} ({type(output).__name__}) for {span};"
             " return a list with one float, None or per-token list per completion"
         )
-    if len(values) != n:
-        return [None] * n, n, (
+    elif len(values) != n:
+        problem = (
             f"reward function '{name}' returned {len(values)} values for {n} completions ({span}): got"
             f" {len(values)}, expected {n}; return one value per completion"
         )
-    checked, n_bad, first_problem = [], 0, None
+    else:
+        problem = None
+    if problem is not None:
+        return _CheckedCall([None] * n, n, problem)
+    checked, n_bad = [], 0
     for offset, value in enumerate(values):
         index = call.start + offset
         reward, why = _check_sample(value, len(completion_ids[index]))
         if why is not None:
             n_bad += 1
-            first_problem = first_problem or (
-                f"reward function '{name}' returned {_short_repr(value)} for sample {index}: {why}; {fix}"
+            problem = (
+                problem
+                or f"reward function '{name}' returned {_short_repr(value)} for sample {index}: {why}; {fix}"
             )
         checked.append(reward)
-    return checked, n_bad, first_problem
+    return _CheckedCall(checked, n_bad, problem)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,7 +316,9 @@ class RewardScores:
 
     def _check_weights(self, weights: Sequence[float]) -> list[float]:
         if len(weights) != len(self.names):
-            raise RewardError(f"got {len(weights)} reward weights for {len(self.names)} reward functions {self.names}")
+            raise RewardError(
+                f"got {len(weights)} reward weights for {len(self.names)} reward functions {self.names}"
+            )
         return [float(w) for w in weights]
 
     def to_token_rewards(
@@ -320,7 +340,9 @@ class RewardScores:
         has_reward = torch.zeros(B, dtype=torch.bool)
         for name, weight, values in zip(self.names, weights, self.values):
             if len(values) != B:
-                raise RewardError(f"reward '{name}' has {len(values)} values but completion_mask has {B} rows")
+                raise RewardError(
+                    f"reward '{name}' has {len(values)} values but completion_mask has {B} rows"
+                )
             for i, value in enumerate(values):
                 if value is None:
                     continue
@@ -362,7 +384,9 @@ def _load_in_worker(spec: str) -> Callable:
     return load_reward_fn(spec)
 
 
-def _call_reward_fn(fn: Callable | str, prompts: list, completions: list, kwargs: dict, start: int) -> _CallResult:
+def _call_reward_fn(
+    fn: Callable | str, prompts: list, completions: list, kwargs: dict, start: int
+) -> _CallResult:
     """Call a reward function on one slice of the batch, timing it and catching what it raises. A
     string is a spec, loaded in the worker process (so functions from files work under processes)."""
     began = time.perf_counter()
@@ -441,7 +465,9 @@ class RewardScorer:
     other). Under "process" the functions must pickle, or be given as spec strings (loaded in the
     workers). async functions are always awaited concurrently in one event loop. A function with
     attribute `split_batch = False` (e.g. a reward model that batches itself) runs whole in this
-    thread. Use as a context manager, or call close(), to shut the pool down.
+    thread. Use as a context manager, or call close(), to shut the pool down. The process pool
+    starts its workers with forkserver (fork is unsafe once torch runs threads), so a script using it
+    needs the usual `if __name__ == "__main__":` guard.
     """
 
     def __init__(
@@ -454,7 +480,9 @@ class RewardScorer:
     ):
         reward_fns = [reward_fns] if isinstance(reward_fns, str) or callable(reward_fns) else list(reward_fns)
         if not reward_fns:
-            raise RewardError("no reward functions given; pass at least one callable or spec like 'math_answer'")
+            raise RewardError(
+                "no reward functions given; pass at least one callable or spec like 'math_answer'"
+            )
         if on_error not in ON_ERROR:
             raise RewardError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if executor not in EXECUTORS:
@@ -464,7 +492,9 @@ class RewardScorer:
         self.reward_fns = [load_reward_fn(fn) if isinstance(fn, str) else fn for fn in reward_fns]
         for fn, given in zip(self.reward_fns, reward_fns):
             if not callable(fn):
-                raise RewardError(f"reward function {given!r} is a {type(given).__name__}, not a callable or a spec string")
+                raise RewardError(
+                    f"reward function {given!r} is a {type(given).__name__}, not a callable or a spec string"
+                )
         self.names = _unique_names([reward_fn_name(fn) for fn in self.reward_fns])
         if weights is None:
             weights = [1.0] * len(self.reward_fns)
@@ -480,10 +510,14 @@ class RewardScorer:
         self.on_error = on_error
         self.executor = executor
         default_workers = os.cpu_count() or 1
-        self.max_workers = max_workers or (default_workers if executor == "process" else min(32, default_workers + 4))
+        self.max_workers = max_workers or (
+            default_workers if executor == "process" else min(32, default_workers + 4)
+        )
         self.is_async = [is_async_reward_fn(fn) for fn in self.reward_fns]
         # What a pool worker calls: the spec string when the function came from one, else the function.
-        self._pool_targets = [spec if isinstance(spec, str) else fn for spec, fn in zip(reward_fns, self.reward_fns)]
+        self._pool_targets = [
+            spec if isinstance(spec, str) else fn for spec, fn in zip(reward_fns, self.reward_fns)
+        ]
         self._pooled = [
             executor != "serial" and not is_async and getattr(fn, "split_batch", True)
             for fn, is_async in zip(self.reward_fns, self.is_async)
@@ -510,7 +544,9 @@ class RewardScorer:
                 context = multiprocessing.get_context("forkserver")  # fork is unsafe with torch's threads
                 self._pool = concurrent.futures.ProcessPoolExecutor(self.max_workers, mp_context=context)
             else:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="reward")
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.max_workers, thread_name_prefix="reward"
+                )
         return self._pool
 
     def close(self) -> None:
@@ -526,17 +562,30 @@ class RewardScorer:
         self.close()
 
     def _reward_kwargs(
-        self, prompts: Sequence, completions: Sequence, completion_ids: Sequence, step: int, columns: dict | None
+        self,
+        prompts: Sequence,
+        completions: Sequence,
+        completion_ids: Sequence,
+        step: int,
+        columns: dict | None,
     ) -> dict[str, Any]:
         batch_size = len(completions)
         for what, sequence in (("prompts", prompts), ("completion_ids", completion_ids)):
             if len(sequence) != batch_size:
-                raise RewardError(f"got {len(sequence)} {what} for {batch_size} completions; align them one per completion")
+                raise RewardError(
+                    f"got {len(sequence)} {what} for {batch_size} completions; align them one per completion"
+                )
         kwargs = {}
         for name, column in (columns or {}).items():
             if name in RESERVED_KWARGS:
-                raise RewardError(f"dataset column '{name}' clashes with a reward function argument; rename the column")
-            if isinstance(column, (str, bytes)) or not isinstance(column, Sequence) or len(column) != batch_size:
+                raise RewardError(
+                    f"dataset column '{name}' clashes with a reward function argument; rename the column"
+                )
+            if (
+                isinstance(column, (str, bytes))
+                or not isinstance(column, Sequence)
+                or len(column) != batch_size
+            ):
                 raise RewardError(
                     f"column '{name}' must be a list with one value per completion ({batch_size}), got"
                     f" {type(column).__name__}{f' of length {len(column)}' if hasattr(column, '__len__') else ''}"
@@ -568,22 +617,34 @@ class RewardScorer:
             self._run_all(prompts, completions, kwargs, calls)
         return self._collect(calls, kwargs["completion_ids"], batch_size)
 
-    def _run_all(self, prompts: list, completions: list, kwargs: dict, calls: list[list[_CallResult]]) -> None:
+    def _run_all(
+        self, prompts: list, completions: list, kwargs: dict, calls: list[list[_CallResult]]
+    ) -> None:
         # 1. Sync functions on the pool, each split into slices, submitted first so they run meanwhile.
         pending = []
         bounds = _chunk_bounds(len(completions), self.max_workers)
         for k in (k for k, pooled in enumerate(self._pooled) if pooled):
             for start, stop in bounds:
-                sliced = {name: value if name == "step" else value[start:stop] for name, value in kwargs.items()}
+                sliced = {
+                    name: value if name == "step" else value[start:stop] for name, value in kwargs.items()
+                }
                 future = self._get_pool().submit(
-                    _call_reward_fn, self._pool_targets[k], prompts[start:stop], completions[start:stop], sliced, start
+                    _call_reward_fn,
+                    self._pool_targets[k],
+                    prompts[start:stop],
+                    completions[start:stop],
+                    sliced,
+                    start,
                 )
                 pending.append((k, start, stop, future))
         # 2. async functions, concurrently in one event loop.
         async_indices = [k for k, is_async in enumerate(self.is_async) if is_async]
         if async_indices:
             results = _run_coroutines(
-                lambda: [_call_async_reward_fn(self.reward_fns[k], prompts, completions, kwargs) for k in async_indices]
+                lambda: [
+                    _call_async_reward_fn(self.reward_fns[k], prompts, completions, kwargs)
+                    for k in async_indices
+                ]
             )
             for k, result in zip(async_indices, results):
                 calls[k].append(result)
@@ -599,7 +660,9 @@ class RewardScorer:
                 if isinstance(error, concurrent.futures.BrokenExecutor):
                     self.close()
                 now = time.perf_counter()
-                calls[k].append(_CallResult(start, stop, now, now, True, (type(error).__name__, _one_line(error))))
+                calls[k].append(
+                    _CallResult(start, stop, now, now, True, (type(error).__name__, _one_line(error)))
+                )
 
     def _collect(self, calls: list[list[_CallResult]], completion_ids: list, batch_size: int) -> RewardScores:
         values, error_counts, seconds = [], {}, {}
@@ -607,11 +670,13 @@ class RewardScorer:
             row: list = []
             error_counts[name] = 0
             for call in sorted(fn_calls, key=lambda c: c.start):
-                checked, n_bad, problem = _check_call(name, call, completion_ids)
-                if problem is not None and self.on_error == "raise":
-                    raise RewardError(problem)
-                row.extend(checked)
-                error_counts[name] += n_bad
+                checked = _check_call(name, call, completion_ids)
+                if checked.problem is not None and self.on_error == "raise":
+                    raise RewardError(checked.problem)
+                row.extend(checked.values)
+                error_counts[name] += checked.n_errors
             values.append(row if fn_calls else [None] * batch_size)
-            seconds[name] = max((c.ended for c in fn_calls), default=0.0) - min((c.began for c in fn_calls), default=0.0)
+            seconds[name] = max((c.ended for c in fn_calls), default=0.0) - min(
+                (c.began for c in fn_calls), default=0.0
+            )
         return RewardScores(names=list(self.names), values=values, error_counts=error_counts, seconds=seconds)

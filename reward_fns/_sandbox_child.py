@@ -33,7 +33,16 @@ NOBODY = 65534
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 # Standard-library modules whose import has side effects (opens a browser, prints); never pre-imported.
-_NO_PREIMPORT = {"antigravity", "this", "__hello__", "__phello__", "idlelib", "tkinter", "turtle", "turtledemo"}
+_NO_PREIMPORT = {
+    "antigravity",
+    "this",
+    "__hello__",
+    "__phello__",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+}
 
 
 def _unshare_network() -> bool:

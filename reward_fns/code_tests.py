@@ -52,7 +52,9 @@ def split_test_cases(tests: str | Sequence[str]) -> list[str]:
         try:
             statements = ast.parse(tests).body
         except SyntaxError as error:
-            raise RewardError(f"test code does not parse ({error.msg}, line {error.lineno}); fix the tests column") from None
+            raise RewardError(
+                f"test code does not parse ({error.msg}, line {error.lineno}); fix the tests column"
+            ) from None
         lines = tests.splitlines(keepends=True)
         cases, start = [], 0
         for statement in statements:
@@ -69,7 +71,9 @@ def split_test_cases(tests: str | Sequence[str]) -> list[str]:
         try:
             compile(case, f"<test {index}>", "exec")
         except SyntaxError as error:
-            raise RewardError(f"test case {index} {case!r:.80} is not valid Python ({error.msg}); fix the tests column") from None
+            raise RewardError(
+                f"test case {index} {case!r:.80} is not valid Python ({error.msg}); fix the tests column"
+            ) from None
     return cases
 
 

@@ -64,7 +64,9 @@ def _match_reward(
 
 def make_exact_match(case_sensitive: bool = False) -> RewardFn:
     """1.0 if the whole completion, stripped, equals `answer` (case-folded unless case_sensitive)."""
-    reward = functools.partial(_match_reward, functools.partial(is_exact_match, case_sensitive=case_sensitive))
+    reward = functools.partial(
+        _match_reward, functools.partial(is_exact_match, case_sensitive=case_sensitive)
+    )
     reward.__name__ = "exact_match"
     return reward
 
@@ -91,9 +93,7 @@ def _choice_patterns(letters: str) -> list[re.Pattern]:
         re.compile(rf"<answer>\s*\(?\s*({either})\s*\)?\s*</answer>"),
         # "Answer: (b)", "the answer is C", "answer is option B", "the answer is c.": a capital, or any
         # case in brackets or before punctuation/the end (so "the answer is a bit" is no choice)
-        re.compile(
-            rf"{anchor}(?:[\(\[]\s*({either})\s*[\)\]]|({upper})\b|({either})(?=\s*(?:[.,;!]|$)))"
-        ),
+        re.compile(rf"{anchor}(?:[\(\[]\s*({either})\s*[\)\]]|({upper})\b|({either})(?=\s*(?:[.,;!]|$)))"),
         # a standalone capital letter: "(C)", "C.", "so C"
         re.compile(rf"(?<![\w\\])({upper})(?!\w)"),
     ]
@@ -128,7 +128,9 @@ def reference_choice(answer: Any, letters: str = "ABCDE") -> str:
     )
 
 
-def _multiple_choice_reward(letters: str, prompts: list, completions: list, /, **kwargs: Any) -> list[float | None]:
+def _multiple_choice_reward(
+    letters: str, prompts: list, completions: list, /, **kwargs: Any
+) -> list[float | None]:
     answers = reference_column(kwargs, ("answer",), len(completions))
     if answers is None:
         return [None] * len(completions)

@@ -20,7 +20,11 @@ from reward_fns.text import completion_text
 
 
 def _is_conversation(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(m, Mapping) for m in value)
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and all(isinstance(m, Mapping) for m in value)
+    )
 
 
 class RewardModelReward:
@@ -67,7 +71,9 @@ class RewardModelReward:
         if batch_size < 1:
             raise RewardError(f"batch_size must be >= 1, got {batch_size}")
         if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers pool at the last non-pad
+            model.config.pad_token_id = (
+                tokenizer.pad_token_id
+            )  # sequence classifiers pool at the last non-pad
         self.model = model.to(device) if device is not None else model
         self.model.eval()
         self.tokenizer = tokenizer
@@ -83,7 +89,9 @@ class RewardModelReward:
         texts = []
         for prompt, completion in zip(prompts, completions):
             if _is_conversation(prompt) and _is_conversation(completion):
-                texts.append(self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False))
+                texts.append(
+                    self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+                )
             else:
                 prompt_text = completion_text(prompt) if prompt is not None else ""
                 texts.append(prompt_text + completion_text(completion))
@@ -106,6 +114,8 @@ class RewardModelReward:
                 max_length=self.max_length,
                 add_special_tokens=not templated,  # a chat template writes its own special tokens
             ).to(self.device)
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, 1)
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits  # (B, 1)
             scores.extend(logits[:, 0].float().tolist())
         return scores

@@ -22,8 +22,11 @@ The Python-level guards are defence in depth, not a jail: code can reach the raw
 `SandboxResult.confinement` reports which were in force (e.g. without root and without
 unprivileged user namespaces there is no network namespace). Files outside the directory stay
 readable through the raw modules when their permissions allow it, and a run can write up to its
-timeout's worth of `file_size_bytes` files into its directory. For hostile workloads at scale use a
-container or VM sandbox.
+timeout's worth of `file_size_bytes` files into its directory. Results travel on their own pipe,
+tagged with a per-run random nonce, so printing fake report lines does not count; but the harness
+runs in the same interpreter as the code, so a program that inspects the harness's stack frames
+could forge passes. This reward suits honest-but-buggy policies; watch for reward hacking, and for
+hostile workloads at scale use a container or VM sandbox.
 
 The limits are set by the child itself rather than in `preexec_fn`, which Python documents as unsafe
 in a process with threads (the reward scorer runs rewards in threads).
@@ -130,27 +133,30 @@ def _exited_unreaped(pid: int) -> bool:
         return True
 
 
-def _parse_report(report: bytes, nonce: str, n_cases: int) -> tuple[list[bool], dict[int, str], str | None, dict]:
-    passed, failures, code_error, confinement = [False] * n_cases, {}, None, {}
+def _parse_report(report: bytes, nonce: str, n_cases: int) -> SandboxResult:
+    """The per-case outcome from the child's report lines (those carrying this run's nonce)."""
+    result = SandboxResult(passed=[False] * n_cases)
     for line in report.decode("utf-8", "replace").splitlines():
         head, _, rest = line.partition(" ")
         if head != nonce:
             continue
         kind, _, rest = rest.partition(" ")
         if kind == "confined":
-            confinement = {k: v == "1" for k, _, v in (item.partition("=") for item in rest.split())}
+            result.confinement = {k: v == "1" for k, _, v in (item.partition("=") for item in rest.split())}
         elif kind == "code_error":
-            code_error = rest
+            result.code_error = rest
         elif kind in ("pass", "fail"):
             index_text, _, reason = rest.partition(" ")
             if index_text.isdigit() and int(index_text) < n_cases:
-                passed[int(index_text)] = kind == "pass"
+                result.passed[int(index_text)] = kind == "pass"
                 if kind == "fail":
-                    failures[int(index_text)] = reason
-    return passed, failures, code_error, confinement
+                    result.failures[int(index_text)] = reason
+    return result
 
 
-def run_python_tests(code: str, test_cases: list[str], limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+def run_python_tests(
+    code: str, test_cases: list[str], limits: SandboxLimits = SandboxLimits()
+) -> SandboxResult:
     """Run `code`, then each test case in the same namespace, in a confined subprocess (module docstring).
 
     code: Python source defining what the tests use.  test_cases: Python sources (usually one
@@ -165,8 +171,14 @@ def run_python_tests(code: str, test_cases: list[str], limits: SandboxLimits = S
     timed_out = output_exceeded = False
     try:
         job_path = os.path.join(workdir, "job.json")
-        job = {"code": code, "test_cases": list(test_cases), "nonce": nonce, "results_fd": results_write,
-               "limits": limits.as_child_limits(), "site_packages": limits.site_packages}
+        job = {
+            "code": code,
+            "test_cases": list(test_cases),
+            "nonce": nonce,
+            "results_fd": results_write,
+            "limits": limits.as_child_limits(),
+            "site_packages": limits.site_packages,
+        }
         with open(os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as job_file:
             json.dump(job, job_file)
         if os.geteuid() == 0:
@@ -218,17 +230,11 @@ def run_python_tests(code: str, test_cases: list[str], limits: SandboxLimits = S
             if fd >= 0:
                 os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
-    passed, failures, code_error, confinement = _parse_report(bytes(report), nonce, len(test_cases))
-    return SandboxResult(
-        passed=passed,
-        code_error=code_error,
-        timed_out=timed_out,
-        output_exceeded=output_exceeded,
-        output=output.decode("utf-8", "replace"),
-        returncode=process.returncode if process is not None else None,
-        failures=failures,
-        confinement=confinement,
-    )
+    result = _parse_report(bytes(report), nonce, len(test_cases))
+    result.timed_out, result.output_exceeded = timed_out, output_exceeded
+    result.output = output.decode("utf-8", "replace")
+    result.returncode = process.returncode if process is not None else None
+    return result
 
 
 @functools.lru_cache(maxsize=1)

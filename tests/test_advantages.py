@@ -206,17 +206,9 @@ def test_zero_spread_groups_flags():
 # zero spread, padding
 # ---------------------------------------------------------------------------------------------
 
-ZERO_SPREAD_BUG = ("bug: normalise_advantages divides A by (std + eps) where std == 0; with a baseline "
-                   "that is not the group's (none, batch_mean) A is not 0 there and becomes A / eps")
-
-
-def _bug(*args):
-    return pytest.param(*args, marks=pytest.mark.xfail(strict=True, reason=ZERO_SPREAD_BUG))
-
-
 @pytest.mark.parametrize("kind,adv_norm", [
-    ("group_mean", "group"), ("leave_one_out", "group"), _bug("none", "group"), _bug("batch_mean", "group"),
-    ("group_mean", "batch"), ("leave_one_out", "batch"), _bug("none", "batch"), ("batch_mean", "batch"),
+    ("group_mean", "group"), ("leave_one_out", "group"), ("none", "group"), ("batch_mean", "group"),
+    ("group_mean", "batch"), ("leave_one_out", "batch"), ("none", "batch"), ("batch_mean", "batch"),
 ])
 def test_zero_spread_gives_zero_advantage_not_nan(kind, adv_norm):
     """A group (adv_norm group) or a batch (adv_norm batch) whose returns are all equal has std 0 and

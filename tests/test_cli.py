@@ -269,3 +269,14 @@ def test_sample_prints_completions_with_rewards(capsys, trained_run, workspace):
     assert len(headers) == 3 and all("reward 1.0000" in h for h in headers)
     code, out, _ = run_cli(capsys, ["sample", workspace / "model", "3+3=", "--greedy", "--max-new-tokens", "5"])
     assert code == 0 and len([line for line in out.splitlines() if line.startswith("[")]) == 1
+
+
+def test_rewards_lists_every_builtin_with_a_description(capsys):
+    from reward_fns import BUILTIN_REWARDS
+
+    code, out, _ = run_cli(capsys, ["rewards"])
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == len(BUILTIN_REWARDS)
+    for line, name in zip(lines, sorted(BUILTIN_REWARDS)):
+        assert line.startswith(name) and "partial(func" not in line and line[len(name):].strip(), line

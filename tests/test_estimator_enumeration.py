@@ -252,10 +252,10 @@ def test_fast_path_equals_plain_loop(baseline):
             row.append(torch.autograd.grad(-loss, th)[0].flatten())
         plain.append(torch.stack(row))
     plain = torch.stack(plain)
+    prob_plain = torch.stack([policy.seq_logp(theta_old)[p, torch.tensor(b)].sum().exp() for b in batches])
     for j, loss_kw in enumerate(LOSS_KWS):
         g, prob = estimator(policy, prompts, G, rewards, baseline=baseline, theta=theta, **loss_kw)
         torch.testing.assert_close(g[::17], plain[:, j], **EXACT)
-        prob_plain = torch.stack([policy.seq_logp(theta_old)[p, torch.tensor(b)].sum().exp() for b in batches])
         torch.testing.assert_close(prob[::17], prob_plain, **EXACT)
 
 

@@ -14,7 +14,10 @@ TESTS = ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(2, 2) == 
 @pytest.mark.parametrize(
     "text, code",
     [
-        ("Try:\n```python\ndef f():\n    return 1\n```\nBetter:\n```python\ndef f():\n    return 2\n```\n", "def f():\n    return 2\n"),
+        (
+            "Try:\n```python\ndef f():\n    return 1\n```\nBetter:\n```python\ndef f():\n    return 2\n```\n",
+            "def f():\n    return 2\n",
+        ),
         ("```py\nx = 1\n```", "x = 1\n"),
         ("```\nx = 2\n```", "x = 2\n"),
         ("```python\ndef f():\n    return 3", "def f():\n    return 3"),  # cut off by the length limit
@@ -59,12 +62,16 @@ def test_fraction_passed_and_none_without_tests():
 def test_all_or_nothing():
     reward = make_code_tests_reward(all_or_nothing=True, name="code_all")
     assert reward.__name__ == "code_all"
-    assert reward(None, ["def add(a, b):\n    return a * b", "def add(a, b):\n    return a + b"], tests=[TESTS, TESTS]) == [0.0, 1.0]
+    assert reward(
+        None, ["def add(a, b):\n    return a * b", "def add(a, b):\n    return a + b"], tests=[TESTS, TESTS]
+    ) == [0.0, 1.0]
 
 
 def test_hostile_completions_score_zero_or_what_passed_before():
     reward = make_code_tests_reward(SandboxLimits(timeout_seconds=1.0, max_output_bytes=10_000))
-    hang_after_two = "def add(a, b):\n    if a == 2:\n        while True:\n            pass\n    return a + b\n"
+    hang_after_two = (
+        "def add(a, b):\n    if a == 2:\n        while True:\n            pass\n    return a + b\n"
+    )
     completions = [
         hang_after_two,
         "import os\nwhile True:\n    os.fork()\n",

@@ -11,7 +11,15 @@ from reward_fns.length import make_length_reward, make_overlong_penalty, overlon
 def test_overlong_penalty_dapo_eq13():
     # L_max = 20, L_cache = 4: 0 up to 16, then (16 - |y|) / 4 down to -1 at 20, -1 beyond.
     lengths = [0, 16, 17, 18, 20, 21, 100]
-    assert [overlong_penalty(n, max_length=20, buffer=4) for n in lengths] == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0, -1.0]
+    assert [overlong_penalty(n, max_length=20, buffer=4) for n in lengths] == [
+        0.0,
+        0.0,
+        -0.25,
+        -0.5,
+        -1.0,
+        -1.0,
+        -1.0,
+    ]
 
 
 def test_overlong_penalty_reward_counts_tokens_from_completion_ids():
@@ -23,9 +31,19 @@ def test_overlong_penalty_reward_counts_tokens_from_completion_ids():
 
 def test_length_reward_tokens_and_chars():
     by_tokens = make_length_reward(target_length=10)
-    assert by_tokens(None, ["", "", "", ""], completion_ids=[[0] * 10, [0] * 5, [0] * 15, [0] * 30]) == [1.0, 0.5, 0.5, 0.0]
+    assert by_tokens(None, ["", "", "", ""], completion_ids=[[0] * 10, [0] * 5, [0] * 15, [0] * 30]) == [
+        1.0,
+        0.5,
+        0.5,
+        0.0,
+    ]
     by_chars = make_length_reward(target_length=4, unit="chars")
-    assert by_chars(None, ["abcd", "ab", "", [{"role": "assistant", "content": "abcdef"}]]) == [1.0, 0.5, 0.0, 0.5]
+    assert by_chars(None, ["abcd", "ab", "", [{"role": "assistant", "content": "abcdef"}]]) == [
+        1.0,
+        0.5,
+        0.0,
+        0.5,
+    ]
 
 
 def test_bad_configuration_and_missing_completion_ids():

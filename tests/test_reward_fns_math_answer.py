@@ -7,7 +7,13 @@ import threading
 import pytest
 
 from lmpg.errors import RewardError
-from reward_fns.math_answer import extract_boxed, extract_final_answer, is_equivalent, math_answer, reference_answer
+from reward_fns.math_answer import (
+    extract_boxed,
+    extract_final_answer,
+    is_equivalent,
+    math_answer,
+    reference_answer,
+)
 
 GSM8K_SOLUTION = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -98,7 +104,9 @@ def test_misaligned_reference_column_is_an_error():
 
 def test_works_outside_the_main_thread():
     results = []
-    worker = threading.Thread(target=lambda: results.append(math_answer(None, ["\\boxed{x^2+1}"], answer=["1+x^2"])))
+    worker = threading.Thread(
+        target=lambda: results.append(math_answer(None, ["\\boxed{x^2+1}"], answer=["1+x^2"]))
+    )
     worker.start()
     worker.join()
     assert results == [[1.0]]

@@ -18,15 +18,22 @@ def char_tokenizer(with_pad: bool = True) -> PreTrainedTokenizerFast:
     vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(ALPHABET)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>" if with_pad else None)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>" if with_pad else None
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_reward_model():
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(ALPHABET) + 2, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=1, pad_token_id=0,
+        vocab_size=len(ALPHABET) + 2,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
+        pad_token_id=0,
     )
     return LlamaForSequenceClassification(config).eval(), char_tokenizer()
 
@@ -54,7 +61,9 @@ def test_scores_match_a_manual_forward_pass(tiny_reward_model):
 def test_padding_does_not_change_a_score(tiny_reward_model):
     model, tokenizer = tiny_reward_model
     alone = RewardModelReward(model, tokenizer)(["q "], ["a"])
-    batched = RewardModelReward(model, tokenizer)(["q ", "a much longer prompt to force padding "], ["a", "and answer"])
+    batched = RewardModelReward(model, tokenizer)(
+        ["q ", "a much longer prompt to force padding "], ["a", "and answer"]
+    )
     assert batched[0] == pytest.approx(alone[0], abs=1e-5)
 
 

@@ -15,7 +15,9 @@ ADD = "def add(a, b):\n    return a + b\n"
 
 
 def test_passing_and_failing_cases_are_reported_per_case():
-    result = run_python_tests(ADD, ["assert add(1, 2) == 3", "assert add(1, 1) == 3", "assert add(-1, 1) == 0"], FAST)
+    result = run_python_tests(
+        ADD, ["assert add(1, 2) == 3", "assert add(1, 1) == 3", "assert add(-1, 1) == 0"], FAST
+    )
     assert result.passed == [True, False, True]
     assert result.failures == {1: "AssertionError:"}
     assert result.fraction_passed == 2 / 3
@@ -43,7 +45,10 @@ def test_fork_through_os_and_subprocess_is_refused():
     assert result.code_error == "PermissionError: sandbox: creating processes is not allowed"
 
 
-@pytest.mark.skipif(not probe_confinement().get("nproc"), reason="RLIMIT_NPROC cannot bind here (root without a uid to drop to)")
+@pytest.mark.skipif(
+    not probe_confinement().get("nproc"),
+    reason="RLIMIT_NPROC cannot bind here (root without a uid to drop to)",
+)
 def test_fork_bomb_through_raw_posix_hits_the_kernel_process_limit():
     # posix.fork bypasses the Python-level guard; RLIMIT_NPROC = 0 (after dropping root) stops it.
     result = run_python_tests("import posix\nwhile True:\n    posix.fork()\n", ["assert True"], FAST)
@@ -61,10 +66,17 @@ def test_huge_output_is_capped_and_stops_the_run():
 
 
 def test_reading_outside_the_working_directory_is_refused():
-    result = run_python_tests("def read():\n    return open('/etc/passwd').read()\n", ["assert 'root' in read()"], FAST)
+    result = run_python_tests(
+        "def read():\n    return open('/etc/passwd').read()\n", ["assert 'root' in read()"], FAST
+    )
     assert result.passed == [False]
-    assert result.failures[0] == "PermissionError: sandbox: cannot open '/etc/passwd' outside the working directory"
-    result = run_python_tests("def read():\n    return open('../../etc/passwd').read()\n", ["assert read()"], FAST)
+    assert (
+        result.failures[0]
+        == "PermissionError: sandbox: cannot open '/etc/passwd' outside the working directory"
+    )
+    result = run_python_tests(
+        "def read():\n    return open('../../etc/passwd').read()\n", ["assert read()"], FAST
+    )
     assert result.passed == [False]
 
 
@@ -95,7 +107,9 @@ def test_raw_socket_cannot_reach_a_server_on_this_machine():
 def test_memory_and_file_size_limits():
     result = run_python_tests("x = bytearray(2 * 1024**3)\n", ["assert True"], FAST)
     assert result.code_error == "MemoryError:"
-    result = run_python_tests("with open('big', 'w') as f:\n    f.write('x' * 2 * 1024**2)\n", ["assert True"], FAST)
+    result = run_python_tests(
+        "with open('big', 'w') as f:\n    f.write('x' * 2 * 1024**2)\n", ["assert True"], FAST
+    )
     assert result.code_error == "OSError: [Errno 27] File too large"
 
 

@@ -119,15 +119,21 @@ def test_accepts_numpy_torch_and_int_values():
 @pytest.mark.parametrize(
     "output, message",
     [
-        ([1.0], "reward function 'bad' returned 1 values for 2 completions (samples 0..1): got 1, expected 2"),
+        (
+            [1.0],
+            "reward function 'bad' returned 1 values for 2 completions (samples 0..1): got 1, expected 2",
+        ),
         (3.0, "reward function 'bad' returned 3.0 (float) for samples 0..1"),
         ("1.0", "reward function 'bad' returned '1.0' (str)"),
         ([1.0, "x"], "reward function 'bad' returned 'x' for sample 1: a str is not a number"),
         ([float("nan"), 1.0], "reward function 'bad' returned nan for sample 0: the reward is not finite"),
         ([1.0, float("inf")], "returned inf for sample 1: the reward is not finite"),
         ([True, 1.0], "returned True for sample 0: a bool is not a reward"),
-        ([1.0, [1.0, 2.0, 3.0]], "returned [1.0, 2.0, 3.0] for sample 1: a per-token list needs one value per"
-         " completion token: got 3, expected 2"),
+        (
+            [1.0, [1.0, 2.0, 3.0]],
+            "returned [1.0, 2.0, 3.0] for sample 1: a per-token list needs one value per"
+            " completion token: got 3, expected 2",
+        ),
         ([1.0, [1.0, float("nan")]], "for sample 1: per-token value at position 1: the reward is not finite"),
     ],
 )
@@ -143,7 +149,9 @@ def test_function_that_raises_is_reported_with_exception_type_and_message():
     def broken(prompts, completions, **kwargs):
         raise KeyError("answer")
 
-    with pytest.raises(RewardError, match=r"reward function 'broken' raised KeyError: 'answer' \(on samples 0\.\.2\)"):
+    with pytest.raises(
+        RewardError, match=r"reward function 'broken' raised KeyError: 'answer' \(on samples 0\.\.2\)"
+    ):
         score(RewardScorer([broken]), ["a", "b", "c"])
 
 
@@ -281,14 +289,18 @@ def test_math_answer_works_in_threads():
 
 def test_process_executor_with_builtin_and_file_spec(tmp_path):
     path = tmp_path / "my_rewards.py"
-    path.write_text("def shout(prompts, completions, **kwargs):\n    return [float(c.isupper()) for c in completions]\n")
+    path.write_text(
+        "def shout(prompts, completions, **kwargs):\n    return [float(c.isupper()) for c in completions]\n"
+    )
     with RewardScorer([exact_match, f"{path}:shout"], executor="process", max_workers=2) as scorer:
         scores = score(scorer, ["A", "b", "C"], answer=["a", "x", "c"])
     assert scores.values == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
 
 
 def test_process_executor_rejects_unpicklable_function():
-    with pytest.raises(RewardError, match="'<lambda>' cannot be pickled for executor='process'.*use executor='thread'"):
+    with pytest.raises(
+        RewardError, match="'<lambda>' cannot be pickled for executor='process'.*use executor='thread'"
+    ):
         RewardScorer([lambda prompts, completions, **kwargs: [0.0] * len(completions)], executor="process")
 
 
@@ -301,8 +313,10 @@ def test_load_from_module_path_file_path_and_builtin_name(tmp_path):
     assert load_reward_fn("math_answer") is BUILTIN_REWARDS["math_answer"]
     assert load_reward_fn("format_tags")(None, ["<think>a</think><answer>b</answer>"]) == [1.0]
     path = tmp_path / "custom.py"
-    path.write_text("class Scale:\n    def f(self, prompts, completions, **kw):\n        return [2.0] * len(completions)\n"
-                    "scale = Scale()\n")
+    path.write_text(
+        "class Scale:\n    def f(self, prompts, completions, **kw):\n        return [2.0] * len(completions)\n"
+        "scale = Scale()\n"
+    )
     method = load_reward_fn(f"{path}:scale.f")
     assert method(None, ["a"]) == [2.0]
     assert load_reward_fn(f"{path}:scale.f").__self__ is method.__self__  # the file is loaded once
@@ -313,7 +327,9 @@ def test_load_failures_say_why(tmp_path):
         load_reward_fn("no_such_module_xyz:fn")
     with pytest.raises(RewardError, match="file not found: .*missing.py"):
         load_reward_fn(str(tmp_path / "missing.py") + ":fn")
-    with pytest.raises(RewardError, match=r"'reward_fns.match' has no attribute 'exact'; its callables: .*exact_match"):
+    with pytest.raises(
+        RewardError, match=r"'reward_fns.match' has no attribute 'exact'; its callables: .*exact_match"
+    ):
         load_reward_fn("reward_fns.match:exact")
     with pytest.raises(RewardError, match="'mathanswer' is not a built-in .*math_answer"):
         load_reward_fn("mathanswer")
@@ -323,7 +339,10 @@ def test_load_failures_say_why(tmp_path):
         load_reward_fn("reward_fns.math_answer:REFERENCE_COLUMNS")
     broken = tmp_path / "broken.py"
     broken.write_text("import not_installed_abc\n")
-    with pytest.raises(RewardError, match="running .*broken.py raised ModuleNotFoundError: No module named 'not_installed_abc'"):
+    with pytest.raises(
+        RewardError,
+        match="running .*broken.py raised ModuleNotFoundError: No module named 'not_installed_abc'",
+    ):
         load_reward_fn(f"{broken}:fn")
     with pytest.raises(RewardError, match="module 'reward_fns.nope' not found"):
         RewardScorer(["reward_fns.nope:fn"])
