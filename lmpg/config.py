@@ -272,10 +272,14 @@ class PGConfig:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. learning_rate=1e-5)")
             key, raw = item.split("=", 1)
+            key = key.strip()
+            if _is_plain_str_field(key) and raw not in ("null", "None", "~"):
+                values[key] = raw  # keep strings as typed: YAML would read `no` as False
+                continue
             try:
-                values[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+                values[key] = yaml.safe_load(raw) if raw != "" else None
             except yaml.YAMLError:
-                values[key.strip()] = raw
+                values[key] = raw
         return cls.from_dict(values)
 
     def save_yaml(self, path: str | Path) -> None:
@@ -293,6 +297,12 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
+def _is_plain_str_field(name: str) -> bool:
+    hint = typing.get_type_hints(PGConfig).get(name)
+    return hint is str or (typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+                           and str in typing.get_args(hint) and list not in typing.get_args(hint))
+
+
 def _check_types(config: PGConfig) -> None:
     """Coerce ints to floats where a float is expected; reject values of the wrong type."""
     hints = typing.get_type_hints(PGConfig)
@@ -302,6 +312,9 @@ def _check_types(config: PGConfig) -> None:
         allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
         if value is None and type(None) in allowed:
             continue
+        if f.name == "mixed_precision" and isinstance(value, bool):  # YAML 1.1 reads `no` as False
+            value = "no" if not value else value
+            setattr(config, f.name, value)
         if float in allowed and isinstance(value, str):
             try:  # YAML 1.1 reads 3e-4 (no dot) as a string
                 value = float(value)

@@ -336,6 +336,7 @@ class RewardScores:
         weights = self._check_weights(weights)
         B, T = completion_mask.shape  # batch, completion tokens
         mask = completion_mask.detach().to("cpu", torch.bool)
+        counted = [mask[i].nonzero().squeeze(-1) for i in range(B)]  # per row, its counted positions in order
         token_rewards = torch.zeros(B, T, dtype=torch.float64)
         has_reward = torch.zeros(B, dtype=torch.bool)
         for name, weight, values in zip(self.names, weights, self.values):
@@ -347,7 +348,7 @@ class RewardScores:
                 if value is None:
                     continue
                 has_reward[i] = True
-                positions = mask[i].nonzero().squeeze(-1)  # counted tokens of row i, in order
+                positions = counted[i]
                 if isinstance(value, list):
                     if len(value) != len(positions):
                         raise RewardError(
@@ -359,20 +360,6 @@ class RewardScores:
                     last = int(positions[-1]) if len(positions) else 0
                     token_rewards[i, last] += weight * value
         return token_rewards.float().to(completion_mask.device), has_reward.to(completion_mask.device)
-
-    def to_sequence_rewards(self, weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """r_i = sum_k w_k r_{k,i} with a per-token list counting as its sum (= to_token_rewards summed
-        over T). Returns rewards (B,) float32 and has_reward (B,) bool, on the CPU."""
-        weights = self._check_weights(weights)
-        B = len(self.values[0]) if self.values else 0
-        rewards = torch.zeros(B, dtype=torch.float64)
-        has_reward = torch.zeros(B, dtype=torch.bool)
-        for weight, values in zip(weights, self.values):
-            for i, value in enumerate(values):
-                if value is not None:
-                    rewards[i] += weight * (sum(value) if isinstance(value, list) else value)
-                    has_reward[i] = True
-        return rewards.float(), has_reward
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -612,14 +599,12 @@ class RewardScorer:
         prompts, completions = list(prompts), list(completions)
         kwargs = self._reward_kwargs(prompts, completions, completion_ids, step, columns)
         batch_size = len(completions)
-        calls: list[list[_CallResult]] = [[] for _ in self.reward_fns]
-        if batch_size:
-            self._run_all(prompts, completions, kwargs, calls)
+        calls = self._run_all(prompts, completions, kwargs) if batch_size else [[] for _ in self.reward_fns]
         return self._collect(calls, kwargs["completion_ids"], batch_size)
 
-    def _run_all(
-        self, prompts: list, completions: list, kwargs: dict, calls: list[list[_CallResult]]
-    ) -> None:
+    def _run_all(self, prompts: list, completions: list, kwargs: dict) -> list[list[_CallResult]]:
+        """Per function, its calls (one, or one per slice under a pool) as they came back."""
+        calls: list[list[_CallResult]] = [[] for _ in self.reward_fns]
         # 1. Sync functions on the pool, each split into slices, submitted first so they run meanwhile.
         pending = []
         bounds = _chunk_bounds(len(completions), self.max_workers)
@@ -663,6 +648,7 @@ class RewardScorer:
                 calls[k].append(
                     _CallResult(start, stop, now, now, True, (type(error).__name__, _one_line(error)))
                 )
+        return calls
 
     def _collect(self, calls: list[list[_CallResult]], completion_ids: list, batch_size: int) -> RewardScores:
         values, error_counts, seconds = [], {}, {}

@@ -91,7 +91,8 @@ class PGTrainer:
         disable_dropout(model)
         model = apply_lora(model, c, peft_config)
         if c.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if c.kl_coef > 0 and not is_peft_model(model):
             self.ref_model = frozen_copy(model).to(acc.device)  # with LoRA: the adapter disabled is pi_ref

@@ -9,8 +9,8 @@ temporary working directory, in its own session. Uses the standard library only.
    CLONE_NEWUSER|CLONE_NEWNET; best effort, the outcome is reported;
 3. resource limits (CPU seconds, address space, file size, open files, no core dumps);
 4. if root: import the modules the code names (found with `ast`; standard library only unless
-   site-packages are allowed) while the interpreter's files are still readable (pyenv-style installs under /root are not readable by
-   others), then drop to uid/gid nobody; then RLIMIT_NPROC = 0. The kernel ignores RLIMIT_NPROC for
+   site-packages are allowed) while the interpreter's files are still readable (pyenv-style
+   installs under /root are not readable by others), then drop to uid/gid nobody; then RLIMIT_NPROC = 0. The kernel ignores RLIMIT_NPROC for
    root, so the drop is what makes the fork limit real; a non-root user is bound by it directly;
 5. Python-level guards (defence in depth, not a jail): process creation, sockets, and `open` of paths
    outside the working directory raise PermissionError;
@@ -95,7 +95,7 @@ def _preimport(sources: list, stdlib_only: bool) -> None:
         try:
             importlib.import_module(name)
         except BaseException:
-            pass  # not a module (e.g. `from math import sqrt` tries `math.sqrt`), or broken: the code will see
+            pass  # not a module (`from math import sqrt` tries `math.sqrt`), or broken: the code will see
 
 
 def _drop_root() -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lmpg.errors import RewardError
-from reward_fns.sandbox import SandboxLimits, run_python_tests
+from reward_fns.sandbox import DEFAULT_LIMITS, SandboxLimits, run_python_tests
 from reward_fns.text import completion_text, reference_column
 
 RewardFn = Callable[..., list[float | None]]
@@ -95,7 +95,7 @@ def _code_tests_reward(
 
 
 def make_code_tests_reward(
-    limits: SandboxLimits = SandboxLimits(), all_or_nothing: bool = False, name: str = "code_tests"
+    limits: SandboxLimits = DEFAULT_LIMITS, all_or_nothing: bool = False, name: str = "code_tests"
 ) -> RewardFn:
     """A reward running each completion's code against its test cases (module docstring).
 

@@ -102,8 +102,9 @@ def _choice_patterns(letters: str) -> list[re.Pattern]:
 def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
     """The option letter a completion chooses (upper case), or None.
 
-    Tried in order: `\\boxed{D}`; `<answer>B</answer>`; "answer is C" / "Answer: (B)" (the letter must be a
-    capital unless bracketed or before punctuation, so "the answer is a bit" is no choice); the last standalone capital.
+    Tried in order: `\\boxed{D}`; `<answer>B</answer>`; "answer is C" / "Answer: (B)" (the letter
+    must be a capital unless bracketed or before punctuation, so "the answer is a bit" is no
+    choice); the last standalone capital.
     """
     for pattern in _choice_patterns(letters):
         matches = list(pattern.finditer(text))

@@ -82,6 +82,9 @@ class SandboxLimits:
         }
 
 
+DEFAULT_LIMITS = SandboxLimits()
+
+
 @dataclass
 class SandboxResult:
     """What one sandboxed run produced."""
@@ -155,7 +158,7 @@ def _parse_report(report: bytes, nonce: str, n_cases: int) -> SandboxResult:
 
 
 def run_python_tests(
-    code: str, test_cases: list[str], limits: SandboxLimits = SandboxLimits()
+    code: str, test_cases: list[str], limits: SandboxLimits = DEFAULT_LIMITS
 ) -> SandboxResult:
     """Run `code`, then each test case in the same namespace, in a confined subprocess (module docstring).
 
