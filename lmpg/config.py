@@ -76,6 +76,8 @@ class PGConfig:
     """Passes over each sampled batch (> 1 reuses the batch with importance ratios pi_theta/pi_old)."""
     minibatch_size: int | None = None
     """Completions per optimizer step (default: batch_size, one step per epoch). Must divide batch_size."""
+    logp_old_source: str = "forward"
+    """Where log pi_old comes from for rows after the first minibatch: 'forward' (a no-grad forward pass, exact) or 'sampler' (the sampler's own log-probs: no extra pass, equal up to float rounding)."""
     micro_batch_size: int | None = None
     """Completions per forward/backward on one process (gradient accumulation); default: the whole minibatch share."""
     learning_rate: float = 1e-5
@@ -156,6 +158,8 @@ class PGConfig:
     """Stop after this many consecutive updates skipped for a non-finite loss or gradient."""
     report_to: list = field(default_factory=list)
     """Extra trackers through accelerate: tensorboard, wandb, trackio."""
+    grad_snr: bool = True
+    """Log the gradient signal-to-noise ratio from micro-batch gradients of the first epoch (one process; costs two gradient-sized buffers)."""
     progress_bar: bool = True
     """Show a progress bar on a TTY (never under CI or when output is not a terminal)."""
 
@@ -184,6 +188,7 @@ class PGConfig:
         choices = {"baseline": BASELINES, "adv_norm": ADV_NORMS, "ratio_level": RATIO_LEVELS,
                    "loss_agg": LOSS_AGGS, "kl_estimator": KL_ESTIMATORS, "kl_in": ("loss", "reward"),
                    "reward_on_error": ("raise", "none"), "sampler": ("lmpg", "generate"),
+                   "logp_old_source": ("forward", "sampler"),
                    "reward_executor": ("serial", "thread", "process"),
                    "lr_scheduler": ("constant", "linear", "cosine"),
                    "mixed_precision": ("no", "bf16", "fp16")}

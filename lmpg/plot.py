@@ -4,7 +4,8 @@
 
 Panels, each drawn only when its metric was logged: reward mean with a ±std band; the mean of each
 reward function; KL to the reference; entropy; completion length (mean and max); clip fraction;
-importance ratio min/mean/max; gradient signal-to-noise ratio; effective sample size.
+importance ratio min/mean/max; gradient signal-to-noise ratio and noise scale; effective sample size
+of the importance weights.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str]], str | No
     add("clip fraction", [("clip_frac", "clip_frac")])
     add("importance ratio", [("ratio_max", "max"), ("ratio_mean", "mean"), ("ratio_min", "min")])
     add("gradient SNR", [(k, k) for k in _keys_with_prefix(rows, "grad_snr")])
-    add("effective sample size", [(k, k) for k in _keys_with_prefix(rows, "ess")])
+    add("gradient noise scale", [("grad_noise_scale", "grad_noise_scale")])
+    ess = _keys_with_prefix(rows, "ess")
+    add("effective sample size (ESS / n)" if ess == ["ess_frac"] else "effective sample size", [(k, k) for k in ess])
     return panels
 
 
@@ -104,6 +107,9 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
             mean, std = _series(rows, lines[0][0]), _series(rows, band)
             ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             alpha=0.25, linewidth=0, label="± std")
+        values = [v for key, _ in lines for v in _series(rows, key) if math.isfinite(v)]
+        if title == "gradient noise scale" and values and min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_yscale("log")  # the noise scale spans orders of magnitude as the gradient shrinks
         if title == "importance ratio":
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
             bounds = _clip_bounds(run_dir)

@@ -30,6 +30,7 @@ import torch
 from lmpg.advantages import compute_advantages
 from lmpg.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from lmpg.config import PGConfig
+from lmpg.diagnostics import GradientMoments
 from lmpg.data import PromptOrder, is_conversational, load_prompt_dataset, render_prompt
 from lmpg.errors import ConfigError, TrainingError
 from lmpg.kl import kl_estimate
@@ -182,12 +183,8 @@ class PGTrainer:
         token_rewards, has_reward, scores = self._score(rollout, prompts, rows)
         t_scored = time.perf_counter()
 
-        # 4. log pi_old and log pi_ref (no grad)
-        single_step = c.epochs_per_batch == 1 and c.resolved_minibatch_size == c.batch_size
-        need_old_pass = not single_step or (c.kl_coef > 0 and c.kl_in == "reward")
-        logp_old = entropy = None
-        if need_old_pass:
-            logp_old, entropy = self._logprobs_no_grad(self.model, rollout, with_entropy=True)
+        # 4. log pi_old (no grad) where the update cannot read it off its own first forward, and log pi_ref
+        logp_old = self._old_logprobs(rollout)
         logp_ref = self._reference_logprobs(rollout) if c.kl_coef > 0 else None
         if c.kl_coef > 0 and c.kl_in == "reward":
             kl_tok = kl_estimate(logp_old, logp_ref, c.kl_estimator)
@@ -201,7 +198,7 @@ class PGTrainer:
         loss_mask = rollout.completion_mask & has_reward.unsqueeze(1)
 
         # 6. update
-        update_stats, entropy = self._update(rollout, loss_mask, adv, logp_old, logp_ref, entropy)
+        update_stats, entropy = self._update(rollout, loss_mask, adv, logp_old, logp_ref)
         t_updated = time.perf_counter()
 
         # 7. metrics
@@ -263,8 +260,21 @@ class PGTrainer:
             yield order[s:s + self.micro_batch_size]
 
     def _forward(self, model, rollout: Rollout, idx, with_entropy: bool):
-        return sequence_logprobs(model, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
-                                 rollout.completion_mask[idx], self.config.temperature, with_entropy)
+        """(logp (b, T), entropy (b, T) or None) of rows `idx`, padding trimmed: the columns of
+        left padding every row shares and the completion columns past the longest row are dropped
+        before the forward, and the outputs padded back with zeros to the batch's T."""
+        prompt_mask, completion_mask = rollout.prompt_mask[idx], rollout.completion_mask[idx]
+        P, T = prompt_mask.shape[1], completion_mask.shape[1]
+        p_start = P - int(prompt_mask.sum(1).max()) if P else 0
+        t_end = int(completion_mask.sum(1).max()) if T else 0
+        logp, ent = sequence_logprobs(model, rollout.prompt_ids[idx][:, p_start:], prompt_mask[:, p_start:],
+                                      rollout.completion_ids[idx][:, :t_end], completion_mask[:, :t_end],
+                                      self.config.temperature, with_entropy)
+        if t_end < T:
+            pad = (0, T - t_end)
+            logp = torch.nn.functional.pad(logp, pad)
+            ent = torch.nn.functional.pad(ent, pad) if ent is not None else None
+        return logp, ent
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, rollout: Rollout, with_entropy: bool = False):
@@ -278,13 +288,39 @@ class PGTrainer:
             ents.append(ent)
         return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
+    def _old_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """log pi_old of the taken tokens, (B, T), for every row the update cannot fill itself.
+
+        Rows of the first minibatch are filled by the update's first forward (theta == theta_old
+        there, so logp_old = logp.detach() and the first step's ratio is exactly 1); with one
+        minibatch per epoch no extra forward is needed at all. The other rows come from a no-grad
+        forward (logp_old_source=forward) or from the sampler's own log-probs (sampler: no extra
+        forward; equal to the forward's up to float rounding of the incremental KV-cache pass).
+        With kl_in=reward every row is needed before the update and comes from the forward.
+        """
+        c = self.config
+        B, T = rollout.completion_ids.shape
+        logp_old = torch.zeros(B, T, device=rollout.completion_ids.device)
+        need = torch.arange(self.local_minibatch_size, B)
+        if c.kl_coef > 0 and c.kl_in == "reward":
+            need = torch.arange(B)
+        if len(need) == 0:
+            return logp_old
+        if c.logp_old_source == "sampler" and "sampler_logp" in rollout.extras:
+            logp_old[need] = rollout.extras["sampler_logp"][need].to(logp_old.dtype)
+        else:
+            with torch.no_grad():
+                for idx in self._micro_batches(need):
+                    logp_old[idx] = self._forward(self.model, rollout, idx, False)[0]
+        return logp_old
+
     def _reference_logprobs(self, rollout: Rollout):
         if self.ref_model is not None:
             return self._logprobs_no_grad(self.ref_model, rollout)[0]
         with self.accelerator.unwrap_model(self.model).disable_adapter():  # LoRA: pi_ref = base model
             return self._logprobs_no_grad(self.model, rollout)[0]
 
-    def _update(self, rollout: Rollout, loss_mask, adv, logp_old, logp_ref, entropy):
+    def _update(self, rollout: Rollout, loss_mask, adv, logp_old, logp_ref):
         c, acc = self.config, self.accelerator
         B = rollout.completion_ids.shape[0]  # local sequences
         n_proc = acc.num_processes
@@ -293,7 +329,10 @@ class PGTrainer:
         # token-weighted tallies of this process, gathered over processes at the end
         ratio_sum = clip_sum = counted = 0.0
         ratio_min, ratio_max, steps, skipped = math.inf, -math.inf, 0, 0
-        entropy_parts = [] if entropy is None else None
+        entropy_parts = []
+        ess_sums = torch.zeros(3, dtype=torch.float64)  # sum w, sum w^2, n over epochs after the first
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        moments = GradientMoments(params) if c.grad_snr and acc.num_processes == 1 else None
         self.model.train()
         for epoch in range(c.epochs_per_batch):
             # epoch 0 in sampling order (the pi_old pass used the same micro-batches); later epochs take
@@ -309,12 +348,16 @@ class PGTrainer:
                 mb_loss = mb_pg = mb_kl = 0.0
                 stat_list = []
                 for k, idx in enumerate(micro):
-                    want_entropy = entropy_parts is not None and epoch == 0
-                    logp, ent = self._forward(self.model, rollout, idx, want_entropy)
-                    old = logp.detach() if logp_old is None else logp_old[idx]
-                    if want_entropy:
-                        entropy_parts.append(ent)
+                    logp, ent = self._forward(self.model, rollout, idx, with_entropy=epoch == 0)
+                    if epoch == 0 and mb == 0:
+                        logp_old[idx] = logp.detach()  # theta == theta_old: ratio exactly 1
+                    old = logp_old[idx]
                     mask = loss_mask[idx]
+                    if epoch == 0:
+                        entropy_parts.append((idx, ent))
+                    else:
+                        w = torch.exp(logp.detach() - old)[mask].double()
+                        ess_sums += torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(w.numel()), dtype=torch.float64)])
                     loss, st = policy_gradient_loss(
                         logp, old, adv[idx], mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
                         clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant,
@@ -331,8 +374,12 @@ class PGTrainer:
                     stat_list.append((st, float(mask.sum())))
                     # DDP averages gradients over processes; each process holds a share of the global sum
                     ctx = acc.no_sync(self.model) if k < len(micro) - 1 else _nullcontext()
+                    if moments is not None and epoch == 0:
+                        moments.before_backward()
                     with ctx:
                         acc.backward(loss * n_proc)
+                    if moments is not None and epoch == 0:
+                        moments.after_backward(scale=float(len(micro)))  # each micro-batch estimates the minibatch gradient
                 grad_norm = self._grad_norm()
                 losses = self._gather(torch.tensor([mb_loss, mb_pg, mb_kl])).view(-1, 3).sum(0)
                 finite = math.isfinite(grad_norm) and bool(torch.isfinite(losses).all())
@@ -364,8 +411,9 @@ class PGTrainer:
                 counted += sum(n for _, n in stat_list)
                 ratio_min = min([ratio_min] + [s["ratio_min"] for s, _ in stat_list])
                 ratio_max = max([ratio_max] + [s["ratio_max"] for s, _ in stat_list])
-        if entropy_parts is not None:
-            entropy = torch.cat(entropy_parts) if entropy_parts else None
+        entropy = torch.zeros_like(logp_old)
+        for idx, ent in entropy_parts:
+            entropy[idx] = ent
         n = max(steps, 1)
         stats = {k: v / n for k, v in sums.items()}
         if c.kl_coef == 0:
@@ -376,6 +424,11 @@ class PGTrainer:
         ratio_min, ratio_max = -float(tallies[:, 3].max()), float(tallies[:, 4].max())
         stats["ratio_mean"] = ratio_sum / counted if counted else float("nan")
         stats["clip_frac"] = clip_sum / counted if counted else float("nan")
+        ess = self._gather(ess_sums).view(-1, 3).sum(0)
+        if c.epochs_per_batch > 1 and ess[2] > 0:
+            stats["ess_frac"] = float(ess[0] ** 2 / ess[1] / ess[2])
+        if moments is not None:
+            stats.update(moments.result())
         stats.update(ratio_min=ratio_min if steps else float("nan"), ratio_max=ratio_max if steps else float("nan"),
                      optimizer_steps=steps, skipped_updates=skipped, lr=self.scheduler.get_last_lr()[0])
         return stats, entropy
@@ -415,7 +468,8 @@ class PGTrainer:
             m[f"reward_errors/{name}"] = count
         m.update(adv_stats)
         m.update({k: update_stats[k] for k in ("loss", "pg_loss", "kl", "ratio_min", "ratio_mean", "ratio_max",
-                                               "clip_frac", "grad_norm", "optimizer_steps", "skipped_updates", "lr")
+                                               "clip_frac", "grad_norm", "optimizer_steps", "skipped_updates", "lr",
+                                               "ess_frac", "grad_snr", "grad_noise_scale")
                   if k in update_stats})
         if entropy is not None:
             m["entropy"] = float(masked_mean(entropy.float(), mask))

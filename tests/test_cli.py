@@ -280,3 +280,12 @@ def test_rewards_lists_every_builtin_with_a_description(capsys):
     assert len(lines) == len(BUILTIN_REWARDS)
     for line, name in zip(lines, sorted(BUILTIN_REWARDS)):
         assert line.startswith(name) and "partial(func" not in line and line[len(name):].strip(), line
+
+
+def test_config_doc_covers_every_field():
+    """docs/config.md has a row for every PGConfig field (it is generated from field_docs())."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    missing = [name for name in field_docs() if f"| `{name}` |" not in text]
+    assert not missing, f"docs/config.md lacks {missing}; add a row per field"

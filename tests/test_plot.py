@@ -19,7 +19,7 @@ def full_row(i):
     return {"iteration": i, "reward_mean": 0.1 * i, "reward_std": 0.05, "reward/exact": 0.1 * i,
             "reward/format": 0.5, "kl": 0.01 * i, "entropy": 2.0 - 0.1 * i, "completion_len_mean": 10.0 + i,
             "completion_len_max": 20.0, "clip_frac": 0.02, "ratio_min": 0.9, "ratio_mean": 1.0, "ratio_max": 1.1,
-            "grad_snr": 0.3, "ess": 0.9}
+            "grad_snr": 0.3, "grad_noise_scale": 10.0 * i, "ess_frac": 0.9}
 
 
 def test_every_panel_when_every_metric_is_logged(tmp_path):
@@ -29,7 +29,7 @@ def test_every_panel_when_every_metric_is_logged(tmp_path):
     titles = [title for title, _, _ in _panels(rows)]
     assert titles == ["reward (mean ± std)", "reward per function (mean)", "KL to reference",
                       "entropy (nats / token)", "completion length (tokens)", "clip fraction", "importance ratio",
-                      "gradient SNR", "effective sample size"]
+                      "gradient SNR", "gradient noise scale", "effective sample size (ESS / n)"]
     reward_panel = _panels(rows)[0]
     assert reward_panel[2] == "reward_std"  # the ±std band
     assert [k for k, _ in _panels(rows)[1][1]] == ["reward/exact", "reward/format"]
@@ -39,11 +39,11 @@ def test_every_panel_when_every_metric_is_logged(tmp_path):
 
 
 def test_absent_metrics_get_no_panel(tmp_path):
-    rows = [{k: v for k, v in full_row(i).items() if k not in ("kl", "grad_snr", "ess", "ratio_min", "ratio_mean",
+    rows = [{k: v for k, v in full_row(i).items() if k not in ("kl", "grad_snr", "grad_noise_scale", "ess_frac", "ratio_min", "ratio_mean",
                                                                  "ratio_max")} for i in range(1, 4)]
     titles = [title for title, _, _ in _panels(rows)]
     assert "KL to reference" not in titles and "gradient SNR" not in titles
-    assert "effective sample size" not in titles and "importance ratio" not in titles
+    assert not any(t.startswith("effective sample size") for t in titles) and "importance ratio" not in titles
     assert "entropy (nats / token)" in titles
     write_metrics(tmp_path / "run", rows)
     out = plot_run(tmp_path / "run", tmp_path / "plots" / "m.png")

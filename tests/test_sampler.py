@@ -1,0 +1,81 @@
+"""lmpg's sampler: draws from softmax(z / tau), per-sample streams independent of the batch, its
+log-probs equal the forward pass's, top-k / top-p filtering, and the trimmed forward."""
+
+import math
+
+import pytest
+import torch
+
+from lmpg.logprobs import sequence_logprobs
+from lmpg.rollout import sample_completions
+from lmpg.sampler import filter_logits, gumbel_noise, row_seed
+
+
+def test_gumbel_max_draws_from_the_tempered_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    tau = 0.7
+    n = 40_000
+    gens = [torch.Generator().manual_seed(row_seed(0, 0, i, 0)) for i in range(n)]
+    draws = torch.argmax(logits / tau + gumbel_noise(gens, 4, "cpu"), dim=-1)
+    freq = torch.bincount(draws, minlength=4).double() / n
+    p = torch.softmax(logits.double() / tau, -1)
+    # 5 standard errors of a binomial proportion
+    assert torch.all((freq - p).abs() < 5 * torch.sqrt(p * (1 - p) / n)), (freq, p)
+
+
+def test_filter_logits_top_k_and_top_p():
+    z = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    assert torch.isinf(filter_logits(z, top_k=2)).tolist() == [[False, False, True, True, True]]
+    # nucleus 0.8: 0.5 + 0.2 = 0.7 < 0.8, so 0.15 is kept too; 0.1 and 0.05 are dropped
+    assert torch.isinf(filter_logits(z, top_p=0.8)).tolist() == [[False, False, False, True, True]]
+    assert torch.isinf(filter_logits(z, top_p=0.5)).tolist() == [[False, True, True, True, True]]
+    assert torch.equal(filter_logits(z), z)
+
+
+def test_row_seeds_differ():
+    seeds = {row_seed(s, it, p, j) for s in range(2) for it in range(3) for p in range(4) for j in range(4)}
+    assert len(seeds) == 2 * 3 * 4 * 4 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_a_sample_does_not_depend_on_its_batch(tiny_model, tokenizer):
+    """Same seed -> same completion, alone or beside other prompts (what makes N processes sample
+    what one process samples)."""
+    alone = sample_completions(tiny_model, tokenizer, ["12+34="], 2, max_new_tokens=6, seeds=[11, 12])
+    batch = sample_completions(tiny_model, tokenizer, ["1+1=", "12+34=", "999+1="], 2, max_new_tokens=6,
+                               seeds=[1, 2, 11, 12, 3, 4])
+    assert batch.completions[2:4] == alone.completions
+    other = sample_completions(tiny_model, tokenizer, ["12+34="], 2, max_new_tokens=6, seeds=[13, 14])
+    assert other.completions != alone.completions
+
+
+def test_sampler_logprobs_match_the_forward_pass(tiny_model, tokenizer):
+    roll = sample_completions(tiny_model, tokenizer, ["1+1=", "123+456="], 3, max_new_tokens=6,
+                              temperature=0.8, seeds=list(range(6)))
+    logp, _ = sequence_logprobs(tiny_model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
+                                roll.completion_mask, temperature=0.8)
+    m = roll.completion_mask
+    torch.testing.assert_close(roll.extras["sampler_logp"][m], logp[m], atol=1e-5, rtol=0)
+    assert torch.all(roll.extras["sampler_logp"][~m] == 0)
+
+
+def test_generate_sampler_still_works(tiny_model, tokenizer):
+    torch.manual_seed(0)
+    roll = sample_completions(tiny_model, tokenizer, ["1+1="], 2, max_new_tokens=5, sampler="generate")
+    assert roll.completion_ids.shape[0] == 2 and len(roll.completions) == 2
+
+
+def test_trimmed_forward_equals_full_forward(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    from lmpg import PGConfig, PGTrainer
+    from conftest import count_a
+
+    trainer = PGTrainer(tiny_model, [count_a], prompts_dataset,
+                        PGConfig(output_dir=str(tmp_path / "r"), batch_size=8, group_size=2, max_new_tokens=8),
+                        tokenizer=tokenizer)
+    roll = trainer._sample(["1+1=", "11+11=", "111+111=", "5="], True, seeds=list(range(8)))
+    idx = torch.tensor([0, 3, 6])  # rows with different prompt and completion lengths
+    trimmed, _ = trainer._forward(trainer.model, roll, idx, False)
+    full, _ = sequence_logprobs(trainer.model, roll.prompt_ids[idx], roll.prompt_mask[idx],
+                                roll.completion_ids[idx], roll.completion_mask[idx])
+    m = roll.completion_mask[idx]
+    torch.testing.assert_close(trimmed[m], full[m], atol=1e-5, rtol=0)
+    assert torch.all(trimmed[~m] == 0)
