@@ -32,11 +32,12 @@ def load_prompt_dataset(source, split: str = "train", prompt_column: str = "prom
                 raise DataError(f"dataset file {path} does not exist; give a .jsonl/.json/.csv/.parquet path or a hub name")
             if suffix not in LOCAL_FORMATS:
                 raise DataError(f"dataset file {path} has an unknown format; use one of {', '.join(LOCAL_FORMATS)}")
+            if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
+                raise DataError(f"dataset file {path} is empty; give at least one prompt")
             try:
                 source = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
-            except Exception as e:  # pyarrow/json errors are long; keep the first line
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DataError(f"cannot read dataset file {path}: {first}") from None
+            except Exception as e:
+                raise _file_error(path, e) from None
         else:
             try:
                 source = datasets.load_dataset(str(source), split=split)
@@ -49,6 +50,18 @@ def load_prompt_dataset(source, split: str = "train", prompt_column: str = "prom
         raise DataError(f"train_dataset must be a datasets.Dataset, a file path or a hub name, not {type(source).__name__}")
     check_prompt_dataset(source, prompt_column)
     return source
+
+
+def _file_error(path: Path, error: BaseException) -> DataError:
+    """One line from a datasets/pyarrow failure: the innermost cause says what is wrong."""
+    inner = error
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    text = str(error)
+    if isinstance(inner, StopIteration) or "corresponds to no data" in text:
+        return DataError(f"dataset file {path} is empty; give at least one prompt")
+    lines = str(inner).strip().splitlines() or [type(inner).__name__]
+    return DataError(f"cannot read dataset file {path}: {lines[0]}")
 
 
 def check_prompt_dataset(dataset, prompt_column: str = "prompt") -> None:

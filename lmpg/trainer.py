@@ -92,8 +92,10 @@ class PGTrainer:
         disable_dropout(model)
         model = apply_lora(model, c, peft_config)
         if c.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if c.kl_coef > 0 and not is_peft_model(model):
             self.ref_model = frozen_copy(model).to(acc.device)  # with LoRA: the adapter disabled is pi_ref
@@ -216,6 +218,11 @@ class PGTrainer:
             if acc.trackers:
                 acc.log({k: v for k, v in {**metrics, **timing}.items() if isinstance(v, (int, float))},
                         step=self.iteration)
+        snr = metrics.get("grad_snr")
+        if snr is not None and snr < 1.0 and acc.is_main_process and self.iteration % max(c.log_every, 10) == 1:
+            logger.warning("gradient SNR %.2f < 1 at iteration %d: the batch gradient is mostly noise; raise "
+                           "batch_size (noise scale: %.1f micro-batches)", snr, self.iteration,
+                           metrics.get("grad_noise_scale", float("nan")))
         metrics["_timing"] = timing
         return metrics
 

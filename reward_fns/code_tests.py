@@ -105,6 +105,11 @@ def make_code_tests_reward(
     """
     reward = functools.partial(_code_tests_reward, limits, all_or_nothing)
     reward.__name__ = name
+    reward.__doc__ = (
+        "1.0 if the completion's code passes all the sample's test cases (run in a sandbox), else 0.0."
+        if all_or_nothing
+        else "The fraction of the sample's test cases the completion's code passes, run in a sandbox."
+    )
     return reward
 
 

@@ -59,6 +59,9 @@ def make_format_reward(tags: Sequence[str] = ("think", "answer"), partial: bool 
         raise RewardError(f"tags must be non-empty names like ('think', 'answer'), got {tags!r}")
     reward = functools.partial(_format_reward, tags, partial)
     reward.__name__ = "format_tags" + ("_partial" if partial else "")
+    layout = " ".join(f"<{tag}>...</{tag}>" for tag in tags)
+    credit = f"else 1/{2 * len(tags)} per tag present once" if partial else "else 0.0"
+    reward.__doc__ = f"1.0 if the completion is exactly {layout}, each tag once; {credit}."
     return reward
 
 
@@ -90,6 +93,9 @@ def make_regex_reward(
         raise RewardError(f"regex reward pattern {pattern!r} does not compile: {error}") from None
     reward = functools.partial(_regex_reward, compiled, float(partial))
     reward.__name__ = name
+    reward.__doc__ = (
+        f"1.0 if the whole completion matches {pattern!r}, {float(partial)} if it occurs in it, else 0.0."
+    )
     return reward
 
 

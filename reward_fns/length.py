@@ -57,6 +57,9 @@ def make_length_reward(target_length: int, unit: str = "tokens") -> RewardFn:
     _check_unit(unit)
     reward = functools.partial(_length_reward, target_length, unit)
     reward.__name__ = "length_reward"
+    reward.__doc__ = (
+        f"max(0, 1 - |L - {target_length}| / {target_length}), L the completion's length in {unit}."
+    )
     return reward
 
 
@@ -97,4 +100,8 @@ def make_overlong_penalty(max_length: int, buffer: int, unit: str = "tokens") ->
     _check_unit(unit)
     reward = functools.partial(_overlong_reward, max_length, buffer, unit)
     reward.__name__ = "overlong_penalty"
+    reward.__doc__ = (
+        f"DAPO's soft overlong penalty: 0 up to {max_length - buffer} {unit}, linear down to -1 at"
+        f" {max_length}, -1 beyond."
+    )
     return reward

