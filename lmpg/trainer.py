@@ -15,6 +15,7 @@ Each iteration (CS224R lecture 3, "REINFORCE" with the options of lmpg.advantage
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -159,7 +160,8 @@ class PGTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(self.model)
-            unwrapped.save_pretrained(str(path), state_dict=acc.get_state_dict(self.model), safe_serialization=True)
+            with _quiet_hf_progress():
+                unwrapped.save_pretrained(str(path), state_dict=acc.get_state_dict(self.model), safe_serialization=True)
             self.tokenizer.save_pretrained(str(path))
         acc.wait_for_everyone()
 
@@ -574,12 +576,23 @@ class PGTrainer:
                      "metrics_lines": len(read_jsonl(self.output_dir / "metrics.jsonl")),
                      "config": self.config.to_dict()}
             path = save_checkpoint(self.output_dir, self.iteration, self._save_weights, state, self.config.keep_last)
+            self._write_plot()
         acc.wait_for_everyone()
         return path
 
+    def _write_plot(self) -> None:
+        """metrics.png in the run directory; a plotting failure is logged, never fatal to training."""
+        from lmpg.plot import plot_run
+
+        try:
+            plot_run(self.output_dir)
+        except Exception as e:  # noqa: BLE001 - a chart is not worth a lost run
+            logger.warning("could not write %s: %s", self.output_dir / "metrics.png", e)
+
     def _save_weights(self, path: Path):
         unwrapped = self.accelerator.unwrap_model(self.model)
-        unwrapped.save_pretrained(str(path), safe_serialization=True)
+        with _quiet_hf_progress():
+            unwrapped.save_pretrained(str(path), safe_serialization=True)
 
     def load_checkpoint(self, path) -> None:
         """Restore weights, optimizer, scheduler, RNG, data position and counters from a checkpoint."""
@@ -624,6 +637,20 @@ def _no_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
                 or (xpu is not None and xpu.is_available()))
+
+
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    """Hide transformers' 'Writing model shards' bars for the duration of a save, then restore."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class _nullcontext:

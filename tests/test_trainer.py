@@ -149,3 +149,30 @@ def test_chat_prompts_use_the_template(tmp_path, tiny_model, tokenizer):
     PGTrainer(tiny_model, [record], ds, small_config(tmp_path, iterations=1), tokenizer=tokenizer).train()
     assert seen["prompt"] == [{"role": "user", "content": "1+1="}]
     assert seen["completion"][0]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_mixed_precision_and_gradient_checkpointing_run(tmp_path, tiny_model, tokenizer, prompts_dataset, precision):
+    """The GPU options run end to end (bf16 autocast works on CPU too); values stay finite."""
+    config = small_config(tmp_path, mixed_precision=precision, gradient_checkpointing=True, iterations=2,
+                          minibatch_size=4)
+    metrics = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["grad_norm"]])).all() for m in metrics)
+    assert metrics[0]["optimizer_steps"] == 2
+
+
+def test_plot_tensorboard_and_quiet_progress(tmp_path, tiny_model, tokenizer, prompts_dataset, monkeypatch, capsys):
+    """A run writes metrics.png, logs to TensorBoard when asked, and shows no progress bar off a TTY."""
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("CI", "true")
+    config = small_config(tmp_path, report_to=["tensorboard"], iterations=2, save_every=1)
+    trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer)
+    assert trainer._progress_bar() is None
+    trainer.train()
+    run = tmp_path / "run"
+    png = run / "metrics.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    err = capsys.readouterr().err
+    assert "lmpg:" not in err and "it/s" not in err  # no tqdm bar

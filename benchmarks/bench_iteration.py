@@ -1,0 +1,659 @@
+"""Seconds per policy-gradient iteration: lmpg, TRL's GRPOTrainer and a bare-PyTorch floor.
+
+    python benchmarks/bench_iteration.py                          # lmpg, floor, trl, trl-defaults on W1, W2, W2-lora
+    python benchmarks/bench_iteration.py --impl lmpg --size W1 --iters 5
+    python benchmarks/bench_iteration.py --sweep --size W1       # lmpg: group size 4/8/16, length 32/64/128
+    python benchmarks/bench_iteration.py --quick                  # smoke test, < 30 s
+    python benchmarks/bench_iteration.py --json out.json          # also write every result
+
+One iteration, the same work for every implementation:
+
+1. sample G=4 completions for each of 8 prompts (32 completions of exactly 32 new tokens, temperature 1,
+   no top-k / top-p, KV cache);
+2. score them: the fraction of completion words that end in "7" (pure Python, about 20 us);
+3. advantages: group mean baseline, divided by the group std (GRPO);
+4. log pi_old of the taken tokens where the implementation needs a pass for it;
+5. two epochs of one minibatch of 32 completions each: forward, clipped surrogate (eps 0.2, token
+   mean), backward, gradient norm clipped at 1.0, AdamW step (lr 1e-5). No KL, no reference model.
+
+Implementations (each in a fresh subprocess per size, so peak memory is its own):
+
+- lmpg: `PGTrainer.step()`, batch_size=32, group_size=4, epochs_per_batch=2, minibatch_size=32,
+  sampler="lmpg" (variants: lmpg-nosnr, lmpg-generate, lmpg-sampler-logp, lmpg-fused, lmpg-fast).
+- trl: `GRPOTrainer` with num_generations=4, per_device_train_batch_size=32 (so generation_batch_size=32
+  and one optimizer step per generation pass), num_iterations=2, beta=0, max_completion_length=32, and
+  everything lmpg does set the same (gradient checkpointing off, fp32, lr, clipping, dapo = token mean).
+  trl-defaults: only the fields that define the work; TRL's defaults for the rest (gradient
+  checkpointing on, bf16 autocast, lr 1e-6). TRL interleaves generation with optimizer steps; one
+  iteration is two optimizer steps, timed from the end of step 2k to the end of step 2k+2 by a callback.
+- floor: the same algorithm written bare below: `model.generate`, one no-grad forward for pi_old, two
+  forward/backward/clip/AdamW steps.
+
+The model: a Llama built from a config (`lmpg.tiny.make_tiny_causal_lm`, seed 0, tied embeddings) on a
+word-level tokenizer built in-process with V = 4096 (4 special tokens + 4092 words), so the (B, T, V)
+log-softmax costs what it costs with a real vocabulary. W1: 3 layers, width 256 (4.2M parameters);
+W2: 7 layers, width 512 (31.5M); W2-lora: W2 with LoRA r=16, alpha=16 on every linear layer (peft,
+the same adapter config in all three).
+
+No early stop for anyone: the output layer gets a frozen bias of -1e4 on the EOS logit (a bias
+parameter of `lm_head`, which TRL's fused log-prob head reads too), so EOS has probability 0 for every
+sampler and every completion is exactly max_new_tokens long.
+
+Reported per implementation and size: seconds per iteration (median over --iters timed iterations after
+one warm-up iteration), completion tokens per second, the median seconds of each phase (sample, score,
+old_logp, update, other), and memory: `peak_rss_mb` (ru_maxrss of the subprocess: imports, model and
+run) and `iter_peak_delta_mb` (the peak RSS during the timed iterations, reset through
+/proc/self/clear_refs just before them, minus the RSS before the first iteration: what training adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+VOCAB_SIZE = 4096
+NUM_THREADS = 2
+EOS_BIAS = -1e4
+SIZES = {
+    # name: (n_layer, n_embd, n_head, lora_r)
+    "quick": (1, 64, 2, 0),
+    "W1": (3, 256, 4, 0),
+    "W2": (7, 512, 8, 0),
+    "W2-lora": (7, 512, 8, 16),
+}
+IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fused", "lmpg-fast",
+         "floor", "trl", "trl-defaults")
+DEFAULT_IMPLS = ("lmpg", "floor", "trl", "trl-defaults")
+PHASES = ("sample", "score", "old_logp", "update", "other")
+
+
+@dataclass
+class Workload:
+    """What one iteration does; every implementation gets the same one."""
+
+    size: str = "W1"
+    num_prompts: int = 8
+    """Prompts per iteration."""
+    group_size: int = 4
+    """G: completions per prompt."""
+    max_new_tokens: int = 32
+    """T: tokens per completion (every completion has exactly T: EOS is suppressed)."""
+    minibatch_size: int | None = None
+    """Completions per optimizer step (default: the whole batch, one step per epoch)."""
+    epochs: int = 2
+    learning_rate: float = 1e-5
+    clip_eps: float = 0.2
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_prompts * self.group_size
+
+    @property
+    def lora_r(self) -> int:
+        return SIZES[self.size][3]
+
+
+# ----------------------------------------------------------------------------- shared inputs
+def make_word_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A word-level tokenizer with `vocab_size` ids: <pad> <eos> <bos> <unk>, then words w0, w1, ...
+
+    Words are split on whitespace and decoded with spaces between them; no special token is added by
+    encoding. Padding on the left, as a decoder-only sampler wants.
+    """
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lmpg.tiny import SPECIAL_TOKENS, UNK_TOKEN
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        padding_side="left", model_max_length=1024)
+
+
+def suppress_eos(model, eos_token_id: int, bias: float = EOS_BIAS) -> None:
+    """Give the output layer a frozen bias with `bias` on the EOS logit (0 elsewhere): no sampler
+    ever draws EOS, the loss sees the same policy, and the weight stays tied to the embedding."""
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight = head.weight
+    b = torch.zeros(head.out_features)
+    b[eos_token_id] = bias
+    biased.bias = torch.nn.Parameter(b, requires_grad=False)
+    model.lm_head = biased
+
+
+def make_model(tokenizer, size: str, seed: int = 0):
+    from lmpg.tiny import make_tiny_causal_lm
+
+    n_layer, n_embd, n_head, _ = SIZES[size]
+    model = make_tiny_causal_lm(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                max_position_embeddings=256, seed=seed)
+    suppress_eos(model, tokenizer.eos_token_id)
+    return model
+
+
+def lora_config(r: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def make_prompts(n: int = 64, seed: int = 0) -> list[str]:
+    """n prompts of 12 to 20 random words."""
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(VOCAB_SIZE - 4)}" for _ in range(rng.randint(12, 20))) for _ in range(n)]
+
+
+def reward_sevens(prompts, completions, **kwargs) -> list[float]:
+    """Fraction of the completion's words that end in '7' (about 0.1 for a random policy)."""
+    out = []
+    for c in completions:
+        words = c.split()
+        out.append(sum(w.endswith("7") for w in words) / max(len(words), 1))
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring
+class PhaseClock:
+    """Wall-clock seconds per phase, accumulated by wrapped methods until `lap()`."""
+
+    def __init__(self):
+        self.current = defaultdict(float)
+
+    def wrap(self, obj, attr: str, phase) -> None:
+        """Time calls of obj.attr into `phase` (a name, or a function of the call's args giving one)."""
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                name = phase(*args, **kwargs) if callable(phase) else phase
+                self.current[name] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+    def lap(self, total: float) -> dict:
+        """This iteration's phases, with `other` = total minus the timed phases."""
+        out = {p: self.current.get(p, 0.0) for p in PHASES if p != "other"}
+        out["other"] = max(total - sum(out.values()), 0.0)
+        self.current.clear()
+        return out
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------- 1. lmpg
+def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClock, out_dir: str):
+    from lmpg import PGConfig
+    from lmpg.trainer import PGTrainer
+    import datasets
+
+    tok = make_word_tokenizer()
+    model = make_model(tok, w.size, w.seed)
+    options = dict(sampler="lmpg", logp_old_source="forward", grad_snr=True)
+    if variant == "lmpg-nosnr":
+        options["grad_snr"] = False
+    elif variant == "lmpg-generate":
+        options["sampler"] = "generate"
+    elif variant == "lmpg-sampler-logp":
+        options["logp_old_source"] = "sampler"
+    elif variant in ("lmpg-fused", "lmpg-fast"):
+        _patch_fused_adamw()
+        if variant == "lmpg-fast":
+            options.update(grad_snr=False, logp_old_source="sampler")
+            _patch_fast_logprobs()
+    config = PGConfig(
+        output_dir=out_dir, seed=w.seed, iterations=10**6, batch_size=w.batch_size, group_size=w.group_size,
+        max_new_tokens=w.max_new_tokens, temperature=1.0, epochs_per_batch=w.epochs,
+        minibatch_size=w.minibatch_size or w.batch_size, learning_rate=w.learning_rate,
+        max_grad_norm=w.max_grad_norm, baseline="group_mean", adv_norm="group", loss_agg="token_mean",
+        clip_eps_low=w.clip_eps, clip_eps_high=w.clip_eps, kl_coef=0.0, lora_r=w.lora_r, lora_alpha=16.0,
+        sample_log_every=0, progress_bar=False, **options)
+    dataset = datasets.Dataset.from_list([{"prompt": p} for p in make_prompts()])
+    trainer = PGTrainer(model, [reward_sevens], dataset, config, tokenizer=tok)
+    trainer._prepare_run_dir()
+    clock.wrap(trainer, "_sample", "sample")
+    clock.wrap(trainer, "_score", "score")
+    clock.wrap(trainer, "_old_logprobs", "old_logp")
+    clock.wrap(trainer, "_update", "update")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+
+    def one_iteration():
+        trainer.step()
+
+    return model, one_iteration
+
+
+def _patch_fused_adamw() -> None:
+    """Proposed change (lmpg/trainer.py, PGTrainer.__init__): AdamW(..., fused=True) where the device
+    supports it (CPU and CUDA in torch >= 2.4), as transformers' Trainer does by default."""
+    import functools
+
+    torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
+
+
+def _patch_fast_logprobs() -> None:
+    """Proposed change (lmpg/logprobs.py, sequence_logprobs): one logsumexp per row feeds both the
+    taken-token log-prob and the entropy (H = logsumexp(z) - sum_v softmax(z)_v z_v), no copy of the
+    logits when they are already fp32 and tau = 1, chunks of 8 rows."""
+    import lmpg.trainer
+
+    def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          temperature: float = 1.0, with_entropy: bool = False):
+        from lmpg.logprobs import completion_logits
+
+        logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, T, V)
+        logps, ents = [], []
+        for s in range(0, logits.shape[0], 8):
+            z = logits[s:s + 8]
+            z = z.float() if z.dtype != torch.float32 else z
+            z = z / temperature if temperature != 1.0 else z
+            lse = torch.logsumexp(z, dim=-1)  # (b, T)
+            logps.append(z.gather(-1, completion_ids[s:s + 8].unsqueeze(-1)).squeeze(-1) - lse)
+            if with_entropy:
+                with torch.no_grad():
+                    zd = z.detach()
+                    ents.append(lse.detach() - (torch.softmax(zd, dim=-1) * zd).sum(-1))
+        logp = torch.cat(logps, 0)
+        return logp, (torch.cat(ents, 0) if with_entropy else None)
+
+    lmpg.trainer.sequence_logprobs = sequence_logprobs
+
+
+# ----------------------------------------------------------------------------- 2. TRL
+def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClock, out_dir: str):
+    """TRL's loop runs inside train(); returns a runner whose call trains all iterations and the
+    per-iteration seconds and phases collected by a callback."""
+    import datasets
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = make_word_tokenizer()
+    model = make_model(tok, w.size, w.seed)
+    steps_per_iteration = w.epochs * (w.batch_size // (w.minibatch_size or w.batch_size))
+    work = dict(output_dir=out_dir, per_device_train_batch_size=w.minibatch_size or w.batch_size,
+                gradient_accumulation_steps=1, num_generations=w.group_size, num_iterations=w.epochs,
+                max_completion_length=w.max_new_tokens, beta=0.0, temperature=1.0,
+                max_steps=steps_per_iteration * (warmup + iters), use_cpu=True, report_to="none",
+                save_strategy="no", disable_tqdm=True, seed=w.seed, dataloader_num_workers=0)
+    if w.minibatch_size:
+        work["generation_batch_size"] = w.batch_size
+    if variant == "trl":
+        work.update(learning_rate=w.learning_rate, gradient_checkpointing=False, bf16=False, top_k=0, top_p=1.0,
+                    epsilon=w.clip_eps, loss_type="dapo", scale_rewards="group", max_grad_norm=w.max_grad_norm,
+                    disable_dropout=True, lr_scheduler_type="constant")
+    args = GRPOConfig(**work)
+    dataset = datasets.Dataset.from_list([{"prompt": p} for p in make_prompts()])
+    peft_config = lora_config(w.lora_r) if w.lora_r else None
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_sevens], args=args, train_dataset=dataset,
+                          processing_class=tok, peft_config=peft_config)
+
+    iteration_of = lambda: trainer.state.global_step // steps_per_iteration  # noqa: E731
+    phase_log = defaultdict(lambda: defaultdict(float))  # iteration -> phase -> seconds
+
+    def wrap(attr, phase):
+        fn = getattr(trainer, attr)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                name = phase() if callable(phase) else phase
+                phase_log[iteration_of()][name] += time.perf_counter() - t0
+        setattr(trainer, attr, timed)
+
+    wrap("_generate", "sample")
+    wrap("_calculate_rewards", "score")
+    wrap("_get_per_token_logps_and_entropies", lambda: "update" if torch.is_grad_enabled() else "old_logp")
+
+    class IterationTimer(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % steps_per_iteration == 0:
+                self.ends.append(time.perf_counter())
+
+    timer = IterationTimer()
+    trainer.add_callback(timer)
+    runner = {"trainer": trainer, "timer": timer, "phase_log": phase_log}
+    return trainer.model, runner
+
+
+def trl_results(runner) -> tuple[list[float], list[dict]]:
+    ends = runner["timer"].ends
+    seconds = [b - a for a, b in zip(ends, ends[1:])]
+    phases = []
+    for k, total in enumerate(seconds):
+        log = runner["phase_log"][k]
+        sample, score, old = log["sample"], log["score"], log["old_logp"]
+        # "update" here is what is left of the iteration: TRL's training forwards (timed above as part of
+        # it), backward, clipping, optimizer, and its own bookkeeping
+        phases.append({"sample": sample, "score": score, "old_logp": old,
+                       "update": max(total - sample - score - old, 0.0), "other": 0.0})
+    return seconds, phases
+
+
+# ----------------------------------------------------------------------------- 3. the floor
+def floor_logprobs(model, input_ids, attention_mask, position_ids, completion_ids):
+    """log pi(a_t | s_t) of the completion tokens, (B, T): one forward, logits of the last T+1
+    positions only, log-softmax as z_a - logsumexp(z) (tau = 1)."""
+    T = completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1]  # (B, T, V)
+    return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClock, out_dir: str):
+    tok = make_word_tokenizer()
+    model = make_model(tok, w.size, w.seed)
+    if w.lora_r:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(w.lora_r))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=w.learning_rate)
+    prompts = make_prompts()
+    G, T, eos, pad = w.group_size, w.max_new_tokens, tok.eos_token_id, tok.pad_token_id
+    mb = w.minibatch_size or w.batch_size
+    state = {"next": 0}
+    torch.manual_seed(w.seed)
+
+    def one_iteration():
+        # 1. sample G completions per prompt from pi_old
+        t0 = time.perf_counter()
+        start = state["next"] % len(prompts)
+        batch = (prompts + prompts)[start:start + w.num_prompts]
+        state["next"] += w.num_prompts
+        enc = tok(batch, return_tensors="pt", padding=True)
+        prompt_ids = enc["input_ids"].repeat_interleave(G, 0)  # (B, P)
+        prompt_mask = enc["attention_mask"].repeat_interleave(G, 0)
+        P = prompt_ids.shape[1]
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=T, eos_token_id=eos, pad_token_id=pad)
+        model.train()
+        completion_ids = out[:, P:]  # (B, T)
+        is_eos = completion_ids == eos
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+        completion_mask = ~after_eos  # True up to and including the first EOS
+        t1 = time.perf_counter()
+
+        # 2. score; advantages (r - mean_group) / (std_group + eps)
+        texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        r = torch.tensor(reward_sevens(batch, texts)).view(-1, G)  # (prompts, G)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1, 1)  # (B, 1)
+        t2 = time.perf_counter()
+
+        # 3. log pi_old: one no-grad forward
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P+T)
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logp_old = floor_logprobs(model, input_ids, attention_mask, position_ids, completion_ids)
+        t3 = time.perf_counter()
+
+        # 4. epochs x minibatches of: clipped surrogate, backward, clip the norm, AdamW
+        n_tok = completion_mask.sum().clamp(min=1)
+        for _ in range(w.epochs):
+            for s in range(0, w.batch_size, mb):
+                i = slice(s, s + mb)
+                logp = floor_logprobs(model, input_ids[i], attention_mask[i], position_ids[i], completion_ids[i])
+                ratio = torch.exp(logp - logp_old[i])
+                objective = torch.minimum(ratio * adv[i], ratio.clamp(1 - w.clip_eps, 1 + w.clip_eps) * adv[i])
+                loss = -(objective * completion_mask[i]).sum() / n_tok * (w.batch_size / mb)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, w.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        clock.current.update(sample=t1 - t0, score=t2 - t1, old_logp=t3 - t2, update=t4 - t3)
+
+    return model, one_iteration
+
+
+# ----------------------------------------------------------------------------- one run
+def run_worker(impl: str, w: Workload, iters: int, warmup: int = 1) -> dict:
+    """Build `impl` on workload `w`, run warmup + iters iterations, return the measurements."""
+    import transformers
+
+    torch.set_num_threads(NUM_THREADS)
+    clock = PhaseClock()
+    load_before = load_average()
+    t_setup = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_iteration_") as out_dir:
+        builder = run_trl if impl.startswith("trl") else run_floor if impl == "floor" else run_lmpg
+        model, runner = builder(w, impl, iters, warmup, clock, os.path.join(out_dir, "run"))
+        setup_s = time.perf_counter() - t_setup
+        base_rss = rss_mb()
+        peak_reset = reset_peak_rss()
+        if impl.startswith("trl"):
+            runner["trainer"].train()
+            seconds, phases = trl_results(runner)
+        else:
+            seconds, phases = [], []
+            for _ in range(warmup + iters):
+                t0 = time.perf_counter()
+                runner()
+                seconds.append(time.perf_counter() - t0)
+                phases.append(clock.lap(seconds[-1]))
+        iter_peak = vm_hwm_mb() if peak_reset else float("nan")
+    _reset_accelerate()
+    seconds, phases = seconds[warmup:], phases[warmup:]
+    s = statistics.median(seconds)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad is not None)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    return {
+        "impl": impl, "size": w.size, "workload": asdict(w), "iters": len(seconds), "warmup": warmup,
+        "s_per_iter": s, "s_per_iter_all": seconds,
+        "tokens_per_s": w.batch_size * w.max_new_tokens / s,
+        "phases": {p: statistics.median(ph[p] for ph in phases) for p in PHASES},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "base_rss_mb": base_rss, "iter_peak_mb": iter_peak, "iter_peak_delta_mb": iter_peak - base_rss,
+        "setup_s": setup_s, "params": n_params, "trainable_params": n_trainable, "threads": torch.get_num_threads(),
+        "load_before": load_before, "load_after": load_average(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version},
+    }
+
+
+def _reset_accelerate() -> None:
+    """Forget accelerate's process-wide state (TRL's bf16 default sets it) so that the next
+    implementation in this process can start its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_in_subprocess(impl: str, w: Workload, iters: int) -> dict | None:
+    """run_worker in a fresh Python process (its own peak RSS); None when TRL is missing."""
+    if impl.startswith("trl"):
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print(f"skip {impl}: TRL is not installed (pip install trl)", file=sys.stderr)
+            return None
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--size", w.size,
+               "--iters", str(iters), "--group-size", str(w.group_size), "--max-new-tokens", str(w.max_new_tokens),
+               "--json", f.name]
+        if w.minibatch_size:
+            cmd += ["--minibatch-size", str(w.minibatch_size)]
+        subprocess.run(cmd, check=True)
+        return json.loads(Path(f.name).read_text())[0]
+
+
+# ----------------------------------------------------------------------------- report
+def summarize(results: list[dict]) -> list[dict]:
+    """Median over repeats of each (impl, size, G, T), with the ratios to floor and trl of that workload."""
+    groups = defaultdict(list)
+    for r in results:
+        w = r["workload"]
+        groups[(r["impl"], r["size"], w["group_size"], w["max_new_tokens"], w["minibatch_size"])].append(r)
+    rows = []
+    for (impl, size, G, T, mb), rs in groups.items():
+        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        rows.append({"impl": impl, "size": size, "G": G, "T": T, "minibatch": mb, "repeats": len(rs),
+                     "s_per_iter": med("s_per_iter"), "tokens_per_s": med("tokens_per_s"),
+                     "phases": {p: statistics.median(r["phases"][p] for r in rs) for p in PHASES},
+                     "peak_rss_mb": med("peak_rss_mb"), "iter_peak_delta_mb": med("iter_peak_delta_mb"),
+                     "params": rs[0]["params"], "trainable_params": rs[0]["trainable_params"]})
+    by_key = {(r["impl"], r["size"], r["G"], r["T"], r["minibatch"]): r for r in rows}
+    for r in rows:
+        for ref in ("floor", "trl"):
+            other = by_key.get((ref, r["size"], r["G"], r["T"], r["minibatch"]))
+            r[f"vs_{ref}"] = r["s_per_iter"] / other["s_per_iter"] if other else None
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| size | impl | G | T | s/iter | tokens/s | sample | score | old_logp | update | other | "
+            "peak RSS MB | iter peak delta MB | / floor | / trl |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        ph = r["phases"]
+        lines.append(f"| {r['size']} | {r['impl']} | {r['G']} | {r['T']} | {r['s_per_iter']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {ph['sample']:.3f} | {ph['score']:.4f} | {ph['old_logp']:.3f} | "
+                     f"{ph['update']:.3f} | {ph['other']:.3f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['iter_peak_delta_mb']:.0f} | {fmt(r['vs_floor'], '.2f')} | {fmt(r['vs_trl'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impl", default="all", help=f"all ({', '.join(DEFAULT_IMPLS)}) or a comma list of {', '.join(IMPLS)}")
+    ap.add_argument("--size", default="W1,W2,W2-lora", help="comma list of " + ", ".join(SIZES))
+    ap.add_argument("--iters", type=int, default=5, help="timed iterations after one warm-up iteration")
+    ap.add_argument("--repeats", type=int, default=1, help="subprocess runs per (impl, size), interleaved; medians")
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--minibatch-size", type=int, default=None, help="default: the whole batch")
+    ap.add_argument("--sweep", action="store_true", help="lmpg only: G in 4, 8, 16 and T in 32, 64, 128")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny model, T=8, 1 timed iteration, in-process")
+    ap.add_argument("--json", default=None, help="write the raw results and the summary here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    impls = list(DEFAULT_IMPLS) if args.impl == "all" else args.impl.split(",")
+    sizes = args.size.split(",")
+    for name in impls:
+        if name not in IMPLS:
+            ap.error(f"unknown --impl {name}; choose from all, {', '.join(IMPLS)}")
+    for name in sizes:
+        if name not in SIZES:
+            ap.error(f"unknown --size {name}; choose from {', '.join(SIZES)}")
+
+    if args.worker:
+        w = Workload(size=sizes[0], group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                     minibatch_size=args.minibatch_size)
+        result = run_worker(impls[0], w, args.iters)
+        Path(args.json).write_text(json.dumps([result]))
+        return [result]
+
+    if args.quick:
+        results = []
+        for impl in ["floor", "lmpg"] if args.impl == "all" else impls:
+            if impl.startswith("trl"):
+                try:
+                    import trl  # noqa: F401
+                except ImportError:
+                    continue
+            results.append(run_worker(impl, Workload(size="quick", max_new_tokens=8), iters=1))
+    else:
+        workloads = []
+        for size in sizes:
+            base = Workload(size=size, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                            minibatch_size=args.minibatch_size)
+            if args.sweep:
+                workloads += [(impl, replace(base, group_size=G)) for impl in impls for G in (4, 8, 16)]
+                workloads += [(impl, replace(base, max_new_tokens=T)) for impl in impls for T in (64, 128)]
+            else:
+                workloads += [(impl, base) for impl in impls]
+        results = []
+        for rep in range(args.repeats):
+            order = workloads[rep % len(workloads):] + workloads[:rep % len(workloads)]  # rotate: spread load drift
+            for impl, w in order:
+                print(f"[{rep + 1}/{args.repeats}] {impl} {w.size} G={w.group_size} T={w.max_new_tokens} "
+                      f"(load {load_average():.1f})", file=sys.stderr, flush=True)
+                r = run_in_subprocess(impl, w, args.iters)
+                if r is not None:
+                    results.append(r)
+                    print(f"    {r['s_per_iter']:.3f} s/iter  {r['tokens_per_s']:.0f} tok/s  "
+                          f"peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    rows = summarize(results)
+    print(markdown_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "summary": rows}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
