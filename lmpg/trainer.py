@@ -71,6 +71,7 @@ class PGTrainer:
         self.config = c = config if config is not None else PGConfig()
         if not isinstance(c, PGConfig):
             raise ConfigError(f"config must be a PGConfig, not {type(c).__name__}; build one with PGConfig(...)")
+        _allow_new_mixed_precision(c.mixed_precision)
         self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision, cpu=_no_accelerator(),
                                              log_with=c.report_to or None, project_dir=c.output_dir)
         n_proc = acc.num_processes
@@ -628,6 +629,17 @@ class PGTrainer:
             kept = [r for r in read_jsonl(self.samples_log.path) if r["iteration"] <= state["iteration"]]
             self.samples_log.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+
+def _allow_new_mixed_precision(mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    mixed precision. In a single process (a notebook, a test session) a later trainer may ask for
+    another one: drop the old state, keeping the process group."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _no_accelerator() -> bool:
