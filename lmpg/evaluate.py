@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lmpg.data import is_conversational, load_prompt_dataset, render_prompt
+from lmpg.data import load_prompt_dataset, render_prompt
 from lmpg.errors import ConfigError
 from lmpg.modeling import ensure_pad_token, load_model_and_tokenizer
 from lmpg.rollout import eos_token_ids, sample_completions
@@ -133,11 +133,8 @@ def _score_rollout(rollout, batch_prompts, start, columns, scorer, weights) -> l
                                                       lengths, rollout.truncated.tolist())]
     if scorer is None:
         return records
-    prompts_rep = [batch_prompts[i] for i in rollout.prompt_index]
-    completions = [[{"role": "assistant", "content": t}] for t in rollout.completions] \
-        if is_conversational(batch_prompts[0]) else list(rollout.completions)
+    prompts_rep, completions, completion_ids = rollout.reward_inputs(batch_prompts)
     cols = {name: [values[row] for row in prompt_rows] for name, values in columns.items()}
-    completion_ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
     scores = scorer.score(prompts_rep, completions, completion_ids, step=0, columns=cols)
     token_rewards, has_reward = scores.to_token_rewards(weights, rollout.completion_mask.cpu())  # (B, T), (B,)
     totals = token_rewards.sum(1).tolist()

@@ -34,6 +34,18 @@ class Rollout:
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    def reward_inputs(self, prompts: list) -> tuple[list, list, list[list[int]]]:
+        """(prompts, completions, completion_ids) aligned to the B samples, as reward functions take
+        them: each sample's prompt; its completion as text, or as [{"role": "assistant", ...}] when
+        the prompts are chat messages (TRL's convention); its counted token ids."""
+        from lmpg.data import is_conversational
+
+        prompts_rep = [prompts[i] for i in self.prompt_index]
+        completions = [[{"role": "assistant", "content": t}] for t in self.completions] \
+            if is_conversational(prompts[0]) else list(self.completions)
+        completion_ids = [row[m].tolist() for row, m in zip(self.completion_ids, self.completion_mask)]
+        return prompts_rep, completions, completion_ids
+
 
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(completion_mask, truncated): True up to and including the first EOS; truncated rows have none."""

@@ -32,7 +32,7 @@ from lmpg.advantages import compute_advantages
 from lmpg.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from lmpg.config import PGConfig
 from lmpg.diagnostics import GradientMoments
-from lmpg.data import PromptOrder, is_conversational, load_prompt_dataset, render_prompt
+from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
 from lmpg.errors import ConfigError, TrainingError
 from lmpg.kl import kl_estimate
 from lmpg.logprobs import sequence_logprobs
@@ -254,12 +254,8 @@ class PGTrainer:
 
     def _score(self, rollout: Rollout, prompts, rows):
         c = self.config
-        conversational = is_conversational(prompts[0])
-        prompts_rep = [prompts[i] for i in rollout.prompt_index]
-        completions = [[{"role": "assistant", "content": t}] for t in rollout.completions] \
-            if conversational else list(rollout.completions)
+        prompts_rep, completions, completion_ids = rollout.reward_inputs(prompts)
         columns = {k: [v[i] for i in rollout.prompt_index] for k, v in rows.items() if k != c.prompt_column}
-        completion_ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
         scores = self.scorer.score(prompts_rep, completions, completion_ids, step=self.iteration, columns=columns)
         token_rewards, has_reward = scores.to_token_rewards(self.reward_weights, rollout.completion_mask.cpu())
         device = rollout.completion_mask.device

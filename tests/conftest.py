@@ -36,3 +36,13 @@ def prompts_dataset():
 def count_a(prompts, completions, **kwargs):
     """Reward: fraction of 'a' characters among 8 (a signal a tiny model learns in a few iterations)."""
     return [c.count("a") / 8 for c in completions]
+
+
+def small_config(tmp_path, **overrides):
+    """A PGConfig for a few quick iterations on the tiny model, writing under tmp_path/run."""
+    from lmpg import PGConfig
+
+    base = dict(output_dir=str(tmp_path / "run"), iterations=2, batch_size=8, group_size=4, max_new_tokens=6,
+                learning_rate=3e-3, sample_log_every=0, progress_bar=False)
+    base.update(overrides)
+    return PGConfig(**base)

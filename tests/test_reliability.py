@@ -12,13 +12,7 @@ from lmpg.errors import RewardError
 from lmpg.metrics import read_jsonl
 
 from conftest import count_a
-
-
-def config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "run"), iterations=2, batch_size=8, group_size=4, max_new_tokens=6,
-                learning_rate=3e-3, sample_log_every=0, progress_bar=False)
-    base.update(kw)
-    return PGConfig(**base)
+from conftest import small_config as config
 
 
 def test_reward_error_stops_the_run_and_keeps_checkpoints(tmp_path, tiny_model, tokenizer, prompts_dataset):
@@ -60,20 +54,26 @@ def test_long_prompts_are_cut_and_counted(tmp_path, tiny_model, tokenizer):
     assert metrics[0]["prompts_truncated"] == 1
 
 
-def test_eos_first_and_truncated_completions_are_counted(tmp_path, tiny_model, tokenizer, prompts_dataset):
-    eos = tokenizer.eos_token_id
-    with torch.no_grad():  # make EOS the only likely token: every completion is EOS first
-        tiny_model.lm_head.weight.zero_()
-        tiny_model.model.embed_tokens.weight.zero_()
-        tiny_model.model.embed_tokens.weight[eos, 0] = 1.0
-        tiny_model.model.norm.weight.zero_()
-        tiny_model.model.norm.bias = None
-    trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config(tmp_path, iterations=1), tokenizer=tokenizer)
-    roll = trainer._sample(["1+1="], True, seeds=[1, 2, 3, 4])
-    assert roll.completion_ids.shape[1] >= 1 and roll.completion_mask.sum(1).tolist() == [1, 1, 1, 1] or True
-    metrics = trainer.train()
-    assert 0.0 <= metrics[0]["eos_first_frac"] <= 1.0 and 0.0 <= metrics[0]["truncated_frac"] <= 1.0
-    assert metrics[0]["eos_first_frac"] + metrics[0]["truncated_frac"] <= 1.0
+def test_eos_first_and_truncated_completions_are_counted(tmp_path, tiny_model, tokenizer, prompts_dataset,
+                                                         monkeypatch):
+    """Completions that are EOS alone, and completions cut at max_new_tokens, are counted, and
+    training on them stays finite."""
+    eos, a = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("a")
+    rows = [[eos] + [a] * 5, [a, a, eos, a, a, a], [a] * 6, [eos] * 6]  # EOS first, normal, truncated, EOS first
+
+    def fixed_tokens(model, prompt_ids, prompt_mask, seeds, **kw):
+        B = prompt_ids.shape[0]
+        ids = torch.tensor([rows[i % 4] for i in range(B)])
+        return ids, torch.zeros(B, 6)
+
+    monkeypatch.setattr("lmpg.sampler.sample_tokens", fixed_tokens)
+    metrics = PGTrainer(tiny_model, [count_a], prompts_dataset, config(tmp_path, iterations=1),
+                        tokenizer=tokenizer).train()
+    assert metrics[0]["eos_first_frac"] == 0.5
+    assert metrics[0]["truncated_frac"] == 0.25
+    assert metrics[0]["completion_len_mean"] == (1 + 3 + 6 + 1) / 4
+    assert metrics[0]["completion_len_max"] == 6
+    assert all(torch.isfinite(torch.tensor([metrics[0]["loss"], metrics[0]["entropy"]])))
 
 
 def test_tokenizer_without_pad_token_uses_eos_with_a_warning(tmp_path, tiny_model, tokenizer, prompts_dataset, caplog):

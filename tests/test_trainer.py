@@ -11,14 +11,7 @@ from lmpg.logprobs import sequence_logprobs
 from lmpg.metrics import read_jsonl
 from lmpg.rollout import completion_mask_from_eos, sample_completions
 
-from conftest import count_a
-
-
-def small_config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "run"), iterations=2, batch_size=8, group_size=4, max_new_tokens=6,
-                learning_rate=3e-3, sample_log_every=0, progress_bar=False)
-    base.update(kw)
-    return PGConfig(**base)
+from conftest import count_a, small_config
 
 
 def test_reward_rises_end_to_end(tmp_path, tiny_model, tokenizer, prompts_dataset):
