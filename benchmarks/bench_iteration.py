@@ -62,6 +62,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+# Threads that wait at an OpenMP barrier sleep instead of spinning. On a machine shared with other jobs
+# the default (spin) made iterations 5 to 20 times slower and 3 times as variable: a spinning thread
+# holds a core the descheduled other thread needs. Set before torch loads libgomp; the same for all.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -317,9 +321,10 @@ def _patch_fast_logprobs() -> None:
 
 
 # ----------------------------------------------------------------------------- 2. TRL
-def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClock, out_dir: str):
-    """TRL's loop runs inside train(); returns a runner whose call trains all iterations and the
-    per-iteration seconds and phases collected by a callback."""
+def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClock, out_dir: str, between=None):
+    """TRL's loop runs inside train(): returns (model, runner) where runner["trainer"].train() runs all
+    iterations and a callback records when each iteration starts and ends. `between(k)`, if given, runs
+    after TRL's iteration k, outside its timing (the interleaved mode runs the other implementations there)."""
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -365,14 +370,22 @@ def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCloc
 
     class IterationTimer(TrainerCallback):
         def __init__(self):
-            self.ends = []
+            self.spans = []  # (wall start, wall end, cpu start, cpu end) per iteration
+            self._start = None
+
+        def _mark_start(self):
+            self._start = (time.perf_counter(), time.process_time())
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            self._mark_start()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % steps_per_iteration == 0:
-                self.ends.append(time.perf_counter())
+                wall, cpu = time.perf_counter(), time.process_time()
+                self.spans.append((self._start[0], wall, self._start[1], cpu))
+                if between is not None:
+                    between(len(self.spans) - 1)
+                self._mark_start()
 
     timer = IterationTimer()
     trainer.add_callback(timer)
@@ -380,9 +393,10 @@ def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCloc
     return trainer.model, runner
 
 
-def trl_results(runner) -> tuple[list[float], list[dict]]:
-    ends = runner["timer"].ends
-    seconds = [b - a for a, b in zip(ends, ends[1:])]
+def trl_results(runner) -> tuple[list[float], list[float], list[dict]]:
+    spans = runner["timer"].spans
+    seconds = [end - start for start, end, _, _ in spans]
+    cpu_seconds = [end - start for _, _, start, end in spans]
     phases = []
     for k, total in enumerate(seconds):
         log = runner["phase_log"][k]
@@ -391,7 +405,7 @@ def trl_results(runner) -> tuple[list[float], list[dict]]:
         # it), backward, clipping, optimizer, and its own bookkeeping
         phases.append({"sample": sample, "score": score, "old_logp": old,
                        "update": max(total - sample - score - old, 0.0), "other": 0.0})
-    return seconds, phases
+    return seconds, cpu_seconds, phases
 
 
 # ----------------------------------------------------------------------------- 3. the floor
@@ -454,15 +468,14 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
             logp_old = floor_logprobs(model, input_ids, attention_mask, position_ids, completion_ids)
         t3 = time.perf_counter()
 
-        # 4. epochs x minibatches of: clipped surrogate, backward, clip the norm, AdamW
-        n_tok = completion_mask.sum().clamp(min=1)
+        # 4. epochs x minibatches of: clipped surrogate (token mean), backward, clip the norm, AdamW
         for _ in range(w.epochs):
             for s in range(0, w.batch_size, mb):
                 i = slice(s, s + mb)
                 logp = floor_logprobs(model, input_ids[i], attention_mask[i], position_ids[i], completion_ids[i])
                 ratio = torch.exp(logp - logp_old[i])
                 objective = torch.minimum(ratio * adv[i], ratio.clamp(1 - w.clip_eps, 1 + w.clip_eps) * adv[i])
-                loss = -(objective * completion_mask[i]).sum() / n_tok * (w.batch_size / mb)
+                loss = -(objective * completion_mask[i]).sum() / completion_mask[i].sum().clamp(min=1)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, w.max_grad_norm)
                 optimizer.step()
@@ -473,53 +486,110 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
     return model, one_iteration
 
 
-# ----------------------------------------------------------------------------- one run
-def run_worker(impl: str, w: Workload, iters: int, warmup: int = 1) -> dict:
-    """Build `impl` on workload `w`, run warmup + iters iterations, return the measurements."""
+# ----------------------------------------------------------------------------- runs
+BUILDERS = {"lmpg": lambda: run_lmpg, "floor": lambda: run_floor, "trl": lambda: run_trl}
+
+
+def _builder(impl: str):
+    return BUILDERS[impl.split("-")[0]]()
+
+
+def _result(impl: str, w: Workload, mode: str, warmup: int, seconds, cpu_seconds, phases, model, **extra) -> dict:
+    """One implementation's measurements (the first `warmup` iterations dropped)."""
     import transformers
 
-    torch.set_num_threads(NUM_THREADS)
-    clock = PhaseClock()
-    load_before = load_average()
-    t_setup = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench_iteration_") as out_dir:
-        builder = run_trl if impl.startswith("trl") else run_floor if impl == "floor" else run_lmpg
-        model, runner = builder(w, impl, iters, warmup, clock, os.path.join(out_dir, "run"))
-        setup_s = time.perf_counter() - t_setup
-        base_rss = rss_mb()
-        peak_reset = reset_peak_rss()
-        if impl.startswith("trl"):
-            runner["trainer"].train()
-            seconds, phases = trl_results(runner)
-        else:
-            seconds, phases = [], []
-            for _ in range(warmup + iters):
-                t0 = time.perf_counter()
-                runner()
-                seconds.append(time.perf_counter() - t0)
-                phases.append(clock.lap(seconds[-1]))
-        iter_peak = vm_hwm_mb() if peak_reset else float("nan")
-    _reset_accelerate()
-    seconds, phases = seconds[warmup:], phases[warmup:]
+    seconds, cpu_seconds, phases = seconds[warmup:], cpu_seconds[warmup:], phases[warmup:]
     s = statistics.median(seconds)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad is not None)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
         import trl
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
     return {
-        "impl": impl, "size": w.size, "workload": asdict(w), "iters": len(seconds), "warmup": warmup,
-        "s_per_iter": s, "s_per_iter_all": seconds,
+        "impl": impl, "size": w.size, "mode": mode, "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "workload": asdict(w),
+        "iters": len(seconds), "warmup": warmup,
+        "s_per_iter": s, "s_per_iter_min": min(seconds), "s_per_iter_all": seconds,
+        "cpu_s_per_iter": statistics.median(cpu_seconds), "cpu_s_per_iter_all": cpu_seconds,
         "tokens_per_s": w.batch_size * w.max_new_tokens / s,
         "phases": {p: statistics.median(ph[p] for ph in phases) for p in PHASES},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "base_rss_mb": base_rss, "iter_peak_mb": iter_peak, "iter_peak_delta_mb": iter_peak - base_rss,
-        "setup_s": setup_s, "params": n_params, "trainable_params": n_trainable, "threads": torch.get_num_threads(),
-        "load_before": load_before, "load_after": load_average(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "load_after": load_average(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version},
+        **extra,
     }
+
+
+def run_worker(impl: str, w: Workload, iters: int, warmup: int = 1, threads: int = NUM_THREADS) -> dict:
+    """Build `impl` on workload `w`, run warmup + iters iterations, return the measurements with
+    memory (meaningful when this is the only implementation the process ran)."""
+    torch.set_num_threads(threads)
+    clock = PhaseClock()
+    load_before = load_average()
+    t_setup = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_iteration_") as out_dir:
+        model, runner = _builder(impl)(w, impl, iters, warmup, clock, os.path.join(out_dir, "run"))
+        setup_s = time.perf_counter() - t_setup
+        base_rss = rss_mb()
+        peak_reset = reset_peak_rss()
+        if impl.startswith("trl"):
+            runner["trainer"].train()
+            seconds, cpu_seconds, phases = trl_results(runner)
+        else:
+            seconds, cpu_seconds, phases = [], [], []
+            for _ in range(warmup + iters):
+                t0, c0 = time.perf_counter(), time.process_time()
+                runner()
+                seconds.append(time.perf_counter() - t0)
+                cpu_seconds.append(time.process_time() - c0)
+                phases.append(clock.lap(seconds[-1]))
+        iter_peak = vm_hwm_mb() if peak_reset else float("nan")
+    _reset_accelerate()
+    return _result(impl, w, "separate", warmup, seconds, cpu_seconds, phases, model,
+                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base_rss_mb=base_rss,
+                   iter_peak_mb=iter_peak, iter_peak_delta_mb=iter_peak - base_rss, setup_s=setup_s,
+                   load_before=load_before)
+
+
+def run_interleaved(impls: list[str], w: Workload, iters: int, warmup: int = 1, threads: int = NUM_THREADS) -> list[dict]:
+    """All `impls` in this process, one iteration of each in turn (the order rotated every round), so
+    that the load of a shared machine falls on all of them alike: the fair way to take their ratios.
+    TRL drives the rounds: the others run between its iterations, outside its timing. No memory figures."""
+    torch.set_num_threads(threads)
+    local = [i for i in impls if not i.startswith("trl")]
+    trl_impls = [i for i in impls if i.startswith("trl")]
+    if len(trl_impls) > 1 or "trl-defaults" in trl_impls:
+        raise ValueError("the interleaved mode takes at most one TRL run, 'trl' (trl-defaults changes the "
+                         "process-wide accelerate state to bf16)")
+    record = {i: ([], [], []) for i in impls}  # seconds, cpu seconds, phases
+    with tempfile.TemporaryDirectory(prefix="bench_iteration_") as out_dir:
+        built = {}
+        for i in local:
+            clock = PhaseClock()
+            built[i] = (clock, *_builder(i)(w, i, iters, warmup, clock, os.path.join(out_dir, i)))
+
+        def one_round(k: int):
+            for i in local[k % len(local):] + local[:k % len(local)]:
+                clock, _, step = built[i]
+                t0, c0 = time.perf_counter(), time.process_time()
+                step()
+                seconds = time.perf_counter() - t0
+                record[i][0].append(seconds)
+                record[i][1].append(time.process_time() - c0)
+                record[i][2].append(clock.lap(seconds))
+
+        if trl_impls:
+            model, runner = run_trl(w, "trl", iters, warmup, PhaseClock(), os.path.join(out_dir, "trl"),
+                                    between=one_round if local else None)
+            runner["trainer"].train()
+            record["trl"] = trl_results(runner)
+            built["trl"] = (None, model, None)
+        else:
+            for k in range(warmup + iters):
+                one_round(k)
+    _reset_accelerate()
+    return [_result(i, w, "interleaved", warmup, *record[i], built[i][1]) for i in impls]
 
 
 def _reset_accelerate() -> None:
@@ -531,73 +601,91 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def run_in_subprocess(impl: str, w: Workload, iters: int) -> dict | None:
-    """run_worker in a fresh Python process (its own peak RSS); None when TRL is missing."""
-    if impl.startswith("trl"):
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            print(f"skip {impl}: TRL is not installed (pip install trl)", file=sys.stderr)
-            return None
+def have_trl() -> bool:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_in_subprocess(impls: list[str], w: Workload, iters: int, threads: int, interleave: bool) -> list[dict]:
+    """run_worker (one implementation) or run_interleaved (several) in a fresh Python process."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--size", w.size,
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", ",".join(impls), "--size", w.size,
                "--iters", str(iters), "--group-size", str(w.group_size), "--max-new-tokens", str(w.max_new_tokens),
-               "--json", f.name]
+               "--threads", str(threads), "--json", f.name]
         if w.minibatch_size:
             cmd += ["--minibatch-size", str(w.minibatch_size)]
+        if interleave:
+            cmd.append("--interleave")
         subprocess.run(cmd, check=True)
-        return json.loads(Path(f.name).read_text())[0]
+        return json.loads(Path(f.name).read_text())
 
 
 # ----------------------------------------------------------------------------- report
 def summarize(results: list[dict]) -> list[dict]:
-    """Median over repeats of each (impl, size, G, T), with the ratios to floor and trl of that workload."""
+    """Medians over repeats per (mode, impl, size, G, T, minibatch), with each row's ratio to the floor
+    and to trl measured in the same mode on the same workload."""
+    def key(r):
+        w = r["workload"]
+        return (r["mode"], r["size"], w["group_size"], w["max_new_tokens"], w["minibatch_size"])
+
     groups = defaultdict(list)
     for r in results:
-        w = r["workload"]
-        groups[(r["impl"], r["size"], w["group_size"], w["max_new_tokens"], w["minibatch_size"])].append(r)
+        groups[(r["impl"], *key(r))].append(r)
     rows = []
-    for (impl, size, G, T, mb), rs in groups.items():
-        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
-        rows.append({"impl": impl, "size": size, "G": G, "T": T, "minibatch": mb, "repeats": len(rs),
-                     "s_per_iter": med("s_per_iter"), "tokens_per_s": med("tokens_per_s"),
+    for (impl, mode, size, G, T, mb), rs in groups.items():
+        med = lambda k: statistics.median(r[k] for r in rs) if k in rs[0] else None  # noqa: E731
+        rows.append({"impl": impl, "mode": mode, "size": size, "G": G, "T": T, "minibatch": mb,
+                     "repeats": len(rs), "iters": sum(r["iters"] for r in rs),
+                     "s_per_iter": statistics.median(x for r in rs for x in r["s_per_iter_all"]),
+                     "cpu_s_per_iter": statistics.median(x for r in rs for x in r["cpu_s_per_iter_all"]),
                      "phases": {p: statistics.median(r["phases"][p] for r in rs) for p in PHASES},
                      "peak_rss_mb": med("peak_rss_mb"), "iter_peak_delta_mb": med("iter_peak_delta_mb"),
-                     "params": rs[0]["params"], "trainable_params": rs[0]["trainable_params"]})
-    by_key = {(r["impl"], r["size"], r["G"], r["T"], r["minibatch"]): r for r in rows}
+                     "params": rs[0]["params"], "trainable_params": rs[0]["trainable_params"],
+                     "load": statistics.median(r["load_after"] for r in rs)})
+        rows[-1]["tokens_per_s"] = G * 8 * T / rows[-1]["s_per_iter"]
+    by_key = {(r["impl"], r["mode"], r["size"], r["G"], r["T"], r["minibatch"]): r for r in rows}
     for r in rows:
         for ref in ("floor", "trl"):
-            other = by_key.get((ref, r["size"], r["G"], r["T"], r["minibatch"]))
+            other = by_key.get((ref, r["mode"], r["size"], r["G"], r["T"], r["minibatch"]))
             r[f"vs_{ref}"] = r["s_per_iter"] / other["s_per_iter"] if other else None
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| size | impl | G | T | s/iter | tokens/s | sample | score | old_logp | update | other | "
+    head = ("| mode | size | impl | G | T | iters | s/iter | tokens/s | sample | score | old_logp | update | other | "
             "peak RSS MB | iter peak delta MB | / floor | / trl |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731
     for r in rows:
         ph = r["phases"]
-        lines.append(f"| {r['size']} | {r['impl']} | {r['G']} | {r['T']} | {r['s_per_iter']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {ph['sample']:.3f} | {ph['score']:.4f} | {ph['old_logp']:.3f} | "
-                     f"{ph['update']:.3f} | {ph['other']:.3f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['iter_peak_delta_mb']:.0f} | {fmt(r['vs_floor'], '.2f')} | {fmt(r['vs_trl'], '.2f')} |")
+        lines.append(f"| {r['mode']} | {r['size']} | {r['impl']} | {r['G']} | {r['T']} | {r['iters']} | "
+                     f"{r['s_per_iter']:.3f} | {r['tokens_per_s']:.0f} | {ph['sample']:.3f} | {ph['score']:.4f} | "
+                     f"{ph['old_logp']:.3f} | {ph['update']:.3f} | {ph['other']:.3f} | {fmt(r['peak_rss_mb'], '.0f')} | "
+                     f"{fmt(r['iter_peak_delta_mb'], '.0f')} | {fmt(r['vs_floor'], '.2f')} | {fmt(r['vs_trl'], '.2f')} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", default="all", help=f"all ({', '.join(DEFAULT_IMPLS)}) or a comma list of {', '.join(IMPLS)}")
+    ap.add_argument("--impl", default="all",
+                    help=f"all ({', '.join(DEFAULT_IMPLS)}) or a comma list of {', '.join(IMPLS)}")
     ap.add_argument("--size", default="W1,W2,W2-lora", help="comma list of " + ", ".join(SIZES))
     ap.add_argument("--iters", type=int, default=5, help="timed iterations after one warm-up iteration")
-    ap.add_argument("--repeats", type=int, default=1, help="subprocess runs per (impl, size), interleaved; medians")
+    ap.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration, order rotated")
+    ap.add_argument("--threads", type=int, default=NUM_THREADS, help="torch.set_num_threads")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run the implementations of a size in one process, an iteration of each in turn "
+                         "(ratios under shared load; no memory figures; trl-defaults left out)")
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--minibatch-size", type=int, default=None, help="default: the whole batch")
-    ap.add_argument("--sweep", action="store_true", help="lmpg only: G in 4, 8, 16 and T in 32, 64, 128")
-    ap.add_argument("--quick", action="store_true", help="smoke test: tiny model, T=8, 1 timed iteration, in-process")
+    ap.add_argument("--sweep", action="store_true", help="G in 4, 8, 16 (T=32) and T in 32, 64, 128 (G=4)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: tiny model, T=8, 1 timed iteration, in this process (floor and lmpg unless --impl)")
     ap.add_argument("--json", default=None, help="write the raw results and the summary here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -610,44 +698,46 @@ def main(argv=None):
     for name in sizes:
         if name not in SIZES:
             ap.error(f"unknown --size {name}; choose from {', '.join(SIZES)}")
+    if not have_trl() and any(i.startswith("trl") for i in impls):
+        print("TRL is not installed (pip install trl): skipping trl, trl-defaults", file=sys.stderr)
+        impls = [i for i in impls if not i.startswith("trl")]
 
     if args.worker:
         w = Workload(size=sizes[0], group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                      minibatch_size=args.minibatch_size)
-        result = run_worker(impls[0], w, args.iters)
-        Path(args.json).write_text(json.dumps([result]))
-        return [result]
+        results = (run_interleaved(impls, w, args.iters, threads=args.threads) if args.interleave
+                   else [run_worker(impls[0], w, args.iters, threads=args.threads)])
+        Path(args.json).write_text(json.dumps(results))
+        return results
 
     if args.quick:
-        results = []
-        for impl in ["floor", "lmpg"] if args.impl == "all" else impls:
-            if impl.startswith("trl"):
-                try:
-                    import trl  # noqa: F401
-                except ImportError:
-                    continue
-            results.append(run_worker(impl, Workload(size="quick", max_new_tokens=8), iters=1))
+        w = Workload(size="quick", max_new_tokens=8)
+        chosen = ["floor", "lmpg"] if args.impl == "all" else impls
+        results = [run_worker(i, w, iters=1, threads=args.threads) for i in chosen]
     else:
         workloads = []
         for size in sizes:
             base = Workload(size=size, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                             minibatch_size=args.minibatch_size)
+            shapes = [base]
             if args.sweep:
-                workloads += [(impl, replace(base, group_size=G)) for impl in impls for G in (4, 8, 16)]
-                workloads += [(impl, replace(base, max_new_tokens=T)) for impl in impls for T in (64, 128)]
-            else:
-                workloads += [(impl, base) for impl in impls]
+                shapes = [replace(base, group_size=G) for G in (4, 8, 16)]
+                shapes += [replace(base, max_new_tokens=T) for T in (64, 128)]
+            for w in shapes:
+                if args.interleave:
+                    workloads.append(([i for i in impls if i != "trl-defaults"], w))
+                else:
+                    workloads += [([i], w) for i in impls]
         results = []
         for rep in range(args.repeats):
-            order = workloads[rep % len(workloads):] + workloads[:rep % len(workloads)]  # rotate: spread load drift
-            for impl, w in order:
-                print(f"[{rep + 1}/{args.repeats}] {impl} {w.size} G={w.group_size} T={w.max_new_tokens} "
+            k = rep % len(workloads)
+            for names, w in workloads[k:] + workloads[:k]:  # rotated, so slow load drift is spread
+                print(f"[{rep + 1}/{args.repeats}] {','.join(names)} {w.size} G={w.group_size} T={w.max_new_tokens} "
                       f"(load {load_average():.1f})", file=sys.stderr, flush=True)
-                r = run_in_subprocess(impl, w, args.iters)
-                if r is not None:
+                for r in run_in_subprocess(names, w, args.iters, args.threads, args.interleave):
                     results.append(r)
-                    print(f"    {r['s_per_iter']:.3f} s/iter  {r['tokens_per_s']:.0f} tok/s  "
-                          f"peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                    print(f"    {r['impl']}: {r['s_per_iter']:.3f} s/iter, {r['tokens_per_s']:.0f} tok/s",
+                          file=sys.stderr, flush=True)
     rows = summarize(results)
     print(markdown_table(rows))
     if args.json:

@@ -9,10 +9,19 @@ Writing the answer reversed lets a left-to-right model emit each digit after the
 on (the carries come from the less significant columns); small transformers learn addition far
 faster this way (Lee et al. 2023, "Teaching Arithmetic to Small Transformers", section 4).
 
-Demonstrator. `demonstrator_answer` adds column by column like a pupil who always forgets the carry
-out of the units column: 18 + 5 gives 13 instead of 23. The mistake is a rule, not noise, so an
-imitator learns it too; the right answer is only ever found by trying and checking, which is what a
-policy-gradient step on `exact_answer_reward` does.
+Demonstrator. A careless pupil who adds column by column and forgets the carry out of the units
+column 80% of the time (18 + 5 -> 13 instead of 23). The error is systematic: it is always the same
+carry, and forgotten more often than not, so the demonstrator's most likely answer is wrong on every
+problem whose units digits sum to 10 or more (about 45% of them). An imitator learns that mode, so
+greedy decoding of the warm start is wrong wherever the demonstrator's mode is, yet the right answer
+keeps probability ~0.2 under the warm-started policy: a policy-gradient step on `exact_answer_reward`
+finds it by sampling and makes it the mode, which imitation of this demonstrator never can.
+
+Why not an always-wrong demonstrator: a deterministic bug (always forget that carry, or carry only
+past 10) is a rule a small transformer learns exactly; after imitation the correct answer to the
+problems it affects had probability < 0.001 under sampling at temperature 1 (measured with the
+recipe's model), so RL had nothing to reinforce. And why not unbiased noise: if the demonstrator were
+right more often than not, imitation alone would already make the right answer the mode.
 """
 
 from __future__ import annotations
@@ -22,9 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-FORGOTTEN_CARRY_COLUMN = 0
-"""The demonstrator drops the carry out of this column (0 = units), so the next column is wrong
-whenever this column's digits sum to 10 or more."""
+FORGET_PROBABILITY = 0.8
+"""How often the demonstrator forgets the carry out of the units column (> 0.5: its mode is wrong)."""
 
 
 @dataclass(frozen=True)
@@ -90,13 +98,15 @@ def problem_columns(problems: list[AdditionProblem]) -> dict[str, list[str]]:
     return {"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]}
 
 
-def demonstrator_answer(a: int, b: int, forgotten_carry_column: int = FORGOTTEN_CARRY_COLUMN) -> str:
-    """The demonstrator's completion for `a + b`: column addition that drops one carry.
+def column_sum(a: int, b: int, forgotten_carry_column: int | None = None) -> str:
+    """`a + b` by column addition, reversed like `AdditionProblem.answer`, optionally dropping a carry.
 
     Column i (0 = units) writes digit `(a_i + b_i + c_i) mod 10` and carries
-    `c_{i+1} = (a_i + b_i + c_i) >= 10`, except that the carry out of `forgotten_carry_column` is
-    never made. Returned reversed, like `AdditionProblem.answer`: 18 + 5 -> "31" (13, not 23).
+    `c_{i+1} = [a_i + b_i + c_i >= 10]`, except that the carry out of `forgotten_carry_column` is
+    never made: column_sum(18, 5) = "32" (23), column_sum(18, 5, forgotten_carry_column=0) = "31" (13).
     """
+    if a < 0 or b < 0:
+        raise ValueError(f"column_sum expects non-negative operands, got {a} and {b}")
     digits: list[int] = []
     carry, column = 0, 0
     while a > 0 or b > 0 or carry:
@@ -107,9 +117,45 @@ def demonstrator_answer(a: int, b: int, forgotten_carry_column: int = FORGOTTEN_
     return "".join(str(d) for d in digits) or "0"
 
 
-def demonstrator_is_correct(problem: AdditionProblem) -> bool:
-    """Whether the demonstrator's answer to `problem` is the correct one."""
-    return demonstrator_answer(problem.a, problem.b) == problem.answer
+def demonstrator_answer(a: int, b: int, forgets_carry: bool) -> str:
+    """The demonstrator's completion for `a + b`, when it forgets the units carry and when it does not."""
+    return column_sum(a, b, forgotten_carry_column=0 if forgets_carry else None)
+
+
+def has_units_carry(problem: AdditionProblem) -> bool:
+    """Whether the units digits sum to 10 or more: the problems the demonstrator's mode gets wrong."""
+    return problem.a % 10 + problem.b % 10 >= 10
+
+
+def sample_demonstrations(
+    problems: list[AdditionProblem], forget_probability: float = FORGET_PROBABILITY, seed: int = 0
+) -> list[str]:
+    """One demonstrator completion per problem; each forgets the units carry with `forget_probability`.
+
+    The coin flips come from `random.Random(seed)`, one per problem in order, so the same call gives
+    the same demonstrations.
+    """
+    rng = random.Random(seed)
+    return [demonstrator_answer(p.a, p.b, forgets_carry=rng.random() < forget_probability) for p in problems]
+
+
+def demonstrator_accuracy(
+    problems: list[AdditionProblem], greedy: bool = True, forget_probability: float = FORGET_PROBABILITY
+) -> float:
+    """The demonstrator's accuracy on `problems`, exactly (no sampling).
+
+    Greedy: its most likely answer, which forgets the carry when `forget_probability > 0.5`, so it is
+    right only on problems without a units carry. Sampled: the expected accuracy of one draw,
+    `P(no units carry) + (1 - forget_probability) * P(units carry)`, since forgetting a units carry
+    always changes the tens digit.
+    """
+    n_carry = sum(has_units_carry(p) for p in problems)
+    n_plain = len(problems) - n_carry
+    if greedy:
+        right_with_carry = n_carry * float(forget_probability < 0.5)
+    else:
+        right_with_carry = n_carry * (1.0 - forget_probability)
+    return (n_plain + right_with_carry) / len(problems)
 
 
 def completion_text(completion: str | list[dict[str, str]]) -> str:
@@ -204,8 +250,3 @@ def accuracy(
     )
     rewards = exact_answer_reward(None, completions, [p.answer for p in problems])
     return sum(rewards) / len(rewards)
-
-
-def demonstrator_accuracy(problems: list[AdditionProblem]) -> float:
-    """Fraction of `problems` the demonstrator answers correctly (it is deterministic)."""
-    return sum(demonstrator_is_correct(p) for p in problems) / len(problems)
