@@ -528,7 +528,9 @@ class PGTrainer:
         if resume_from is None and out.exists() and any(out.iterdir()):
             marker = out / RUN_MARKER
             what = "a run" if marker.exists() else "files that are not an lmpg run"
-            if not c.overwrite_output_dir or not marker.exists():
+            # resume=auto on a run that died before its first checkpoint: nothing to keep, start again
+            restart = c.resume == "auto" and marker.exists()
+            if not (c.overwrite_output_dir or restart) or not marker.exists():
                 hint = ("set resume=auto to continue it, overwrite_output_dir=true to replace it, or choose another "
                         "output_dir") if marker.exists() else "choose an empty or new output_dir"
                 raise ConfigError(f"output_dir {out} already holds {what}; {hint}")

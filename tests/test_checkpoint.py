@@ -114,3 +114,16 @@ def test_too_many_non_finite_updates_stop_with_location(tmp_path, tiny_model, to
     with pytest.raises(TrainingError, match=r"2 consecutive updates .* iteration 4, epoch 0, minibatch 0"):
         trainer.train()
     assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "checkpoint-000003"
+
+
+def test_resume_auto_without_checkpoint_starts_again(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    """A run that died before its first checkpoint left metrics but nothing to resume: resume=auto
+    starts it again instead of refusing, and the old lines do not linger."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lmpg_run.json").write_text('{"iteration": 0, "iterations": 2, "finished": false}')
+    (run / "metrics.jsonl").write_text('{"iteration": 1, "stale": true}\n')
+    config = PGConfig(output_dir=str(run), iterations=2, batch_size=8, group_size=4, max_new_tokens=6,
+                      resume="auto", sample_log_every=0, progress_bar=False)
+    metrics = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+    assert [m["iteration"] for m in metrics] == [1, 2] and "stale" not in metrics[0]
