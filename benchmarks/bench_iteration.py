@@ -1,33 +1,43 @@
 """Seconds per policy-gradient iteration: lmpg, TRL's GRPOTrainer and a bare-PyTorch floor.
 
-    python benchmarks/bench_iteration.py                          # lmpg, floor, trl, trl-defaults on W1, W2, W2-lora
+    python benchmarks/bench_iteration.py                        # all implementations on W1, W2, W2-lora
     python benchmarks/bench_iteration.py --impl lmpg --size W1 --iters 5
-    python benchmarks/bench_iteration.py --sweep --size W1       # lmpg: group size 4/8/16, length 32/64/128
-    python benchmarks/bench_iteration.py --quick                  # smoke test, < 30 s
-    python benchmarks/bench_iteration.py --json out.json          # also write every result
+    python benchmarks/bench_iteration.py --impl lmpg,floor,trl --interleave   # ratios under shared load
+    python benchmarks/bench_iteration.py --sweep --impl lmpg --size W1        # G 4/8/16, T 32/64/128
+    python benchmarks/bench_iteration.py --quick                # smoke test, a few seconds
+    python benchmarks/bench_iteration.py --json out.json        # also write every measurement
 
 One iteration, the same work for every implementation:
 
 1. sample G=4 completions for each of 8 prompts (32 completions of exactly 32 new tokens, temperature 1,
    no top-k / top-p, KV cache);
-2. score them: the fraction of completion words that end in "7" (pure Python, about 20 us);
+2. score them: the fraction of completion words that end in "7" (pure Python, microseconds);
 3. advantages: group mean baseline, divided by the group std (GRPO);
-4. log pi_old of the taken tokens where the implementation needs a pass for it;
+4. log pi_old of the taken tokens, where the implementation needs a pass for it;
 5. two epochs of one minibatch of 32 completions each: forward, clipped surrogate (eps 0.2, token
    mean), backward, gradient norm clipped at 1.0, AdamW step (lr 1e-5). No KL, no reference model.
 
-Implementations (each in a fresh subprocess per size, so peak memory is its own):
+Implementations:
 
 - lmpg: `PGTrainer.step()`, batch_size=32, group_size=4, epochs_per_batch=2, minibatch_size=32,
-  sampler="lmpg" (variants: lmpg-nosnr, lmpg-generate, lmpg-sampler-logp, lmpg-fused, lmpg-fast).
+  sampler="lmpg", adv_norm="group", defaults otherwise. Variants: lmpg-nosnr (grad_snr=False),
+  lmpg-generate (sampler="generate"), lmpg-sampler-logp (logp_old_source="sampler"), and the library
+  changes proposed below, tested here on the trainer instance: lmpg-fused (fused AdamW), lmpg-prefix
+  (each prompt's forward run once per group in the update), lmpg-prefill (the same in the sampler's
+  prefill), lmpg-fast (all three, grad_snr off, logp_old_source="sampler").
 - trl: `GRPOTrainer` with num_generations=4, per_device_train_batch_size=32 (so generation_batch_size=32
-  and one optimizer step per generation pass), num_iterations=2, beta=0, max_completion_length=32, and
-  everything lmpg does set the same (gradient checkpointing off, fp32, lr, clipping, dapo = token mean).
-  trl-defaults: only the fields that define the work; TRL's defaults for the rest (gradient
-  checkpointing on, bf16 autocast, lr 1e-6). TRL interleaves generation with optimizer steps; one
-  iteration is two optimizer steps, timed from the end of step 2k to the end of step 2k+2 by a callback.
-- floor: the same algorithm written bare below: `model.generate`, one no-grad forward for pi_old, two
-  forward/backward/clip/AdamW steps.
+  and one optimizer step per epoch), num_iterations=2, beta=0, max_completion_length=32, and what lmpg
+  does set alike (gradient checkpointing off, fp32, lr, eps, grad clip, loss_type dapo = token mean,
+  scale_rewards group, top_k 0). trl-defaults: only the fields that define the work, TRL's defaults for
+  the rest (gradient checkpointing on, bf16 autocast, lr 1e-6, linear schedule). TRL's loop is its
+  own: a callback times each iteration (its two optimizer steps, generation included).
+- floor: the algorithm written bare in `run_floor`: `model.generate`, one no-grad forward for pi_old,
+  two forward/backward/clip/AdamW steps.
+
+Modes. Default: each implementation in a fresh subprocess per size (its own peak memory).
+--interleave: the implementations of a size in one subprocess, one iteration of each in turn (TRL's
+iterations drive the rounds; the others run between them, outside its timing), so the load of a
+shared machine falls on all alike: the mode to take ratios in. No memory figures there.
 
 The model: a Llama built from a config (`lmpg.tiny.make_tiny_causal_lm`, seed 0, tied embeddings) on a
 word-level tokenizer built in-process with V = 4096 (4 special tokens + 4092 words), so the (B, T, V)
@@ -39,16 +49,18 @@ No early stop for anyone: the output layer gets a frozen bias of -1e4 on the EOS
 parameter of `lm_head`, which TRL's fused log-prob head reads too), so EOS has probability 0 for every
 sampler and every completion is exactly max_new_tokens long.
 
-Reported per implementation and size: seconds per iteration (median over --iters timed iterations after
-one warm-up iteration), completion tokens per second, the median seconds of each phase (sample, score,
+Reported: seconds per iteration (median over the timed iterations after one warm-up iteration, pooled
+over --repeats), completion tokens per second, the median seconds of each phase (sample, score,
 old_logp, update, other), and memory: `peak_rss_mb` (ru_maxrss of the subprocess: imports, model and
-run) and `iter_peak_delta_mb` (the peak RSS during the timed iterations, reset through
-/proc/self/clear_refs just before them, minus the RSS before the first iteration: what training adds).
+run) and `iter_peak_delta_mb` (the peak RSS during the iterations, reset through /proc/self/clear_refs
+just before them, minus the RSS then: what training adds to a built model).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import random
@@ -83,9 +95,9 @@ SIZES = {
     "W2": (7, 512, 8, 0),
     "W2-lora": (7, 512, 8, 16),
 }
-IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fused", "lmpg-fast",
-         "floor", "trl", "trl-defaults")
-DEFAULT_IMPLS = ("lmpg", "floor", "trl", "trl-defaults")
+IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fused", "lmpg-prefix", "lmpg-prefill",
+         "lmpg-fast", "floor", "trl", "trl-defaults")
+DEFAULT_IMPLS = ("lmpg", "lmpg-fast", "floor", "trl", "trl-defaults")
 PHASES = ("sample", "score", "old_logp", "update", "other")
 
 
@@ -257,11 +269,8 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
         options["sampler"] = "generate"
     elif variant == "lmpg-sampler-logp":
         options["logp_old_source"] = "sampler"
-    elif variant in ("lmpg-fused", "lmpg-fast"):
-        _patch_fused_adamw()
-        if variant == "lmpg-fast":
-            options.update(grad_snr=False, logp_old_source="sampler")
-            _patch_fast_logprobs()
+    elif variant == "lmpg-fast":
+        options.update(grad_snr=False, logp_old_source="sampler")
     config = PGConfig(
         output_dir=out_dir, seed=w.seed, iterations=10**6, batch_size=w.batch_size, group_size=w.group_size,
         max_new_tokens=w.max_new_tokens, temperature=1.0, epochs_per_batch=w.epochs,
@@ -270,7 +279,12 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
         clip_eps_low=w.clip_eps, clip_eps_high=w.clip_eps, kl_coef=0.0, lora_r=w.lora_r, lora_alpha=16.0,
         sample_log_every=0, progress_bar=False, **options)
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in make_prompts()])
-    trainer = PGTrainer(model, [reward_sevens], dataset, config, tokenizer=tok)
+    with fused_adamw() if variant in ("lmpg-fused", "lmpg-fast") else contextlib.nullcontext():
+        trainer = PGTrainer(model, [reward_sevens], dataset, config, tokenizer=tok)
+    if variant in ("lmpg-prefix", "lmpg-fast"):
+        trainer._forward = functools.partial(shared_prefix_forward, trainer)
+    if variant in ("lmpg-prefill", "lmpg-fast"):
+        trainer._sample = functools.partial(shared_prefill_sample, trainer)
     trainer._prepare_run_dir()
     clock.wrap(trainer, "_sample", "sample")
     clock.wrap(trainer, "_score", "score")
@@ -284,40 +298,149 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
     return model, one_iteration
 
 
-def _patch_fused_adamw() -> None:
-    """Proposed change (lmpg/trainer.py, PGTrainer.__init__): AdamW(..., fused=True) where the device
-    supports it (CPU and CUDA in torch >= 2.4), as transformers' Trainer does by default."""
-    import functools
+@contextlib.contextmanager
+def fused_adamw():
+    """Proposed change (lmpg/trainer.py, PGTrainer.__init__): torch.optim.AdamW(..., fused=True) where
+    the parameters' device supports it (CPU and CUDA in torch >= 2.4), as transformers' Trainer does by
+    default; the update is the same up to float rounding. Here: patched while the trainer is built."""
+    original = torch.optim.AdamW
+    torch.optim.AdamW = functools.partial(original, fused=True)
+    try:
+        yield
+    finally:
+        torch.optim.AdamW = original
 
-    torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
+
+def shared_prefix_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                    group: torch.Tensor) -> torch.Tensor:
+    """Logits predicting each completion token, (B, T, V): what `lmpg.logprobs.completion_logits`
+    returns, with each distinct prompt run through the model once instead of once per sample.
+
+    Proposed change (lmpg/logprobs.py, used by PGTrainer._forward). The G samples of a prompt share
+    its tokens, so the training forward recomputes the prompt's hidden states G times. Instead:
+
+    1. the b distinct prompts (b = B / G) through the model with a KV cache, logits of their last
+       position (they predict completion token 0);
+    2. the cache rows repeated to the B samples (an index_select: differentiable, so the gradient of
+       every sample flows back into its prompt's single forward);
+    3. the B completions but their last token through the model on that cache: the logits predicting
+       tokens 1..T-1.
+
+    group: (B,) a prompt id per row; rows with one id must hold the same prompt (lmpg's
+    `rollout.prompt_index`). Positions and masks are those of the plain forward, so the two agree up
+    to float rounding (tests/test_fast_paths.py).
+    """
+    from lmpg.logprobs import position_ids_from_mask
+    from lmpg.sampler import _cache_kwarg, _returned_cache
+
+    B, P = prompt_ids.shape  # sequences, prompt tokens (left padded)
+    T = completion_ids.shape[1]  # completion tokens
+    ids, inverse = torch.unique(group, return_inverse=True)  # inverse: (B,) row -> distinct prompt
+    first = torch.full((len(ids),), B, dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(B), reduce="amin")  # (b,) a row holding each distinct prompt
+    mask = torch.cat([prompt_mask, completion_mask], 1).long()  # (B, P+T)
+    positions = position_ids_from_mask(mask)
+    out = model(input_ids=prompt_ids[first], attention_mask=mask[first, :P], position_ids=positions[first, :P],
+                use_cache=True, logits_to_keep=1)
+    first_logits = out.logits[inverse]  # (B, 1, V)
+    if T == 1:
+        return first_logits
+    cache = _returned_cache(out)
+    cache.batch_select_indices(inverse)  # (b, ...) -> (B, ...)
+    out = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, P:-1],
+                use_cache=True, **{_cache_kwarg(model): cache})
+    return torch.cat([first_logits, out.logits], 1)  # (B, T, V)
 
 
-def _patch_fast_logprobs() -> None:
-    """Proposed change (lmpg/logprobs.py, sequence_logprobs): one logsumexp per row feeds both the
-    taken-token log-prob and the entropy (H = logsumexp(z) - sum_v softmax(z)_v z_v), no copy of the
-    logits when they are already fp32 and tau = 1, chunks of 8 rows."""
-    import lmpg.trainer
+def shared_prefix_forward(trainer, model, rollout, idx, with_entropy: bool):
+    """PGTrainer._forward (padding trimmed the same way) on shared_prefix_completion_logits."""
+    from lmpg.logprobs import selective_log_softmax, token_entropy
 
-    def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                          temperature: float = 1.0, with_entropy: bool = False):
-        from lmpg.logprobs import completion_logits
+    prompt_mask, completion_mask = rollout.prompt_mask[idx], rollout.completion_mask[idx]
+    P, T = prompt_mask.shape[1], completion_mask.shape[1]
+    p_start = P - int(prompt_mask.sum(1).max()) if P else 0
+    t_end = int(completion_mask.sum(1).max()) if T else 0
+    if p_start == P or t_end == 0:  # no prompt to share or nothing to score: the plain forward
+        return type(trainer)._forward(trainer, model, rollout, idx, with_entropy)
+    completion_ids = rollout.completion_ids[idx][:, :t_end]
+    group = torch.as_tensor(rollout.prompt_index, device=idx.device)[idx]
+    logits = shared_prefix_completion_logits(model, rollout.prompt_ids[idx][:, p_start:], prompt_mask[:, p_start:],
+                                             completion_ids, completion_mask[:, :t_end], group)
+    tau = trainer.config.temperature
+    logp = selective_log_softmax(logits, completion_ids, tau)
+    ent = token_entropy(logits.detach(), tau) if with_entropy else None
+    if t_end < T:
+        pad = (0, T - t_end)
+        logp = torch.nn.functional.pad(logp, pad)
+        ent = torch.nn.functional.pad(ent, pad) if ent is not None else None
+    return logp, ent
 
-        logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, T, V)
-        logps, ents = [], []
-        for s in range(0, logits.shape[0], 8):
-            z = logits[s:s + 8]
-            z = z.float() if z.dtype != torch.float32 else z
-            z = z / temperature if temperature != 1.0 else z
-            lse = torch.logsumexp(z, dim=-1)  # (b, T)
-            logps.append(z.gather(-1, completion_ids[s:s + 8].unsqueeze(-1)).squeeze(-1) - lse)
-            if with_entropy:
-                with torch.no_grad():
-                    zd = z.detach()
-                    ents.append(lse.detach() - (torch.softmax(zd, dim=-1) * zd).sum(-1))
-        logp = torch.cat(logps, 0)
-        return logp, (torch.cat(ents, 0) if with_entropy else None)
 
-    lmpg.trainer.sequence_logprobs = sequence_logprobs
+@torch.no_grad()
+def sample_tokens_shared_prefill(model, prompt_ids, prompt_mask, seeds, *, max_new_tokens, eos_ids, pad_id,
+                                 temperature=1.0, top_k=0, top_p=1.0):
+    """lmpg.sampler.sample_tokens with the prefill (the prompt's forward) run once per distinct prompt
+    and its KV cache repeated to the rows that share it; the decode loop is the original's.
+
+    Proposed change (lmpg/sampler.py, sample_tokens): the G rows of a prompt are identical up to the
+    first sampled token, so prefilling them G times repeats work. Same draws up to float rounding of
+    the prefill logits (each row keeps its own random stream).
+    """
+    from lmpg.logprobs import position_ids_from_mask
+    from lmpg.sampler import _cache_kwarg, _returned_cache, filter_logits, gumbel_noise
+
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    rows = torch.cat([prompt_ids, prompt_mask.long()], 1)
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (B,) row -> distinct prompt
+    first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(B), reduce="amin")
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    eos = torch.tensor(eos_ids, device=device)
+    attention_mask = prompt_mask.long()
+    positions = position_ids_from_mask(attention_mask)
+    out = model(input_ids=prompt_ids[first], attention_mask=attention_mask[first], position_ids=positions[first],
+                use_cache=True, logits_to_keep=1)
+    cache_kwarg = _cache_kwarg(model)
+    past = _returned_cache(out)
+    past.batch_select_indices(inverse)
+    last_logits = out.logits[inverse, -1, :]  # (B, V)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for step in range(max_new_tokens):
+        z = last_logits.float() / temperature  # (B, V)
+        logp_all = torch.log_softmax(z, dim=-1)
+        filtered = filter_logits(z, top_k, top_p)
+        token = torch.argmax(filtered + gumbel_noise(generators, z.shape[-1], device), dim=-1)  # (B,)
+        logp = logp_all.gather(1, token.unsqueeze(1)).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logps.append(torch.where(finished, torch.zeros_like(logp), logp))
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
+        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
+                    use_cache=True, **{cache_kwarg: past})
+        past = _returned_cache(out)
+        last_logits = out.logits[:, -1, :]
+        next_position = next_position + 1
+    if not tokens:
+        return prompt_ids.new_zeros(B, 0), torch.zeros(B, 0, device=device)
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+def shared_prefill_sample(trainer, *args, **kwargs):
+    """PGTrainer._sample with sample_tokens_shared_prefill in place of lmpg's sample_tokens."""
+    import lmpg.sampler
+
+    original = lmpg.sampler.sample_tokens
+    lmpg.sampler.sample_tokens = sample_tokens_shared_prefill
+    try:
+        return type(trainer)._sample(trainer, *args, **kwargs)
+    finally:
+        lmpg.sampler.sample_tokens = original
 
 
 # ----------------------------------------------------------------------------- 2. TRL
@@ -676,7 +799,8 @@ def main(argv=None):
     ap.add_argument("--size", default="W1,W2,W2-lora", help="comma list of " + ", ".join(SIZES))
     ap.add_argument("--iters", type=int, default=5, help="timed iterations after one warm-up iteration")
     ap.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration, order rotated")
-    ap.add_argument("--threads", type=int, default=NUM_THREADS, help="torch.set_num_threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help=f"torch.set_num_threads (default {NUM_THREADS}; 1 with --quick)")
     ap.add_argument("--interleave", action="store_true",
                     help="run the implementations of a size in one process, an iteration of each in turn "
                          "(ratios under shared load; no memory figures; trl-defaults left out)")
@@ -685,10 +809,13 @@ def main(argv=None):
     ap.add_argument("--minibatch-size", type=int, default=None, help="default: the whole batch")
     ap.add_argument("--sweep", action="store_true", help="G in 4, 8, 16 (T=32) and T in 32, 64, 128 (G=4)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: tiny model, T=8, 1 timed iteration, in this process (floor and lmpg unless --impl)")
+                    help="smoke test: tiny model, T=8, 1 thread, 1 timed iteration, in this process "
+                         "(floor and lmpg unless --impl)")
     ap.add_argument("--json", default=None, help="write the raw results and the summary here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.quick else NUM_THREADS
 
     impls = list(DEFAULT_IMPLS) if args.impl == "all" else args.impl.split(",")
     sizes = args.size.split(",")
@@ -713,7 +840,8 @@ def main(argv=None):
     if args.quick:
         w = Workload(size="quick", max_new_tokens=8)
         chosen = ["floor", "lmpg"] if args.impl == "all" else impls
-        results = [run_worker(i, w, iters=1, threads=args.threads) for i in chosen]
+        results = (run_interleaved(chosen, w, iters=1, threads=args.threads) if args.interleave
+                   else [run_worker(i, w, iters=1, threads=args.threads) for i in chosen])
     else:
         workloads = []
         for size in sizes:

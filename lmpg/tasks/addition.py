@@ -7,7 +7,9 @@ first, then EOS:
 
 Writing the answer reversed lets a left-to-right model emit each digit after the digits it depends
 on (the carries come from the less significant columns); small transformers learn addition far
-faster this way (Lee et al. 2023, "Teaching Arithmetic to Small Transformers", section 4).
+faster this way (Lee et al. 2023, "Teaching Arithmetic to Small Transformers", arXiv 2307.03381).
+The operands stay as written: reversing them too made the recipe's model learn slower, not faster
+(imitation loss 0.017 against 0.0007 after the same 1500 steps).
 
 Demonstrator. A careless pupil who adds column by column and forgets the carry out of the units
 column 80% of the time (18 + 5 -> 13 instead of 23). The error is systematic: it is always the same
@@ -76,10 +78,10 @@ def make_problems(
     """
     low, high = 10 ** (n_digits - 1), 10**n_digits - 1
     n_unordered = (high - low + 1) * (high - low + 2) // 2
-    if n_train + n_heldout > n_unordered // 2:
+    if n_train + n_heldout > n_unordered:
         raise ValueError(
-            f"{n_train + n_heldout} problems asked of {n_digits}-digit operands, which allow about "
-            f"{n_unordered}: lower n_train/n_heldout or raise n_digits"
+            f"{n_train + n_heldout} problems asked of {n_digits}-digit operands, which allow only "
+            f"{n_unordered} (counting a+b and b+a once): lower n_train/n_heldout or raise n_digits"
         )
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set()
