@@ -22,9 +22,10 @@ Implementations:
 - lmpg: `PGTrainer.step()`, batch_size=32, group_size=4, epochs_per_batch=2, minibatch_size=32,
   sampler="lmpg", adv_norm="group", defaults otherwise. Variants: lmpg-nosnr (grad_snr=False),
   lmpg-generate (sampler="generate"), lmpg-sampler-logp (logp_old_source="sampler"), and the library
-  changes proposed below, tested here on the trainer instance: lmpg-fused (fused AdamW), lmpg-prefix
-  (each prompt's forward run once per group in the update), lmpg-prefill (the same in the sampler's
-  prefill), lmpg-fast (all three, grad_snr off, logp_old_source="sampler").
+  changes proposed below, tested here on the trainer instance: lmpg-fused (fused AdamW), lmpg-split
+  (log-softmax chunks by split, linear backward), lmpg-prefix (each prompt's forward run once per
+  group in the update), lmpg-prefill (the same in the sampler's prefill), lmpg-fast (all four,
+  grad_snr off, logp_old_source="sampler").
 - trl: `GRPOTrainer` with num_generations=4, per_device_train_batch_size=32 (so generation_batch_size=32
   and one optimizer step per epoch), num_iterations=2, beta=0, max_completion_length=32, and what lmpg
   does set alike (gradient checkpointing off, fp32, lr, eps, grad clip, loss_type dapo = token mean,
@@ -95,8 +96,8 @@ SIZES = {
     "W2": (7, 512, 8, 0),
     "W2-lora": (7, 512, 8, 16),
 }
-IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fused", "lmpg-prefix", "lmpg-prefill",
-         "lmpg-fast", "floor", "trl", "trl-defaults")
+IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fused", "lmpg-split", "lmpg-prefix",
+         "lmpg-prefill", "lmpg-fast", "floor", "trl", "trl-defaults")
 DEFAULT_IMPLS = ("lmpg", "lmpg-fast", "floor", "trl", "trl-defaults")
 PHASES = ("sample", "score", "old_logp", "update", "other")
 
@@ -197,31 +198,46 @@ def reward_sevens(prompts, completions, **kwargs) -> list[float]:
 
 # ----------------------------------------------------------------------------- measuring
 class PhaseClock:
-    """Wall-clock seconds per phase, accumulated by wrapped methods until `lap()`."""
+    """Wall-clock and CPU seconds per phase, accumulated by wrapped methods until `lap()`.
+
+    CPU seconds (process time, all threads) are what an iteration costs whatever share of the cores
+    other jobs leave it: on a shared machine they are the steadier figure (wall / CPU ran from 0.55 to
+    1.0 with 2 threads here, as other jobs came and went).
+    """
 
     def __init__(self):
-        self.current = defaultdict(float)
+        self.wall = defaultdict(float)
+        self.cpu = defaultdict(float)
+
+    def add(self, phase: str, wall: float, cpu: float) -> None:
+        self.wall[phase] += wall
+        self.cpu[phase] += cpu
 
     def wrap(self, obj, attr: str, phase) -> None:
         """Time calls of obj.attr into `phase` (a name, or a function of the call's args giving one)."""
         fn = getattr(obj, attr)
 
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 name = phase(*args, **kwargs) if callable(phase) else phase
-                self.current[name] += time.perf_counter() - t0
+                self.add(name, time.perf_counter() - t0, time.process_time() - c0)
 
         setattr(obj, attr, timed)
 
-    def lap(self, total: float) -> dict:
-        """This iteration's phases, with `other` = total minus the timed phases."""
-        out = {p: self.current.get(p, 0.0) for p in PHASES if p != "other"}
-        out["other"] = max(total - sum(out.values()), 0.0)
-        self.current.clear()
-        return out
+    def lap(self, total_wall: float, total_cpu: float, rest: str = "other") -> tuple[dict, dict]:
+        """(wall, cpu) seconds of this iteration's phases; what no phase timed goes to `rest`."""
+        out = []
+        for spent, total in ((self.wall, total_wall), (self.cpu, total_cpu)):
+            phases = {p: spent.get(p, 0.0) for p in PHASES if p != "other"}
+            phases["other"] = 0.0
+            phases[rest] += max(total - sum(phases.values()), 0.0)
+            out.append(phases)
+        self.wall.clear()
+        self.cpu.clear()
+        return out[0], out[1]
 
 
 def rss_mb() -> float:
@@ -281,8 +297,9 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in make_prompts()])
     with fused_adamw() if variant in ("lmpg-fused", "lmpg-fast") else contextlib.nullcontext():
         trainer = PGTrainer(model, [reward_sevens], dataset, config, tokenizer=tok)
-    if variant in ("lmpg-prefix", "lmpg-fast"):
-        trainer._forward = functools.partial(shared_prefix_forward, trainer)
+    if variant in ("lmpg-split", "lmpg-prefix", "lmpg-fast"):
+        trainer._forward = functools.partial(proposed_forward, trainer, share_prompt=variant != "lmpg-split",
+                                             split=variant != "lmpg-prefix")
     if variant in ("lmpg-prefill", "lmpg-fast"):
         trainer._sample = functools.partial(shared_prefill_sample, trainer)
     trainer._prepare_run_dir()
@@ -352,9 +369,29 @@ def shared_prefix_completion_logits(model, prompt_ids, prompt_mask, completion_i
     return torch.cat([first_logits, out.logits], 1)  # (B, T, V)
 
 
-def shared_prefix_forward(trainer, model, rollout, idx, with_entropy: bool):
-    """PGTrainer._forward (padding trimmed the same way) on shared_prefix_completion_logits."""
-    from lmpg.logprobs import selective_log_softmax, token_entropy
+def selective_log_softmax_split(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                                chunk_rows: int = 4) -> torch.Tensor:
+    """lmpg.logprobs.selective_log_softmax with the chunks taken by `logits.split` instead of slicing.
+
+    Proposed change (lmpg/logprobs.py). Autograd gives every slice `logits[s:s + 4]` a backward
+    (SliceBackward) that writes its chunk's gradient into a zero tensor of the full (B, T, V) shape, and
+    the B/4 of them are then summed: O(B^2 T V) work in the backward. The outputs of one `split` share a
+    single backward that concatenates the chunk gradients once. Also no copy of fp32 logits for tau = 1.
+    """
+    B, T, V = logits.shape  # sequences, completion tokens, vocabulary
+    out = []
+    for z, a in zip(logits.split(chunk_rows, 0), tokens.split(chunk_rows, 0)):
+        z = z.float() if z.dtype != torch.float32 else z
+        z = z / temperature if temperature != 1.0 else z  # (b, T, V)
+        out.append(z.gather(-1, a.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    return torch.cat(out, 0) if out else logits.new_zeros(B, T, dtype=torch.float32)
+
+
+def proposed_forward(trainer, model, rollout, idx, with_entropy: bool, share_prompt: bool = True,
+                     split: bool = True):
+    """PGTrainer._forward (padding trimmed the same way) with the proposed shared-prompt logits and/or
+    split log-softmax."""
+    from lmpg.logprobs import completion_logits, selective_log_softmax, token_entropy
 
     prompt_mask, completion_mask = rollout.prompt_mask[idx], rollout.completion_mask[idx]
     P, T = prompt_mask.shape[1], completion_mask.shape[1]
@@ -362,12 +399,15 @@ def shared_prefix_forward(trainer, model, rollout, idx, with_entropy: bool):
     t_end = int(completion_mask.sum(1).max()) if T else 0
     if p_start == P or t_end == 0:  # no prompt to share or nothing to score: the plain forward
         return type(trainer)._forward(trainer, model, rollout, idx, with_entropy)
-    completion_ids = rollout.completion_ids[idx][:, :t_end]
-    group = torch.as_tensor(rollout.prompt_index, device=idx.device)[idx]
-    logits = shared_prefix_completion_logits(model, rollout.prompt_ids[idx][:, p_start:], prompt_mask[:, p_start:],
-                                             completion_ids, completion_mask[:, :t_end], group)
+    args = (rollout.prompt_ids[idx][:, p_start:], prompt_mask[:, p_start:], rollout.completion_ids[idx][:, :t_end],
+            completion_mask[:, :t_end])
+    if share_prompt:
+        group = torch.as_tensor(rollout.prompt_index, device=idx.device)[idx]
+        logits = shared_prefix_completion_logits(model, *args, group)
+    else:
+        logits = completion_logits(model, *args)
     tau = trainer.config.temperature
-    logp = selective_log_softmax(logits, completion_ids, tau)
+    logp = (selective_log_softmax_split if split else selective_log_softmax)(logits, args[2], tau)
     ent = token_entropy(logits.detach(), tau) if with_entropy else None
     if t_end < T:
         pad = (0, T - t_end)
@@ -473,18 +513,18 @@ def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCloc
                           processing_class=tok, peft_config=peft_config)
 
     iteration_of = lambda: trainer.state.global_step // steps_per_iteration  # noqa: E731
-    phase_log = defaultdict(lambda: defaultdict(float))  # iteration -> phase -> seconds
+    clocks = defaultdict(PhaseClock)  # iteration -> its phases
 
     def wrap(attr, phase):
         fn = getattr(trainer, attr)
 
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 name = phase() if callable(phase) else phase
-                phase_log[iteration_of()][name] += time.perf_counter() - t0
+                clocks[iteration_of()].add(name, time.perf_counter() - t0, time.process_time() - c0)
         setattr(trainer, attr, timed)
 
     wrap("_generate", "sample")
@@ -512,23 +552,19 @@ def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCloc
 
     timer = IterationTimer()
     trainer.add_callback(timer)
-    runner = {"trainer": trainer, "timer": timer, "phase_log": phase_log}
+    runner = {"trainer": trainer, "timer": timer, "clocks": clocks}
     return trainer.model, runner
 
 
-def trl_results(runner) -> tuple[list[float], list[float], list[dict]]:
+def trl_results(runner) -> tuple[list[float], list[float], list[dict], list[dict]]:
+    """Per iteration: wall seconds, CPU seconds, wall phases, CPU phases. TRL's "update" is what is
+    left of the iteration after sampling, scoring and the log pi_old forward: its training forwards,
+    backward, clipping, optimizer and bookkeeping."""
     spans = runner["timer"].spans
     seconds = [end - start for start, end, _, _ in spans]
     cpu_seconds = [end - start for _, _, start, end in spans]
-    phases = []
-    for k, total in enumerate(seconds):
-        log = runner["phase_log"][k]
-        sample, score, old = log["sample"], log["score"], log["old_logp"]
-        # "update" here is what is left of the iteration: TRL's training forwards (timed above as part of
-        # it), backward, clipping, optimizer, and its own bookkeeping
-        phases.append({"sample": sample, "score": score, "old_logp": old,
-                       "update": max(total - sample - score - old, 0.0), "other": 0.0})
-    return seconds, cpu_seconds, phases
+    laps = [runner["clocks"][k].lap(seconds[k], cpu_seconds[k], rest="update") for k in range(len(spans))]
+    return seconds, cpu_seconds, [w for w, _ in laps], [c for _, c in laps]
 
 
 # ----------------------------------------------------------------------------- 3. the floor
@@ -558,7 +594,7 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
 
     def one_iteration():
         # 1. sample G completions per prompt from pi_old
-        t0 = time.perf_counter()
+        marks = [(time.perf_counter(), time.process_time())]
         start = state["next"] % len(prompts)
         batch = (prompts + prompts)[start:start + w.num_prompts]
         state["next"] += w.num_prompts
@@ -575,13 +611,13 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
         is_eos = completion_ids == eos
         after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
         completion_mask = ~after_eos  # True up to and including the first EOS
-        t1 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
 
         # 2. score; advantages (r - mean_group) / (std_group + eps)
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
         r = torch.tensor(reward_sevens(batch, texts)).view(-1, G)  # (prompts, G)
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1, 1)  # (B, 1)
-        t2 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
 
         # 3. log pi_old: one no-grad forward
         input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P+T)
@@ -589,7 +625,7 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         with torch.no_grad():
             logp_old = floor_logprobs(model, input_ids, attention_mask, position_ids, completion_ids)
-        t3 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
 
         # 4. epochs x minibatches of: clipped surrogate (token mean), backward, clip the norm, AdamW
         for _ in range(w.epochs):
@@ -603,8 +639,9 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
                 torch.nn.utils.clip_grad_norm_(params, w.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
-        clock.current.update(sample=t1 - t0, score=t2 - t1, old_logp=t3 - t2, update=t4 - t3)
+        marks.append((time.perf_counter(), time.process_time()))
+        for phase, (start, end) in zip(("sample", "score", "old_logp", "update"), zip(marks, marks[1:])):
+            clock.add(phase, end[0] - start[0], end[1] - start[1])
 
     return model, one_iteration
 
@@ -617,11 +654,13 @@ def _builder(impl: str):
     return BUILDERS[impl.split("-")[0]]()
 
 
-def _result(impl: str, w: Workload, mode: str, warmup: int, seconds, cpu_seconds, phases, model, **extra) -> dict:
+def _result(impl: str, w: Workload, mode: str, warmup: int, seconds, cpu_seconds, phases, phases_cpu, model,
+            **extra) -> dict:
     """One implementation's measurements (the first `warmup` iterations dropped)."""
     import transformers
 
-    seconds, cpu_seconds, phases = seconds[warmup:], cpu_seconds[warmup:], phases[warmup:]
+    seconds, cpu_seconds = seconds[warmup:], cpu_seconds[warmup:]
+    phases, phases_cpu = phases[warmup:], phases_cpu[warmup:]
     s = statistics.median(seconds)
     try:
         import trl
@@ -636,6 +675,7 @@ def _result(impl: str, w: Workload, mode: str, warmup: int, seconds, cpu_seconds
         "cpu_s_per_iter": statistics.median(cpu_seconds), "cpu_s_per_iter_all": cpu_seconds,
         "tokens_per_s": w.batch_size * w.max_new_tokens / s,
         "phases": {p: statistics.median(ph[p] for ph in phases) for p in PHASES},
+        "phases_cpu": {p: statistics.median(ph[p] for ph in phases_cpu) for p in PHASES},
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "load_after": load_average(),
@@ -658,18 +698,20 @@ def run_worker(impl: str, w: Workload, iters: int, warmup: int = 1, threads: int
         peak_reset = reset_peak_rss()
         if impl.startswith("trl"):
             runner["trainer"].train()
-            seconds, cpu_seconds, phases = trl_results(runner)
+            seconds, cpu_seconds, phases, phases_cpu = trl_results(runner)
         else:
-            seconds, cpu_seconds, phases = [], [], []
+            seconds, cpu_seconds, phases, phases_cpu = [], [], [], []
             for _ in range(warmup + iters):
                 t0, c0 = time.perf_counter(), time.process_time()
                 runner()
                 seconds.append(time.perf_counter() - t0)
                 cpu_seconds.append(time.process_time() - c0)
-                phases.append(clock.lap(seconds[-1]))
+                wall, cpu = clock.lap(seconds[-1], cpu_seconds[-1])
+                phases.append(wall)
+                phases_cpu.append(cpu)
         iter_peak = vm_hwm_mb() if peak_reset else float("nan")
     _reset_accelerate()
-    return _result(impl, w, "separate", warmup, seconds, cpu_seconds, phases, model,
+    return _result(impl, w, "separate", warmup, seconds, cpu_seconds, phases, phases_cpu, model,
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base_rss_mb=base_rss,
                    iter_peak_mb=iter_peak, iter_peak_delta_mb=iter_peak - base_rss, setup_s=setup_s,
                    load_before=load_before)
@@ -685,7 +727,7 @@ def run_interleaved(impls: list[str], w: Workload, iters: int, warmup: int = 1, 
     if len(trl_impls) > 1 or "trl-defaults" in trl_impls:
         raise ValueError("the interleaved mode takes at most one TRL run, 'trl' (trl-defaults changes the "
                          "process-wide accelerate state to bf16)")
-    record = {i: ([], [], []) for i in impls}  # seconds, cpu seconds, phases
+    record = {i: ([], [], [], []) for i in impls}  # wall s, CPU s, wall phases, CPU phases
     with tempfile.TemporaryDirectory(prefix="bench_iteration_") as out_dir:
         built = {}
         for i in local:
@@ -697,10 +739,10 @@ def run_interleaved(impls: list[str], w: Workload, iters: int, warmup: int = 1, 
                 clock, _, step = built[i]
                 t0, c0 = time.perf_counter(), time.process_time()
                 step()
-                seconds = time.perf_counter() - t0
-                record[i][0].append(seconds)
-                record[i][1].append(time.process_time() - c0)
-                record[i][2].append(clock.lap(seconds))
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                wall_phases, cpu_phases = clock.lap(wall, cpu)
+                for column, value in zip(record[i], (wall, cpu, wall_phases, cpu_phases)):
+                    column.append(value)
 
         if trl_impls:
             model, runner = run_trl(w, "trl", iters, warmup, PhaseClock(), os.path.join(out_dir, "trl"),
@@ -748,46 +790,50 @@ def run_in_subprocess(impls: list[str], w: Workload, iters: int, threads: int, i
 
 # ----------------------------------------------------------------------------- report
 def summarize(results: list[dict]) -> list[dict]:
-    """Medians over repeats per (mode, impl, size, G, T, minibatch), with each row's ratio to the floor
-    and to trl measured in the same mode on the same workload."""
-    def key(r):
-        w = r["workload"]
-        return (r["mode"], r["size"], w["group_size"], w["max_new_tokens"], w["minibatch_size"])
-
+    """Medians per (mode, impl, size, G, T, minibatch), pooled over repeats, with each row's ratios
+    (wall and CPU) to the floor and to trl measured in the same mode on the same workload."""
     groups = defaultdict(list)
     for r in results:
-        groups[(r["impl"], *key(r))].append(r)
+        w = r["workload"]
+        groups[(r["impl"], r["mode"], r["size"], w["group_size"], w["max_new_tokens"], w["minibatch_size"])].append(r)
     rows = []
     for (impl, mode, size, G, T, mb), rs in groups.items():
-        med = lambda k: statistics.median(r[k] for r in rs) if k in rs[0] else None  # noqa: E731
+        pooled = lambda key: statistics.median(x for r in rs for x in r[key])  # noqa: E731
+        med = lambda key: statistics.median(r[key] for r in rs) if key in rs[0] else None  # noqa: E731
+        s_iter = pooled("s_per_iter_all")
         rows.append({"impl": impl, "mode": mode, "size": size, "G": G, "T": T, "minibatch": mb,
                      "repeats": len(rs), "iters": sum(r["iters"] for r in rs),
-                     "s_per_iter": statistics.median(x for r in rs for x in r["s_per_iter_all"]),
-                     "cpu_s_per_iter": statistics.median(x for r in rs for x in r["cpu_s_per_iter_all"]),
+                     "s_per_iter": s_iter, "cpu_s_per_iter": pooled("cpu_s_per_iter_all"),
+                     "tokens_per_s": rs[0]["workload"]["num_prompts"] * G * T / s_iter,
                      "phases": {p: statistics.median(r["phases"][p] for r in rs) for p in PHASES},
+                     "phases_cpu": {p: statistics.median(r["phases_cpu"][p] for r in rs) for p in PHASES}
+                     if "phases_cpu" in rs[0] else None,
                      "peak_rss_mb": med("peak_rss_mb"), "iter_peak_delta_mb": med("iter_peak_delta_mb"),
                      "params": rs[0]["params"], "trainable_params": rs[0]["trainable_params"],
                      "load": statistics.median(r["load_after"] for r in rs)})
-        rows[-1]["tokens_per_s"] = G * 8 * T / rows[-1]["s_per_iter"]
     by_key = {(r["impl"], r["mode"], r["size"], r["G"], r["T"], r["minibatch"]): r for r in rows}
     for r in rows:
         for ref in ("floor", "trl"):
             other = by_key.get((ref, r["mode"], r["size"], r["G"], r["T"], r["minibatch"]))
             r[f"vs_{ref}"] = r["s_per_iter"] / other["s_per_iter"] if other else None
+            r[f"vs_{ref}_cpu"] = r["cpu_s_per_iter"] / other["cpu_s_per_iter"] if other else None
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| mode | size | impl | G | T | iters | s/iter | tokens/s | sample | score | old_logp | update | other | "
-            "peak RSS MB | iter peak delta MB | / floor | / trl |")
+    """One line per row: wall and CPU seconds, phases (CPU seconds where measured), memory, ratios."""
+    head = ("| mode | size | impl | G | T | mb | iters | s/iter | CPU s/iter | tokens/s | sample | score | "
+            "old_logp | update | other | peak RSS MB | iter peak +MB | /floor | /floor CPU | /trl | /trl CPU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731
     for r in rows:
-        ph = r["phases"]
-        lines.append(f"| {r['mode']} | {r['size']} | {r['impl']} | {r['G']} | {r['T']} | {r['iters']} | "
-                     f"{r['s_per_iter']:.3f} | {r['tokens_per_s']:.0f} | {ph['sample']:.3f} | {ph['score']:.4f} | "
-                     f"{ph['old_logp']:.3f} | {ph['update']:.3f} | {ph['other']:.3f} | {fmt(r['peak_rss_mb'], '.0f')} | "
-                     f"{fmt(r['iter_peak_delta_mb'], '.0f')} | {fmt(r['vs_floor'], '.2f')} | {fmt(r['vs_trl'], '.2f')} |")
+        ph = r["phases_cpu"] or r["phases"]
+        lines.append(
+            f"| {r['mode']} | {r['size']} | {r['impl']} | {r['G']} | {r['T']} | {r['minibatch'] or r['G'] * 8} | "
+            f"{r['iters']} | {r['s_per_iter']:.3f} | {r['cpu_s_per_iter']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{ph['sample']:.3f} | {ph['score']:.4f} | {ph['old_logp']:.3f} | {ph['update']:.3f} | {ph['other']:.3f} | "
+            f"{fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['iter_peak_delta_mb'], '.0f')} | {fmt(r['vs_floor'], '.2f')} | "
+            f"{fmt(r['vs_floor_cpu'], '.2f')} | {fmt(r['vs_trl'], '.2f')} | {fmt(r['vs_trl_cpu'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -812,8 +858,14 @@ def main(argv=None):
                     help="smoke test: tiny model, T=8, 1 thread, 1 timed iteration, in this process "
                          "(floor and lmpg unless --impl)")
     ap.add_argument("--json", default=None, help="write the raw results and the summary here")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
+                    help="print the table of results saved by --json (several files are pooled); run nothing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.summarize:
+        results = [r for f in args.summarize for r in json.loads(Path(f).read_text())["results"]]
+        print(markdown_table(summarize(results)))
+        return results
     if args.threads is None:
         args.threads = 1 if args.quick else NUM_THREADS
 

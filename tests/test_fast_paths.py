@@ -2,9 +2,9 @@
 
 - logp_old_source: the sampler's log-probs in place of a no-grad forward give the same losses;
 - sampler="generate" and sampler="lmpg" both give valid rollouts from the untruncated policy;
-- the shared-prompt forward proposed in benchmarks/bench_iteration.py gives the plain forward's
-  log-probs and gradients, and the same training run; its shared-prefill sampler draws the same
-  samples as lmpg's sampler;
+- the changes proposed in benchmarks/bench_iteration.py: the shared-prompt forward gives the plain
+  forward's log-probs and gradients, the split log-softmax the sliced one's values and gradients, and
+  both the same training run; the shared-prefill sampler draws the same samples as lmpg's sampler;
 - fused AdamW (also proposed there) takes the same step as the for-loop AdamW.
 """
 
@@ -130,15 +130,46 @@ def test_shared_prompt_forward_equals_the_plain_forward(bench):
             torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_shared_prompt_forward_gives_the_same_training_run(bench, tmp_path, tokenizer, prompts_dataset):
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    import datasets
+
+    from conftest import ALPHABET
+    from lmpg.tiny import make_char_tokenizer
+
+    prompts = datasets.Dataset.from_list([{"prompt": f"{i}+{i}="} for i in range(12)])
+    return train(tmp_path_factory.mktemp("plain"), "plain", make_char_tokenizer(ALPHABET), prompts)
+
+
+@pytest.mark.parametrize("share_prompt,split", [(True, False), (False, True), (True, True)])
+def test_proposed_forward_gives_the_same_training_run(bench, tmp_path, tokenizer, prompts_dataset, plain_run,
+                                                      share_prompt, split):
     import functools
 
-    plain = train(tmp_path, "plain", tokenizer, prompts_dataset)
-    shared = train(tmp_path, "shared", tokenizer, prompts_dataset,
-                   setup=lambda t: setattr(t, "_forward", functools.partial(bench.shared_prefix_forward, t)))
-    for a, b in zip(plain, shared):
+    def setup(trainer):
+        trainer._forward = functools.partial(bench.proposed_forward, trainer, share_prompt=share_prompt, split=split)
+
+    plain = plain_run
+    fast = train(tmp_path, "fast", tokenizer, prompts_dataset, setup=setup)
+    for a, b in zip(plain, fast):
         for key in ("loss", "ratio_mean", "reward_mean", "entropy"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a[key], b[key])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_split_log_softmax_equals_the_sliced_one(bench, temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(10, 5, 33, requires_grad=True)  # B not a multiple of the 4-row chunks
+    tokens = torch.randint(0, 33, (10, 5))
+    weights = torch.randn(10, 5)
+    plain = selective_log_softmax(logits, tokens, temperature)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
+    split = bench.selective_log_softmax_split(logits, tokens, temperature)
+    (grad_split,) = torch.autograd.grad((split * weights).sum(), logits)
+    reference = torch.log_softmax(logits.detach() / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(split, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(split.detach(), reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_split, grad_plain, atol=1e-6, rtol=0)
 
 
 def test_shared_prefill_sampler_draws_the_same_samples(bench):

@@ -71,8 +71,8 @@ def test_padding_does_not_change_a_rows_loss(tokenizer):
 def test_warm_start_lowers_the_loss_and_learns_the_demonstrations(tokenizer):
     model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
     prompts, completions = ["1+2=", "2+2=", "3+4=", "10+20="], ["3", "4", "7", "03"]
-    stats = imitation_warm_start(model, tokenizer, prompts, completions, steps=120, batch_size=4, lr=1e-2, seed=0)
-    assert len(stats["losses"]) == 120 and stats["steps"] == 120
+    stats = imitation_warm_start(model, tokenizer, prompts, completions, steps=60, batch_size=4, lr=1e-2, seed=0)
+    assert len(stats["losses"]) == 60 and stats["steps"] == 60
     assert stats["loss_last"] < 0.1 < stats["loss_first"]
     batch = tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
