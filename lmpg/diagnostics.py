@@ -91,7 +91,7 @@ class GradientMoments:
             e = p.grad.detach().float() if before is None else p.grad.detach().float() - before
             e = e * scale
             s += e
-            sq += float((e.double() ** 2).sum())
+            sq += float(torch.dot(e.flatten(), e.flatten()))
         self.sum_sq += sq
         self.count += 1
         self._before = None

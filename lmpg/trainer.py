@@ -338,7 +338,9 @@ class PGTrainer:
         entropy_parts = []
         ess_sums = torch.zeros(3, dtype=torch.float64)  # sum w, sum w^2, n over epochs after the first
         params = [p for p in self.model.parameters() if p.requires_grad]
-        moments = GradientMoments(params) if c.grad_snr and acc.num_processes == 1 else None
+        # the SNR needs >= 2 gradient estimates in the first epoch; with fewer it would only cost time
+        first_epoch_micro = n_minibatches * -(-self.local_minibatch_size // self.micro_batch_size)
+        moments = GradientMoments(params) if c.grad_snr and acc.num_processes == 1 and first_epoch_micro >= 2 else None
         self.model.train()
         for epoch in range(c.epochs_per_batch):
             # epoch 0 in sampling order (the pi_old pass used the same micro-batches); later epochs take

@@ -46,3 +46,15 @@ def test_streaming_moments_match_the_reference():
     got = moments.result()
     assert got["grad_snr"] == pytest.approx(ref["grad_snr"], rel=1e-6)  # fp32 running sums
     assert got["grad_noise_scale"] == pytest.approx(ref["grad_noise_scale"], rel=1e-6)
+
+
+def test_trainer_logs_snr_and_ess_only_when_they_can_be_computed(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    from lmpg import PGTrainer
+    from conftest import count_a, small_config
+
+    metrics = PGTrainer(tiny_model, [count_a], prompts_dataset,
+                        small_config(tmp_path, epochs_per_batch=2, minibatch_size=4), tokenizer=tokenizer).train()
+    assert metrics[0]["grad_snr"] >= 0 and 0 < metrics[0]["ess_frac"] <= 1
+    one = PGTrainer(tiny_model, [count_a], prompts_dataset, small_config(tmp_path, output_dir=str(tmp_path / "one")),
+                    tokenizer=tokenizer).train()
+    assert "grad_snr" not in one[0] and "ess_frac" not in one[0]  # one micro-batch, one epoch: nothing to compare
