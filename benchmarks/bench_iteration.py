@@ -4,6 +4,7 @@
     python benchmarks/bench_iteration.py --impl lmpg --size W1 --iters 5
     python benchmarks/bench_iteration.py --impl lmpg,floor,trl --interleave   # ratios under shared load
     python benchmarks/bench_iteration.py --sweep --impl lmpg --size W1        # G 4/8/16, T 32/64/128
+    python benchmarks/bench_iteration.py --micro --size W2     # the proposed changes' pieces, timed alone
     python benchmarks/bench_iteration.py --quick                # smoke test, a few seconds
     python benchmarks/bench_iteration.py --json out.json        # also write every measurement
 
@@ -25,7 +26,7 @@ Implementations:
   changes proposed below, tested here on the trainer instance: lmpg-fused (fused AdamW), lmpg-split
   (log-softmax chunks by split, linear backward), lmpg-prefix (each prompt's forward run once per
   group in the update), lmpg-prefill (the same in the sampler's prefill), lmpg-fast (all four,
-  grad_snr off, logp_old_source="sampler").
+  grad_snr off, logp_old_source="sampler"); lmpg-bf16 (mixed_precision="bf16", autocast on CPU too).
 - trl: `GRPOTrainer` with num_generations=4, per_device_train_batch_size=32 (so generation_batch_size=32
   and one optimizer step per epoch), num_iterations=2, beta=0, max_completion_length=32, and what lmpg
   does set alike (gradient checkpointing off, fp32, lr, eps, grad clip, loss_type dapo = token mean,
@@ -97,7 +98,7 @@ SIZES = {
     "W2-lora": (7, 512, 8, 16),
 }
 IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fused", "lmpg-split", "lmpg-prefix",
-         "lmpg-prefill", "lmpg-fast", "floor", "trl", "trl-defaults")
+         "lmpg-prefill", "lmpg-fast", "lmpg-bf16", "floor", "trl", "trl-defaults")
 DEFAULT_IMPLS = ("lmpg", "lmpg-fast", "floor", "trl", "trl-defaults")
 PHASES = ("sample", "score", "old_logp", "update", "other")
 
@@ -287,6 +288,8 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
         options["logp_old_source"] = "sampler"
     elif variant == "lmpg-fast":
         options.update(grad_snr=False, logp_old_source="sampler")
+    elif variant == "lmpg-bf16":
+        options["mixed_precision"] = "bf16"  # autocast, as trl-defaults' bf16=True
     config = PGConfig(
         output_dir=out_dir, seed=w.seed, iterations=10**6, batch_size=w.batch_size, group_size=w.group_size,
         max_new_tokens=w.max_new_tokens, temperature=1.0, epochs_per_batch=w.epochs,
@@ -646,6 +649,78 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
     return model, one_iteration
 
 
+# ----------------------------------------------------------------------------- components
+def _cpu_median(fn, repeats: int) -> float:
+    """Median CPU seconds of fn() over `repeats` calls, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        fn()
+        times.append(time.process_time() - c0)
+    return statistics.median(times)
+
+
+def run_micro(size: str = "W2", repeats: int = 7, threads: int = NUM_THREADS) -> dict:
+    """CPU seconds of the pieces behind the proposed changes, each alone, on `size`'s model and an
+    iteration's shapes (B = 32 rows of 8 prompts, T = 32): the evidence for gains too small to resolve
+    in whole iterations on a shared machine."""
+    from lmpg.diagnostics import GradientMoments
+    from lmpg.logprobs import completion_logits, selective_log_softmax
+    from lmpg.rollout import sample_completions
+
+    torch.set_num_threads(threads)
+    tok = make_word_tokenizer()
+    model = make_model(tok, size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {"size": size, "threads": threads, "repeats": repeats}
+
+    # 1. one AdamW step: for-loop (lmpg today) vs fused
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    for name, kw in (("adamw_step_s", {}), ("adamw_fused_step_s", {"fused": True})):
+        opt = torch.optim.AdamW(params, lr=1e-9, **kw)
+        out[name] = _cpu_median(opt.step, repeats)
+
+    # 2. GradientMoments on one micro-batch (grad_snr=True; its result is NaN with one micro-batch)
+    def moments():
+        m = GradientMoments(params)
+        m.before_backward()
+        m.after_backward(scale=1.0)
+        m.result()
+    out["grad_snr_moments_s"] = _cpu_median(moments, repeats)
+
+    # 3. selective log-softmax forward + backward on (B, T, V) logits: sliced chunks vs split
+    for B in (32, 64, 128):
+        logits = torch.randn(B, 32, VOCAB_SIZE)
+        tokens = torch.randint(0, VOCAB_SIZE, (B, 32))
+        for name, fn in (("sliced", selective_log_softmax), ("split", selective_log_softmax_split)):
+            def fwd_bwd(fn=fn):
+                z = logits.clone().requires_grad_()
+                fn(z, tokens).sum().backward()
+            out[f"log_softmax_{name}_B{B}_s"] = _cpu_median(fwd_bwd, repeats)
+
+    # 4. a rollout of 8 prompts x 4 samples, then the training forward + backward: plain vs shared prompt
+    roll = sample_completions(model, tok, make_prompts()[:8], 4, max_new_tokens=32, seeds=list(range(32)))
+    group = torch.as_tensor(roll.prompt_index)
+    args = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+    for name, logits_fn in (("plain", lambda: completion_logits(model, *args)),
+                            ("shared_prompt", lambda: shared_prefix_completion_logits(model, *args, group))):
+        def fwd_bwd(logits_fn=logits_fn):
+            selective_log_softmax_split(logits_fn(), roll.completion_ids).sum().backward()
+            model.zero_grad(set_to_none=True)
+        out[f"train_fwd_bwd_{name}_s"] = _cpu_median(fwd_bwd, max(repeats // 2, 3))
+
+    # 5. the sampler: lmpg's vs the shared prefill (whole sampling of the rollout above)
+    import lmpg.sampler
+
+    for name, fn in (("lmpg", lmpg.sampler.sample_tokens), ("shared_prefill", sample_tokens_shared_prefill)):
+        out[f"sample_{name}_s"] = _cpu_median(lambda fn=fn: fn(
+            model, roll.prompt_ids, roll.prompt_mask, list(range(32)), max_new_tokens=32,
+            eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id), max(repeats // 2, 3))
+    return out
+
+
 # ----------------------------------------------------------------------------- runs
 BUILDERS = {"lmpg": lambda: run_lmpg, "floor": lambda: run_floor, "trl": lambda: run_trl}
 
@@ -858,6 +933,8 @@ def main(argv=None):
                     help="smoke test: tiny model, T=8, 1 thread, 1 timed iteration, in this process "
                          "(floor and lmpg unless --impl)")
     ap.add_argument("--json", default=None, help="write the raw results and the summary here")
+    ap.add_argument("--micro", action="store_true",
+                    help="time the components behind the proposed changes alone (CPU seconds) on each --size")
     ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
                     help="print the table of results saved by --json (several files are pooled); run nothing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -880,6 +957,13 @@ def main(argv=None):
     if not have_trl() and any(i.startswith("trl") for i in impls):
         print("TRL is not installed (pip install trl): skipping trl, trl-defaults", file=sys.stderr)
         impls = [i for i in impls if not i.startswith("trl")]
+
+    if args.micro:
+        results = [run_micro(size, threads=args.threads) for size in sizes]
+        print(json.dumps(results, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return results
 
     if args.worker:
         w = Workload(size=sizes[0], group_size=args.group_size, max_new_tokens=args.max_new_tokens,

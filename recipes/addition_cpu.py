@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. measure the warm start
     accuracy["warm_start"] = measure(model, tokenizer, heldout, recipe.eval_batch_size, config.seed)
+    if accuracy["warm_start"]["greedy"] < 0.9 * accuracy["demonstrator"]["greedy"]:
+        print(f"warning: the warm start ({accuracy['warm_start']['greedy']:.3f} greedy) has not caught up "
+              f"with the demonstrator ({accuracy['demonstrator']['greedy']:.3f}), so RL starts from a weaker "
+              "policy; raise sft_steps or try another seed", flush=True)
     lap("eval_warm_start")
 
     # 6. RL with lmpg on the exact-answer reward
