@@ -682,10 +682,17 @@ def run_micro(size: str = "W2", repeats: int = 7, threads: int = NUM_THREADS) ->
         opt = torch.optim.AdamW(params, lr=1e-9, **kw)
         out[name] = _cpu_median(opt.step, repeats)
 
-    # 2. GradientMoments on one micro-batch (grad_snr=True; its result is NaN with one micro-batch)
+    # 2. GradientMoments on one micro-batch, as the update runs it (grad_snr=True; the result is NaN
+    # with one micro-batch): gradients unset before the backward, set after it
+    grads = [p.grad for p in params]
+
     def moments():
         m = GradientMoments(params)
+        for p in params:
+            p.grad = None
         m.before_backward()
+        for p, g in zip(params, grads):
+            p.grad = g
         m.after_backward(scale=1.0)
         m.result()
     out["grad_snr_moments_s"] = _cpu_median(moments, repeats)

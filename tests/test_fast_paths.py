@@ -112,8 +112,13 @@ def _tiny_rollout(bench):
     return model, roll
 
 
-def test_shared_prompt_forward_equals_the_plain_forward(bench):
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_forward_equals_the_plain_forward(bench, lora):
     model, roll = _tiny_rollout(bench)
+    if lora:  # adapters with nonzero B, so they change the outputs
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     group = torch.tensor(roll.prompt_index)
     args = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
     plain = selective_log_softmax(completion_logits(model, *args), roll.completion_ids)
