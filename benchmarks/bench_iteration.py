@@ -348,7 +348,9 @@ def shared_prefix_completion_logits(model, prompt_ids, prompt_mask, completion_i
 
     group: (B,) a prompt id per row; rows with one id must hold the same prompt (lmpg's
     `rollout.prompt_index`). Positions and masks are those of the plain forward, so the two agree up
-    to float rounding (tests/test_fast_paths.py).
+    to float rounding (tests/test_fast_paths.py). One process only as written: under DDP the two
+    passes would have to run inside one forward of the wrapped module (DDP's reducer expects one
+    forward per backward), and with gradient checkpointing the model keeps no cache.
     """
     from lmpg.logprobs import position_ids_from_mask
     from lmpg.sampler import _cache_kwarg, _returned_cache
@@ -367,8 +369,9 @@ def shared_prefix_completion_logits(model, prompt_ids, prompt_mask, completion_i
         return first_logits
     cache = _returned_cache(out)
     cache.batch_select_indices(inverse)  # (b, ...) -> (B, ...)
+    cache_kwarg = _cache_kwarg(getattr(model, "module", model))  # the wrapped model under DDP
     out = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, P:-1],
-                use_cache=True, **{_cache_kwarg(model): cache})
+                use_cache=True, **{cache_kwarg: cache})
     return torch.cat([first_logits, out.logits], 1)  # (B, T, V)
 
 
