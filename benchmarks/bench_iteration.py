@@ -4,7 +4,7 @@
     python benchmarks/bench_iteration.py --impl lmpg --size W1 --iters 5
     python benchmarks/bench_iteration.py --impl lmpg,floor,trl --interleave   # ratios under shared load
     python benchmarks/bench_iteration.py --sweep --impl lmpg --size W1        # G 4/8/16, T 32/64/128
-    python benchmarks/bench_iteration.py --micro --size W2     # the proposed changes' pieces, timed alone
+    python benchmarks/bench_iteration.py --micro --size W2     # each speed-up's piece, before vs after, alone
     python benchmarks/bench_iteration.py --quick                # smoke test, a few seconds
     python benchmarks/bench_iteration.py --json out.json        # also write every measurement
 
@@ -22,11 +22,12 @@ Implementations:
 
 - lmpg: `PGTrainer.step()`, batch_size=32, group_size=4, epochs_per_batch=2, minibatch_size=32,
   sampler="lmpg", adv_norm="group", defaults otherwise. Variants: lmpg-nosnr (grad_snr=False),
-  lmpg-generate (sampler="generate"), lmpg-sampler-logp (logp_old_source="sampler"), and the library
-  changes proposed below, tested here on the trainer instance: lmpg-fused (fused AdamW), lmpg-split
-  (log-softmax chunks by split, linear backward), lmpg-prefix (each prompt's forward run once per
-  group in the update), lmpg-prefill (the same in the sampler's prefill), lmpg-fast (all four,
-  grad_snr off, logp_old_source="sampler"); lmpg-bf16 (mixed_precision="bf16", autocast on CPU too).
+  lmpg-generate (sampler="generate"), lmpg-sampler-logp (logp_old_source="sampler"), lmpg-fast
+  (grad_snr off, logp_old_source="sampler"), lmpg-bf16 (mixed_precision="bf16", autocast on CPU too).
+  Each speed-up of the library switched back off, to measure it: lmpg-noshare (each row runs its
+  prompt in the update forward), lmpg-sliced (log-softmax chunks by slicing: quadratic backward),
+  lmpg-noprefill (the sampler prefills every row), lmpg-unfused (for-each AdamW), lmpg-before (all
+  four off: lmpg as of commit f4aafdf).
 - trl: `GRPOTrainer` with num_generations=4, per_device_train_batch_size=32 (so generation_batch_size=32
   and one optimizer step per epoch), num_iterations=2, beta=0, max_completion_length=32, and what lmpg
   does set alike (gradient checkpointing off, fp32, lr, eps, grad clip, loss_type dapo = token mean,
@@ -62,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import random
@@ -97,8 +97,8 @@ SIZES = {
     "W2": (7, 512, 8, 0),
     "W2-lora": (7, 512, 8, 16),
 }
-IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fused", "lmpg-split", "lmpg-prefix",
-         "lmpg-prefill", "lmpg-fast", "lmpg-bf16", "floor", "trl", "trl-defaults")
+IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fast", "lmpg-bf16", "lmpg-noshare",
+         "lmpg-sliced", "lmpg-noprefill", "lmpg-unfused", "lmpg-before", "floor", "trl", "trl-defaults")
 DEFAULT_IMPLS = ("lmpg", "lmpg-fast", "floor", "trl", "trl-defaults")
 PHASES = ("sample", "score", "old_logp", "update", "other")
 
@@ -288,6 +288,9 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
         options["logp_old_source"] = "sampler"
     elif variant == "lmpg-fast":
         options.update(grad_snr=False, logp_old_source="sampler")
+    off = WITHOUT.get(variant, set())
+    if "noshare" in off:
+        options["shared_prompt_forward"] = False
     elif variant == "lmpg-bf16":
         options["mixed_precision"] = "bf16"  # autocast, as trl-defaults' bf16=True
     config = PGConfig(
@@ -298,13 +301,12 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
         clip_eps_low=w.clip_eps, clip_eps_high=w.clip_eps, kl_coef=0.0, lora_r=w.lora_r, lora_alpha=16.0,
         sample_log_every=0, progress_bar=False, **options)
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in make_prompts()])
-    with fused_adamw() if variant in ("lmpg-fused", "lmpg-fast") else contextlib.nullcontext():
+    import lmpg.trainer
+
+    with patched(lmpg.trainer, "make_adamw", unfused_adamw, "unfused" in off):
         trainer = PGTrainer(model, [reward_sevens], dataset, config, tokenizer=tok)
-    if variant in ("lmpg-split", "lmpg-prefix", "lmpg-fast"):
-        trainer._forward = functools.partial(proposed_forward, trainer, share_prompt=variant != "lmpg-split",
-                                             split=variant != "lmpg-prefix")
-    if variant in ("lmpg-prefill", "lmpg-fast"):
-        trainer._sample = functools.partial(shared_prefill_sample, trainer)
+    if off:
+        without_speedups(trainer, off)
     trainer._prepare_run_dir()
     clock.wrap(trainer, "_sample", "sample")
     clock.wrap(trainer, "_score", "score")
@@ -318,175 +320,72 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
     return model, one_iteration
 
 
-@contextlib.contextmanager
-def fused_adamw():
-    """Proposed change (lmpg/trainer.py, PGTrainer.__init__): torch.optim.AdamW(..., fused=True) where
-    the parameters' device supports it (CPU and CUDA in torch >= 2.4), as transformers' Trainer does by
-    default; the update is the same up to float rounding. Here: patched while the trainer is built."""
-    original = torch.optim.AdamW
-    torch.optim.AdamW = functools.partial(original, fused=True)
-    try:
-        yield
-    finally:
-        torch.optim.AdamW = original
+# Each of the four speed-ups in the library, switched back off, to measure what it buys
+# (benchmarks/README.md, "each change"). lmpg-before switches all four off: lmpg as of f4aafdf.
+WITHOUT = {
+    "lmpg-noshare": {"noshare"},  # shared_prompt_forward=False: every row runs its prompt in the update
+    "lmpg-sliced": {"sliced"},  # log-softmax chunks by slicing (quadratic backward)
+    "lmpg-noprefill": {"noprefill"},  # the sampler prefills every row, not each distinct prompt once
+    "lmpg-unfused": {"unfused"},  # for-each AdamW instead of fused
+    "lmpg-before": {"noshare", "sliced", "noprefill", "unfused"},
+}
 
 
-def shared_prefix_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                    group: torch.Tensor) -> torch.Tensor:
-    """Logits predicting each completion token, (B, T, V): what `lmpg.logprobs.completion_logits`
-    returns, with each distinct prompt run through the model once instead of once per sample.
-
-    Proposed change (lmpg/logprobs.py, used by PGTrainer._forward). The G samples of a prompt share
-    its tokens, so the training forward recomputes the prompt's hidden states G times. Instead:
-
-    1. the b distinct prompts (b = B / G) through the model with a KV cache, logits of their last
-       position (they predict completion token 0);
-    2. the cache rows repeated to the B samples (an index_select: differentiable, so the gradient of
-       every sample flows back into its prompt's single forward);
-    3. the B completions but their last token through the model on that cache: the logits predicting
-       tokens 1..T-1.
-
-    group: (B,) a prompt id per row; rows with one id must hold the same prompt (lmpg's
-    `rollout.prompt_index`). Positions and masks are those of the plain forward, so the two agree up
-    to float rounding (tests/test_fast_paths.py). One process only as written: under DDP the two
-    passes would have to run inside one forward of the wrapped module (DDP's reducer expects one
-    forward per backward), and with gradient checkpointing the model keeps no cache.
-    """
-    from lmpg.logprobs import position_ids_from_mask
-    from lmpg.sampler import _cache_kwarg, _returned_cache
-
-    B, P = prompt_ids.shape  # sequences, prompt tokens (left padded)
-    T = completion_ids.shape[1]  # completion tokens
-    ids, inverse = torch.unique(group, return_inverse=True)  # inverse: (B,) row -> distinct prompt
-    first = torch.full((len(ids),), B, dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(B), reduce="amin")  # (b,) a row holding each distinct prompt
-    mask = torch.cat([prompt_mask, completion_mask], 1).long()  # (B, P+T)
-    positions = position_ids_from_mask(mask)
-    out = model(input_ids=prompt_ids[first], attention_mask=mask[first, :P], position_ids=positions[first, :P],
-                use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[inverse]  # (B, 1, V)
-    if T == 1:
-        return first_logits
-    cache = _returned_cache(out)
-    cache.batch_select_indices(inverse)  # (b, ...) -> (B, ...)
-    cache_kwarg = _cache_kwarg(getattr(model, "module", model))  # the wrapped model under DDP
-    out = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, P:-1],
-                use_cache=True, **{cache_kwarg: cache})
-    return torch.cat([first_logits, out.logits], 1)  # (B, T, V)
-
-
-def selective_log_softmax_split(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                                chunk_rows: int = 4) -> torch.Tensor:
-    """lmpg.logprobs.selective_log_softmax with the chunks taken by `logits.split` instead of slicing.
-
-    Proposed change (lmpg/logprobs.py). Autograd gives every slice `logits[s:s + 4]` a backward
-    (SliceBackward) that writes its chunk's gradient into a zero tensor of the full (B, T, V) shape, and
-    the B/4 of them are then summed: O(B^2 T V) work in the backward. The outputs of one `split` share a
-    single backward that concatenates the chunk gradients once. Also no copy of fp32 logits for tau = 1.
-    """
-    B, T, V = logits.shape  # sequences, completion tokens, vocabulary
+def sliced_selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                                 chunk_rows: int = 4) -> torch.Tensor:
+    """lmpg.logprobs.selective_log_softmax before it took its chunks with `split`: autograd gives every
+    slice `logits[s:s + 4]` a backward that writes its chunk's gradient into a zero tensor of the full
+    (B, T, V) shape, and the B/4 of them are summed: O(B^2 T V) work in the backward."""
+    B, T, V = logits.shape
     out = []
-    for z, a in zip(logits.split(chunk_rows, 0), tokens.split(chunk_rows, 0)):
-        z = z.float() if z.dtype != torch.float32 else z
-        z = z / temperature if temperature != 1.0 else z  # (b, T, V)
-        out.append(z.gather(-1, a.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    for s in range(0, B, chunk_rows):
+        z = logits[s:s + chunk_rows].float() / temperature
+        out.append(z.gather(-1, tokens[s:s + chunk_rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
     return torch.cat(out, 0) if out else logits.new_zeros(B, T, dtype=torch.float32)
 
 
-def proposed_forward(trainer, model, rollout, idx, with_entropy: bool, share_prompt: bool = True,
-                     split: bool = True):
-    """PGTrainer._forward (padding trimmed the same way) with the proposed shared-prompt logits and/or
-    split log-softmax."""
-    from lmpg.logprobs import completion_logits, selective_log_softmax, token_entropy
-
-    prompt_mask, completion_mask = rollout.prompt_mask[idx], rollout.completion_mask[idx]
-    P, T = prompt_mask.shape[1], completion_mask.shape[1]
-    p_start = P - int(prompt_mask.sum(1).max()) if P else 0
-    t_end = int(completion_mask.sum(1).max()) if T else 0
-    if p_start == P or t_end == 0:  # no prompt to share or nothing to score: the plain forward
-        return type(trainer)._forward(trainer, model, rollout, idx, with_entropy)
-    args = (rollout.prompt_ids[idx][:, p_start:], prompt_mask[:, p_start:], rollout.completion_ids[idx][:, :t_end],
-            completion_mask[:, :t_end])
-    if share_prompt:
-        group = torch.as_tensor(rollout.prompt_index, device=idx.device)[idx]
-        logits = shared_prefix_completion_logits(model, *args, group)
-    else:
-        logits = completion_logits(model, *args)
-    tau = trainer.config.temperature
-    logp = (selective_log_softmax_split if split else selective_log_softmax)(logits, args[2], tau)
-    ent = token_entropy(logits.detach(), tau) if with_entropy else None
-    if t_end < T:
-        pad = (0, T - t_end)
-        logp = torch.nn.functional.pad(logp, pad)
-        ent = torch.nn.functional.pad(ent, pad) if ent is not None else None
-    return logp, ent
+def every_row_distinct(rows: torch.Tensor):
+    """A stand-in for lmpg.kvcache.distinct_rows that shares nothing (first = inverse = all rows)."""
+    index = torch.arange(rows.shape[0], device=rows.device)
+    return index, index
 
 
-@torch.no_grad()
-def sample_tokens_shared_prefill(model, prompt_ids, prompt_mask, seeds, *, max_new_tokens, eos_ids, pad_id,
-                                 temperature=1.0, top_k=0, top_p=1.0):
-    """lmpg.sampler.sample_tokens with the prefill (the prompt's forward) run once per distinct prompt
-    and its KV cache repeated to the rows that share it; the decode loop is the original's.
-
-    Proposed change (lmpg/sampler.py, sample_tokens): the G rows of a prompt are identical up to the
-    first sampled token, so prefilling them G times repeats work. Same draws up to float rounding of
-    the prefill logits (each row keeps its own random stream).
-    """
-    from lmpg.logprobs import position_ids_from_mask
-    from lmpg.sampler import _cache_kwarg, _returned_cache, filter_logits, gumbel_noise
-
-    B = prompt_ids.shape[0]
-    device = prompt_ids.device
-    rows = torch.cat([prompt_ids, prompt_mask.long()], 1)
-    _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (B,) row -> distinct prompt
-    first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(B), reduce="amin")
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    eos = torch.tensor(eos_ids, device=device)
-    attention_mask = prompt_mask.long()
-    positions = position_ids_from_mask(attention_mask)
-    out = model(input_ids=prompt_ids[first], attention_mask=attention_mask[first], position_ids=positions[first],
-                use_cache=True, logits_to_keep=1)
-    cache_kwarg = _cache_kwarg(model)
-    past = _returned_cache(out)
-    past.batch_select_indices(inverse)
-    last_logits = out.logits[inverse, -1, :]  # (B, V)
-    next_position = positions[:, -1:] + 1  # (B, 1)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logps = [], []
-    for step in range(max_new_tokens):
-        z = last_logits.float() / temperature  # (B, V)
-        logp_all = torch.log_softmax(z, dim=-1)
-        filtered = filter_logits(z, top_k, top_p)
-        token = torch.argmax(filtered + gumbel_noise(generators, z.shape[-1], device), dim=-1)  # (B,)
-        logp = logp_all.gather(1, token.unsqueeze(1)).squeeze(1)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        logps.append(torch.where(finished, torch.zeros_like(logp), logp))
-        finished |= torch.isin(token, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
-        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **{cache_kwarg: past})
-        past = _returned_cache(out)
-        last_logits = out.logits[:, -1, :]
-        next_position = next_position + 1
-    if not tokens:
-        return prompt_ids.new_zeros(B, 0), torch.zeros(B, 0, device=device)
-    return torch.stack(tokens, 1), torch.stack(logps, 1)
+def unfused_adamw(params, c):
+    return torch.optim.AdamW(params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps,
+                             weight_decay=c.weight_decay)
 
 
-def shared_prefill_sample(trainer, *args, **kwargs):
-    """PGTrainer._sample with sample_tokens_shared_prefill in place of lmpg's sample_tokens."""
+@contextlib.contextmanager
+def patched(obj, name: str, value, on: bool = True):
+    """obj.name = value inside the block (when `on`)."""
+    if not on:
+        yield
+        return
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
+
+
+def without_speedups(trainer, off: set):
+    """Wrap the trainer's sample and update so the switched-off speed-ups are patched out while they run
+    (the patches are module-level, so they are undone between calls: other implementations run
+    interleaved in the same process)."""
+    import lmpg.logprobs
     import lmpg.sampler
 
-    original = lmpg.sampler.sample_tokens
-    lmpg.sampler.sample_tokens = sample_tokens_shared_prefill
-    try:
-        return type(trainer)._sample(trainer, *args, **kwargs)
-    finally:
-        lmpg.sampler.sample_tokens = original
+    def wrap(method):
+        def run(*args, **kwargs):
+            with patched(lmpg.logprobs, "selective_log_softmax", sliced_selective_log_softmax, "sliced" in off), \
+                    patched(lmpg.sampler, "distinct_rows", every_row_distinct, "noprefill" in off):
+                return method(*args, **kwargs)
+        return run
+
+    trainer._sample = wrap(trainer._sample)
+    trainer._old_logprobs = wrap(trainer._old_logprobs)
+    trainer._update = wrap(trainer._update)
 
 
 # ----------------------------------------------------------------------------- 2. TRL
@@ -665,11 +564,11 @@ def _cpu_median(fn, repeats: int) -> float:
 
 
 def run_micro(size: str = "W2", repeats: int = 7, threads: int = NUM_THREADS) -> dict:
-    """CPU seconds of the pieces behind the proposed changes, each alone, on `size`'s model and an
+    """CPU seconds of the pieces behind the library's speed-ups, before and after, each alone, on `size`'s model and an
     iteration's shapes (B = 32 rows of 8 prompts, T = 32): the evidence for gains too small to resolve
     in whole iterations on a shared machine."""
     from lmpg.diagnostics import GradientMoments
-    from lmpg.logprobs import completion_logits, selective_log_softmax
+    from lmpg.logprobs import completion_logits, selective_log_softmax, shared_prompt_completion_logits
     from lmpg.rollout import sample_completions
 
     torch.set_num_threads(threads)
@@ -678,7 +577,7 @@ def run_micro(size: str = "W2", repeats: int = 7, threads: int = NUM_THREADS) ->
     params = [p for p in model.parameters() if p.requires_grad]
     out = {"size": size, "threads": threads, "repeats": repeats}
 
-    # 1. one AdamW step: for-loop (lmpg today) vs fused
+    # 1. one AdamW step: for-each (before) vs fused (lmpg now)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     for name, kw in (("adamw_step_s", {}), ("adamw_fused_step_s", {"fused": True})):
@@ -700,11 +599,11 @@ def run_micro(size: str = "W2", repeats: int = 7, threads: int = NUM_THREADS) ->
         m.result()
     out["grad_snr_moments_s"] = _cpu_median(moments, repeats)
 
-    # 3. selective log-softmax forward + backward on (B, T, V) logits: sliced chunks vs split
+    # 3. selective log-softmax forward + backward on (B, T, V) logits: sliced chunks (before) vs split
     for B in (32, 64, 128):
         logits = torch.randn(B, 32, VOCAB_SIZE)
         tokens = torch.randint(0, VOCAB_SIZE, (B, 32))
-        for name, fn in (("sliced", selective_log_softmax), ("split", selective_log_softmax_split)):
+        for name, fn in (("sliced", sliced_selective_log_softmax), ("split", selective_log_softmax)):
             def fwd_bwd(fn=fn):
                 z = logits.clone().requires_grad_()
                 fn(z, tokens).sum().backward()
@@ -715,19 +614,21 @@ def run_micro(size: str = "W2", repeats: int = 7, threads: int = NUM_THREADS) ->
     group = torch.as_tensor(roll.prompt_index)
     args = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
     for name, logits_fn in (("plain", lambda: completion_logits(model, *args)),
-                            ("shared_prompt", lambda: shared_prefix_completion_logits(model, *args, group))):
+                            ("shared_prompt", lambda: shared_prompt_completion_logits(model, *args, group))):
         def fwd_bwd(logits_fn=logits_fn):
-            selective_log_softmax_split(logits_fn(), roll.completion_ids).sum().backward()
+            selective_log_softmax(logits_fn(), roll.completion_ids).sum().backward()
             model.zero_grad(set_to_none=True)
         out[f"train_fwd_bwd_{name}_s"] = _cpu_median(fwd_bwd, max(repeats // 2, 3))
 
-    # 5. the sampler: lmpg's vs the shared prefill (whole sampling of the rollout above)
+    # 5. the sampler: every row prefilled (before) vs each distinct prompt once (whole sampling)
     import lmpg.sampler
 
-    for name, fn in (("lmpg", lmpg.sampler.sample_tokens), ("shared_prefill", sample_tokens_shared_prefill)):
-        out[f"sample_{name}_s"] = _cpu_median(lambda fn=fn: fn(
-            model, roll.prompt_ids, roll.prompt_mask, list(range(32)), max_new_tokens=32,
-            eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id), max(repeats // 2, 3))
+    for name, share in (("every_row_prefill", False), ("shared_prefill", True)):
+        def sample(share=share):
+            with patched(lmpg.sampler, "distinct_rows", every_row_distinct, not share):
+                lmpg.sampler.sample_tokens(model, roll.prompt_ids, roll.prompt_mask, list(range(32)), max_new_tokens=32,
+                                           eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+        out[f"sample_{name}_s"] = _cpu_median(sample, max(repeats // 2, 3))
     return out
 
 
@@ -944,7 +845,7 @@ def main(argv=None):
                          "(floor and lmpg unless --impl)")
     ap.add_argument("--json", default=None, help="write the raw results and the summary here")
     ap.add_argument("--micro", action="store_true",
-                    help="time the components behind the proposed changes alone (CPU seconds) on each --size")
+                    help="time each speed-up's component before and after, alone (CPU seconds), on each --size")
     ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
                     help="print the table of results saved by --json (several files are pooled); run nothing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

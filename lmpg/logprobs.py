@@ -6,13 +6,17 @@ where z are the model's logits at the position before token t and tau the sampli
 the policy that sampled the batch is softmax(z / tau), so the ratio pi_theta / pi_old and the KL use
 the same tempered distribution (top-k / top-p truncation is not part of pi; see `rollout`).
 
-Only the completion positions are computed (`logits_to_keep`), and the log-softmax is taken row by
-row so the (B, T, V) tensor is never copied to fp32 whole.
+Only the completion positions are computed (`logits_to_keep`), and the log-softmax is taken a few
+rows at a time so the (B, T, V) tensor is never copied to fp32 whole. With `group` given, each
+distinct prompt runs through the model once and its KV cache serves the G completions sharing it
+(`shared_prompt_completion_logits`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from lmpg.kvcache import cache_kwarg, distinct_rows, repeat_cache_rows, returned_cache
 
 
 def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
@@ -22,23 +26,35 @@ def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor, temperatur
     logits: (B, T, V); tokens: (B, T) int64. Processes `chunk_rows` sequences at a time.
     """
     B, T, V = logits.shape  # sequences, completion tokens, vocabulary
+    if B == 0:
+        return logits.new_zeros(B, T, dtype=torch.float32)
     out = []
-    for s in range(0, B, chunk_rows):
-        z = logits[s:s + chunk_rows].float() / temperature  # (b, T, V)
-        taken = z.gather(-1, tokens[s:s + chunk_rows].unsqueeze(-1)).squeeze(-1)
+    # split, not slicing: the backward of B/chunk_rows slices would write B/chunk_rows full-size
+    # gradient buffers (quadratic in B); split's backward concatenates the chunks' gradients once.
+    for z, a in zip(logits.split(chunk_rows), tokens.split(chunk_rows)):
+        z = _tempered(z, temperature)  # (b, T, V) fp32
+        taken = z.gather(-1, a.unsqueeze(-1)).squeeze(-1)
         out.append(taken - torch.logsumexp(z, dim=-1))
-    return torch.cat(out, 0) if out else logits.new_zeros(B, T, dtype=torch.float32)
+    return torch.cat(out, 0)
+
+
+def _tempered(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z / temperature in fp32; no division (and no extra (b, T, V) buffer) at temperature 1."""
+    z = z.float()
+    return z if temperature == 1.0 else z / temperature
 
 
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 4) -> torch.Tensor:
     """H_t = - sum_v p_v log p_v of softmax(logits / temperature), (B, T), no grad."""
     B, T, V = logits.shape
+    if B == 0:
+        return logits.new_zeros(B, T, dtype=torch.float32)
     out = []
-    for s in range(0, B, chunk_rows):
-        logp = torch.log_softmax(logits[s:s + chunk_rows].float() / temperature, dim=-1)
+    for z in logits.split(chunk_rows):
+        logp = torch.log_softmax(_tempered(z, temperature), dim=-1)
         out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out, 0) if out else logits.new_zeros(B, T, dtype=torch.float32)
+    return torch.cat(out, 0)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -64,10 +80,51 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     return out.logits[:, :-1, :]  # (B, T, V)
 
 
+def shared_prompt_completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                                    completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                                    group: torch.Tensor) -> torch.Tensor:
+    """`completion_logits` with each distinct prompt run through the model once, (B, T, V).
+
+    group: (B,) a prompt id per row; rows with one id hold the same prompt (`Rollout.prompt_index`).
+
+    1. the b distinct prompts through the model with a KV cache: their last position's logits
+       predict completion token 0;
+    2. the cache repeated to the B rows (differentiable: `lmpg.kvcache.repeat_cache_rows`);
+    3. the B completions but their last token on that cache: the logits predicting tokens 1..T-1.
+
+    Positions and attention masks are those of `completion_logits`, so the two agree up to float
+    rounding; the prompt work drops from B to b rows. The model must return a transformers Cache
+    and keep it in training mode: not under gradient checkpointing, and not through a DDP / FSDP /
+    DeepSpeed wrapper, whose hooks expect one forward per backward (the trainer checks both).
+    """
+    B, P = prompt_ids.shape  # sequences, prompt tokens (left padded)
+    T = completion_ids.shape[1]  # completion tokens
+    first, inverse = distinct_rows(group)  # (b,), (B,)
+    mask = torch.cat([prompt_mask, completion_mask], 1).long()  # (B, P+T)
+    positions = position_ids_from_mask(mask)
+    out = model(input_ids=prompt_ids[first], attention_mask=mask[first, :P], position_ids=positions[first, :P],
+                use_cache=True, logits_to_keep=1)
+    first_logits = out.logits[inverse]  # (B, 1, V)
+    if T == 1:
+        return first_logits
+    cache = repeat_cache_rows(returned_cache(out), inverse)  # (b, ...) -> (B, ...)
+    out = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, P:-1],
+                use_cache=True, **{cache_kwarg(model): cache})
+    return torch.cat([first_logits, out.logits], 1)  # (B, T, V)
+
+
 def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                      temperature: float = 1.0, with_entropy: bool = False):
-    """(logp (B, T), entropy (B, T) or None) of the completion tokens under `model`."""
-    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+                      temperature: float = 1.0, with_entropy: bool = False, group: torch.Tensor | None = None):
+    """(logp (B, T), entropy (B, T) or None) of the completion tokens under `model`.
+
+    group: (B,) prompt ids; given, rows sharing a prompt share its forward
+    (`shared_prompt_completion_logits`), else every row runs whole (`completion_logits`)."""
+    shareable = group is not None and prompt_ids.shape[1] > 0 and completion_ids.shape[1] > 0
+    if shareable and len(torch.unique(group)) < len(group):
+        logits = shared_prompt_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                                 group)
+    else:
+        logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     logp = selective_log_softmax(logits, completion_ids, temperature)
     entropy = token_entropy(logits.detach(), temperature) if with_entropy else None
     return logp, entropy

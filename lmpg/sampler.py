@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from lmpg.kvcache import cache_kwarg, distinct_rows, repeat_cache_rows, returned_cache
 from lmpg.logprobs import position_ids_from_mask
 
 _SEED_MIX = (1_000_003, 7_919, 104_729, 15_485_863)
@@ -56,19 +57,6 @@ def gumbel_noise(generators: list[torch.Generator], vocab_size: int, device) -> 
     return -torch.log(-torch.log(u))
 
 
-def _cache_kwarg(model) -> str:
-    """The forward argument that takes the KV cache: `cache` in transformers >= 5.x, else `past_key_values`."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-def _returned_cache(out):
-    cache = out.get("cache") if hasattr(out, "get") else None
-    return cache if cache is not None else out.past_key_values
-
-
 @torch.no_grad()
 def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: list[int], *,
                   max_new_tokens: int, eos_ids: list[int], pad_id: int, temperature: float = 1.0,
@@ -78,6 +66,10 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
     Returns (completion_ids (B, T) with pad after each row's first EOS, logp (B, T) fp32: log of the
     untruncated tempered policy softmax(z / tau) at each sampled token, 0 after EOS). T <= max_new_tokens
     (the loop stops once every row has ended).
+
+    Rows with the same prompt (the G samples of a group) are prefilled once and their KV cache
+    repeated (`lmpg.kvcache`); each row still draws from its own stream, so the samples are those of a
+    row-by-row prefill up to float rounding of the prefill logits.
     """
     B = prompt_ids.shape[0]
     device = prompt_ids.device
@@ -85,15 +77,22 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
     eos = torch.tensor(eos_ids, device=device)
     attention_mask = prompt_mask.long()
     positions = position_ids_from_mask(attention_mask)
-    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
-    cache_kwarg = _cache_kwarg(model)
-    past = _returned_cache(out)
+    first, inverse = distinct_rows(torch.cat([prompt_ids, attention_mask], 1))
+    shared = len(first) < B
+    rows = first if shared else slice(None)
+    out = model(input_ids=prompt_ids[rows], attention_mask=attention_mask[rows], position_ids=positions[rows],
+                use_cache=True, logits_to_keep=1)
+    last_logits = out.logits[:, -1, :]  # (b, V)
+    cache_arg = cache_kwarg(model)
+    past = returned_cache(out)
+    if shared:
+        past = repeat_cache_rows(past, inverse)
+        last_logits = last_logits[inverse]  # (B, V)
     next_position = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for step in range(max_new_tokens):
-        z = out.logits[:, -1, :].float() / temperature  # (B, V)
+        z = last_logits.float() / temperature  # (B, V)
         logp_all = torch.log_softmax(z, dim=-1)
         filtered = filter_logits(z, top_k, top_p)
         token = torch.argmax(filtered + gumbel_noise(generators, z.shape[-1], device), dim=-1)  # (B,)
@@ -106,8 +105,9 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
             break
         attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
         out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **{cache_kwarg: past})
-        past = _returned_cache(out)
+                    use_cache=True, **{cache_arg: past})
+        past = returned_cache(out)
+        last_logits = out.logits[:, -1, :]
         next_position = next_position + 1
     if not tokens:
         return prompt_ids.new_zeros(B, 0), torch.zeros(B, 0, device=device)

@@ -66,7 +66,7 @@ class PGTrainer:
 
     def __init__(self, model, reward_fns, train_dataset, config: PGConfig | None = None, tokenizer=None,
                  reward_weights=None, peft_config=None):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedType
 
         self.config = c = config if config is not None else PGConfig()
         if not isinstance(c, PGConfig):
@@ -112,9 +112,12 @@ class PGTrainer:
         self.reward_weights = list(weights) if weights is not None else [1.0] * len(self.scorer.names)
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                                      eps=c.adam_eps, weight_decay=c.weight_decay)
+        optimizer = make_adamw(params, c)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        # the shared-prompt forward runs the model twice per backward and needs its KV cache: not
+        # through a DDP / FSDP / DeepSpeed wrapper, not under gradient checkpointing
+        self.share_prompt_forward = (c.shared_prompt_forward and not c.gradient_checkpointing
+                                     and acc.distributed_type == DistributedType.NO)
         self.scheduler = _make_scheduler(self.optimizer, c)
         self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
@@ -273,9 +276,12 @@ class PGTrainer:
         P, T = prompt_mask.shape[1], completion_mask.shape[1]
         p_start = P - int(prompt_mask.sum(1).max()) if P else 0
         t_end = int(completion_mask.sum(1).max()) if T else 0
+        group = None
+        if self.share_prompt_forward:
+            group = torch.as_tensor(rollout.prompt_index)[idx.cpu()].to(rollout.prompt_ids.device)
         logp, ent = sequence_logprobs(model, rollout.prompt_ids[idx][:, p_start:], prompt_mask[:, p_start:],
                                       rollout.completion_ids[idx][:, :t_end], completion_mask[:, :t_end],
-                                      self.config.temperature, with_entropy)
+                                      self.config.temperature, with_entropy, group=group)
         if t_end < T:
             pad = (0, T - t_end)
             logp = torch.nn.functional.pad(logp, pad)
@@ -671,6 +677,17 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def make_adamw(params, c: PGConfig) -> torch.optim.AdamW:
+    """AdamW with the config's hyperparameters, fused (one kernel for all parameters, as transformers'
+    Trainer defaults to) where torch supports it for these parameters, the for-each version otherwise.
+    Both take the same step up to float rounding."""
+    kwargs = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps, weight_decay=c.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):  # a device or dtype the fused kernel lacks
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def _make_scheduler(optimizer, c: PGConfig):

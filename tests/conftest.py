@@ -2,8 +2,12 @@
 
 import os
 
-import pytest
-import torch
+# OpenMP threads sleep instead of spinning at barriers: on shared cores a spinning thread holds the
+# core its partner needs, which makes small-tensor steps several times slower (benchmarks/README.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

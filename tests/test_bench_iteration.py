@@ -47,10 +47,18 @@ def test_quick_floor_and_lmpg(bench, tmp_path, capsys):
     assert "| quick | lmpg |" in capsys.readouterr().out
 
 
-def test_quick_interleaved_with_the_proposed_changes(bench):
-    results = bench.main(["--quick", "--interleave", "--impl", "lmpg-fast,floor"])
-    for r, impl in zip(results, ["lmpg-fast", "floor"]):
+def test_quick_interleaved_with_and_without_the_speedups(bench):
+    import lmpg.logprobs
+    import lmpg.sampler
+    import lmpg.trainer
+
+    originals = (lmpg.logprobs.selective_log_softmax, lmpg.sampler.distinct_rows, lmpg.trainer.make_adamw)
+    impls = ["lmpg-fast", "lmpg-before", "floor"]
+    results = bench.main(["--quick", "--interleave", "--impl", ",".join(impls)])
+    for r, impl in zip(results, impls):
         check(r, impl, "interleaved")
+    # lmpg-before's patches are undone once it has run
+    assert (lmpg.logprobs.selective_log_softmax, lmpg.sampler.distinct_rows, lmpg.trainer.make_adamw) == originals
 
 
 def test_quick_trl(bench):

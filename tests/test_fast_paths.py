@@ -2,10 +2,13 @@
 
 - logp_old_source: the sampler's log-probs in place of a no-grad forward give the same losses;
 - sampler="generate" and sampler="lmpg" both give valid rollouts from the untruncated policy;
-- the changes proposed in benchmarks/bench_iteration.py: the shared-prompt forward gives the plain
-  forward's log-probs and gradients, the split log-softmax the sliced one's values and gradients, and
-  both the same training run; the shared-prefill sampler draws the same samples as lmpg's sampler;
-- fused AdamW (also proposed there) takes the same step as the for-loop AdamW.
+- the shared-prompt forward (shared_prompt_forward=True) gives the plain forward's log-probs and
+  gradients, with and without LoRA, and the same training run; the trainer turns it off where it
+  cannot work (gradient checkpointing);
+- the split log-softmax gives the values and gradients of the definition and of the sliced version
+  it replaced;
+- the sampler's shared prefill draws what a row-by-row prefill draws;
+- fused AdamW takes the for-each AdamW's step.
 """
 
 import importlib.util
@@ -16,7 +19,8 @@ import pytest
 import torch
 
 from lmpg import PGConfig, PGTrainer
-from lmpg.logprobs import completion_logits, selective_log_softmax
+from lmpg.kvcache import distinct_rows
+from lmpg.logprobs import completion_logits, selective_log_softmax, shared_prompt_completion_logits
 from lmpg.rollout import sample_completions
 
 from conftest import count_a
@@ -125,7 +129,7 @@ def test_shared_prompt_forward_equals_the_plain_forward(bench, lora):
     plain.masked_fill(~roll.completion_mask, 0).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    shared = selective_log_softmax(bench.shared_prefix_completion_logits(model, *args, group), roll.completion_ids)
+    shared = selective_log_softmax(shared_prompt_completion_logits(model, *args, group), roll.completion_ids)
     shared.masked_fill(~roll.completion_mask, 0).sum().backward()
     m = roll.completion_mask
     torch.testing.assert_close(shared[m], plain[m], atol=1e-5, rtol=0)
@@ -135,49 +139,57 @@ def test_shared_prompt_forward_equals_the_plain_forward(bench, lora):
             torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory):
-    import datasets
-
-    from conftest import ALPHABET
-    from lmpg.tiny import make_char_tokenizer
-
-    prompts = datasets.Dataset.from_list([{"prompt": f"{i}+{i}="} for i in range(12)])
-    return train(tmp_path_factory.mktemp("plain"), "plain", make_char_tokenizer(ALPHABET), prompts)
+@pytest.fixture
+def plain_run(tmp_path, tokenizer, prompts_dataset):
+    return train(tmp_path, "plain", tokenizer, prompts_dataset, shared_prompt_forward=False)
 
 
-@pytest.mark.parametrize("share_prompt,split", [(True, False), (False, True), (True, True)])
-def test_proposed_forward_gives_the_same_training_run(bench, tmp_path, tokenizer, prompts_dataset, plain_run,
-                                                      share_prompt, split):
-    import functools
-
-    def setup(trainer):
-        trainer._forward = functools.partial(bench.proposed_forward, trainer, share_prompt=share_prompt, split=split)
-
-    plain = plain_run
-    fast = train(tmp_path, "fast", tokenizer, prompts_dataset, setup=setup)
-    for a, b in zip(plain, fast):
-        for key in ("loss", "ratio_mean", "reward_mean", "entropy"):
+def test_shared_prompt_forward_gives_the_same_training_run(tmp_path, tokenizer, prompts_dataset, plain_run):
+    """Three iterations, two epochs of two minibatches: the no-grad pi_old forward and the update both
+    go through the shared-prompt forward in one run and the plain one in the other."""
+    shared = train(tmp_path, "shared", tokenizer, prompts_dataset, shared_prompt_forward=True)
+    for a, b in zip(plain_run, shared):
+        for key in ("loss", "ratio_mean", "reward_mean", "entropy", "grad_norm"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a[key], b[key])
 
 
+def test_shared_prompt_forward_is_used_only_where_it_works(tmp_path, tokenizer, prompts_dataset, tiny_model):
+    def trainer(**kw):
+        return PGTrainer(tiny_model, [count_a], prompts_dataset, run_config(tmp_path, "t", **kw), tokenizer=tokenizer)
+
+    assert trainer().share_prompt_forward
+    assert not trainer(shared_prompt_forward=False).share_prompt_forward
+    assert not trainer(gradient_checkpointing=True).share_prompt_forward  # no KV cache in training
+
+
+def test_distinct_rows():
+    rows = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4]])
+    first, inverse = distinct_rows(rows)
+    assert torch.equal(rows[first][inverse], rows)
+    assert len(first) == 3 and sorted(first.tolist()) == [0, 1, 3]  # the first row holding each
+    first, inverse = distinct_rows(torch.tensor([7, 7, 7, 2]))
+    assert torch.equal(first[inverse], torch.tensor([0, 0, 0, 3]))
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_split_log_softmax_equals_the_sliced_one(bench, temperature):
+def test_split_log_softmax_equals_the_definition_and_the_sliced_one(bench, temperature):
     torch.manual_seed(0)
     logits = torch.randn(10, 5, 33, requires_grad=True)  # B not a multiple of the 4-row chunks
     tokens = torch.randint(0, 33, (10, 5))
     weights = torch.randn(10, 5)
-    plain = selective_log_softmax(logits, tokens, temperature)
-    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
-    split = bench.selective_log_softmax_split(logits, tokens, temperature)
+    split = selective_log_softmax(logits, tokens, temperature)
     (grad_split,) = torch.autograd.grad((split * weights).sum(), logits)
-    reference = torch.log_softmax(logits.detach() / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(split, plain, atol=1e-6, rtol=0)
-    torch.testing.assert_close(split.detach(), reference, atol=1e-6, rtol=0)
-    torch.testing.assert_close(grad_split, grad_plain, atol=1e-6, rtol=0)
+    sliced = bench.sliced_selective_log_softmax(logits, tokens, temperature)
+    (grad_sliced,) = torch.autograd.grad((sliced * weights).sum(), logits)
+    reference = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), logits)
+    torch.testing.assert_close(split, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(split, sliced, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_split, grad_reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_split, grad_sliced, atol=1e-6, rtol=0)
 
 
-def test_shared_prefill_sampler_draws_the_same_samples(bench):
+def test_shared_prefill_sampler_draws_what_a_row_by_row_prefill_draws(bench):
     from lmpg.sampler import sample_tokens
 
     tok = bench.make_word_tokenizer(256)
@@ -185,20 +197,24 @@ def test_shared_prefill_sampler_draws_the_same_samples(bench):
     roll = sample_completions(model, tok, ["w1 w2 w3 w4 w5", "w6", "w7 w8 w9"], 3, max_new_tokens=1, seeds=[0] * 9)
     kw = dict(max_new_tokens=10, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, temperature=0.7)
     seeds = list(range(9))
-    ids, logp = sample_tokens(model, roll.prompt_ids, roll.prompt_mask, seeds, **kw)
-    ids_shared, logp_shared = bench.sample_tokens_shared_prefill(model, roll.prompt_ids, roll.prompt_mask, seeds, **kw)
-    assert torch.equal(ids_shared, ids)
-    torch.testing.assert_close(logp_shared, logp, atol=1e-5, rtol=0)
+    shared_ids, shared_logp = sample_tokens(model, roll.prompt_ids, roll.prompt_mask, seeds, **kw)
+    for i in range(9):  # one row at a time: nothing to share
+        ids, logp = sample_tokens(model, roll.prompt_ids[i:i + 1], roll.prompt_mask[i:i + 1], seeds[i:i + 1], **kw)
+        T = ids.shape[1]
+        assert torch.equal(shared_ids[i, :T], ids[0]) and torch.all(shared_ids[i, T:] == tok.pad_token_id)
+        torch.testing.assert_close(shared_logp[i, :T], logp[0], atol=1e-5, rtol=0)
 
 
 def test_fused_adamw_takes_the_same_step(bench):
+    from lmpg.trainer import make_adamw
+
     torch.manual_seed(0)
     params = [torch.randn(50, 7, requires_grad=True), torch.randn(13, requires_grad=True)]
     copies = [p.detach().clone().requires_grad_() for p in params]
-    plain = torch.optim.AdamW(params, lr=1e-2)
-    with bench.fused_adamw():
-        fused = torch.optim.AdamW(copies, lr=1e-2)
-    assert fused.defaults["fused"]
+    config = PGConfig(learning_rate=1e-2, weight_decay=0.1)
+    plain = bench.unfused_adamw(params, config)
+    fused = make_adamw(copies, config)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
     for _ in range(3):
         for ps, opt in ((params, plain), (copies, fused)):
             opt.zero_grad()
