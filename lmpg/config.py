@@ -129,7 +129,7 @@ class PGConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     shared_prompt_forward: bool = True
-    """Run each distinct prompt once in the log-prob forward and share its KV cache among its group's completions (same numbers up to float rounding; used with one process and no gradient checkpointing)."""
+    """Run each distinct prompt once in the log-prob forward and share its KV cache among its group's completions (same numbers up to float rounding; used with one process or DDP, not with FSDP / DeepSpeed or gradient checkpointing)."""
     mixed_precision: str = "no"
     """Accelerate mixed precision: no, bf16 or fp16 (bf16 also on CPU)."""
     lora_r: int = 0

@@ -94,8 +94,9 @@ def shared_prompt_completion_logits(model, prompt_ids: torch.Tensor, prompt_mask
 
     Positions and attention masks are those of `completion_logits`, so the two agree up to float
     rounding; the prompt work drops from B to b rows. The model must return a transformers Cache
-    and keep it in training mode: not under gradient checkpointing, and not through a DDP / FSDP /
-    DeepSpeed wrapper, whose hooks expect one forward per backward (the trainer checks both).
+    and keep it in training mode: not under gradient checkpointing. Through DDP it is sound (each
+    weight's gradient is still ready once per backward); not through FSDP / DeepSpeed, whose hooks
+    gather and free shards around each forward (the trainer checks both).
     """
     B, P = prompt_ids.shape  # sequences, prompt tokens (left padded)
     T = completion_ids.shape[1]  # completion tokens

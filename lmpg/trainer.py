@@ -114,10 +114,12 @@ class PGTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_adamw(params, c)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        # the shared-prompt forward runs the model twice per backward and needs its KV cache: not
-        # through a DDP / FSDP / DeepSpeed wrapper, not under gradient checkpointing
+        # the shared-prompt forward runs the model twice per backward and needs its KV cache: fine
+        # through DDP (each weight's gradient is still ready once per backward), not through FSDP /
+        # DeepSpeed, whose hooks gather and free shards per forward, nor under gradient checkpointing
         self.share_prompt_forward = (c.shared_prompt_forward and not c.gradient_checkpointing
-                                     and acc.distributed_type == DistributedType.NO)
+                                     and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                                  DistributedType.MULTI_GPU))
         self.scheduler = _make_scheduler(self.optimizer, c)
         self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)

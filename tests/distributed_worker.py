@@ -30,7 +30,9 @@ def main(root: str) -> None:
                           minibatch_size=8, micro_batch_size=micro, epochs_per_batch=2, max_new_tokens=6,
                           learning_rate=1e-2, loss_agg=agg, baseline="batch_mean", adv_norm="batch",
                           sample_log_every=0, progress_bar=False, seed=3)
-        PGTrainer(model, [count_a], ds, config, tokenizer=tokenizer).train()
+        trainer = PGTrainer(model, [count_a], ds, config, tokenizer=tokenizer)
+        assert trainer.share_prompt_forward, "the DDP run should take the shared-prompt forward"
+        trainer.train()
 
 
 if __name__ == "__main__":
