@@ -31,7 +31,7 @@ def main(root: str) -> None:
                           learning_rate=1e-2, loss_agg=agg, baseline="batch_mean", adv_norm="batch",
                           sample_log_every=0, progress_bar=False, seed=3)
         trainer = PGTrainer(model, [count_a], ds, config, tokenizer=tokenizer)
-        assert trainer.share_prompt_forward, "the DDP run should take the shared-prompt forward"
+        assert trainer.share_prompt_forward, "one process and DDP both take the shared-prompt forward"
         trainer.train()
 
 
