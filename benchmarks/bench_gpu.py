@@ -72,7 +72,7 @@ MODES = ("full", "full-gc", "lora", "lora-gc", "full-kl", "lora-kl")
 # rows per model, in priority order: the 1.5B gets the rows that fit what the 0.5B leaves of the budget
 DEFAULT_ROWS = {
     "qwen2.5-0.5b": ["sample-lmpg", "sample-generate", *MODES],
-    "qwen2.5-1.5b": ["sample-lmpg", "sample-generate", "lora-gc", "full-gc", "lora", "full"],
+    "qwen2.5-1.5b": ["sample-lmpg", "lora-gc", "full-gc", "sample-generate", "lora", "full"],
     "smoke": ["sample-lmpg", "sample-generate", *MODES],
 }
 
@@ -142,9 +142,13 @@ def build_model(name: str, tokenizer, device: str, dtype=torch.bfloat16):
         vocab_size=vocab_size, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, use_cache=True, **fields)
-    with torch.random.fork_rng(devices=[]), torch.device(device):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            with torch.device(device):  # initialised where it runs: seconds, not a minute of CPU init
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     model.generation_config = transformers.GenerationConfig(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
@@ -158,12 +162,15 @@ class Memory:
     def __init__(self, device: str):
         self.cuda = device == "cuda"
 
-    def start(self) -> None:
+    def start(self) -> float | None:
+        """Reset the peak; the MB still allocated from earlier rows (the figures are counted above it)."""
         gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+        if not self.cuda:
+            return None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self.base / 2**20
 
     def mark_weights(self) -> float | None:
         if not self.cuda:
@@ -188,7 +195,7 @@ def sampling_row(name: str, sampler: str, w: Workload, tokenizer, prompts, devic
     from lmpg.rollout import sample_completions
 
     mem = Memory(device)
-    mem.start()
+    leftover = mem.start()
     model = build_model(name, tokenizer, device)
     weights = mem.mark_weights()
     kwargs = dict(temperature=1.0, max_prompt_length=w.prompt_tokens, add_special_tokens=False, sampler=sampler)
@@ -205,7 +212,7 @@ def sampling_row(name: str, sampler: str, w: Workload, tokenizer, prompts, devic
     tokens = int(rollout.completion_mask.sum())
     row = {"model": name, "row": f"sample-{sampler}", "status": "ok", "rows": w.batch_size,
            "max_new_tokens": w.max_new_tokens, "tokens": tokens, "seconds": seconds,
-           "tokens_per_s": tokens / seconds, "weights_mb": weights, "peak_mb": mem.peak()}
+           "tokens_per_s": tokens / seconds, "weights_mb": weights, "peak_mb": mem.peak(), "leftover_mb": leftover}
     del model, rollout
     return row
 
@@ -217,7 +224,7 @@ def training_row(name: str, mode: str, w: Workload, tokenizer, prompts, device: 
     from lmpg.data import PromptTable
 
     mem = Memory(device)
-    mem.start()
+    leftover = mem.start()
     model = build_model(name, tokenizer, device)
     weights = mem.mark_weights()
     params = sum(p.numel() for p in model.parameters())
@@ -249,7 +256,7 @@ def training_row(name: str, mode: str, w: Workload, tokenizer, prompts, device: 
            "iterations": len(iter_seconds), "iter_seconds": iter_seconds, "s_per_iter": timing["time_total"],
            "phases": phases, "tokens": tokens, "sample_tokens_per_s": tokens / timing["time_sample"],
            "update_tokens_per_s": tokens / timing["time_update"], "params": params, "trainable_params": trainable,
-           "weights_mb": weights, "peak_mb": mem.peak()}
+           "weights_mb": weights, "peak_mb": mem.peak(), "leftover_mb": leftover}
     trainer.accelerator.free_memory()
     del trainer, model
     return row
@@ -257,26 +264,19 @@ def training_row(name: str, mode: str, w: Workload, tokenizer, prompts, device: 
 
 # ----------------------------------------------------------------------------- the run
 def estimate(row: str, model: str, done: list[dict]) -> float | None:
-    """Seconds `row` of `model` should take, from the rows already run (None: nothing to go by).
-
-    Sampling is bound by per-layer launches (scale by layers), training by arithmetic (by weights)."""
+    """Seconds `row` of `model` should take (model build included), from the rows already run; None
+    when there is nothing to go by. Sampling is bound by per-layer launches (scaled by layers),
+    training by arithmetic (scaled by the weights of the layers)."""
     sampling = row.startswith("sample-")
-    key = "seconds" if sampling else "iter_seconds"
     ok = [r for r in done if r["status"].startswith("ok") and r["row"].startswith("sample-") == sampling]
     if not ok:
         return None
-    spent = lambda r: r[key] if sampling else sum(r[key])  # noqa: E731
-    same = [r for r in ok if r["model"] == model]
+    same = [r["wall_s"] for r in ok if r["model"] == model]
     if same:
-        return max(spent(r) for r in same) * (1.3 if row.endswith(("-gc", "-kl")) else 1.0)
-    fields, _ = MODELS[model]
-    scale = []
-    for r in ok:
-        other, _ = MODELS[r["model"]]
-        size = (lambda f: f["num_hidden_layers"]) if sampling else (
-            lambda f: f["num_hidden_layers"] * f["hidden_size"] * (f["hidden_size"] + f["intermediate_size"]))
-        scale.append(spent(r) * size(fields) / size(other))
-    return max(scale)
+        return max(same) * (1.3 if row.endswith(("-gc", "-kl")) else 1.0)
+    size = (lambda f: f["num_hidden_layers"]) if sampling else (
+        lambda f: f["num_hidden_layers"] * f["hidden_size"] * (f["hidden_size"] + f["intermediate_size"]))
+    return max(r["wall_s"] * size(MODELS[model][0]) / size(MODELS[r["model"]][0]) for r in ok)
 
 
 def run(models: list[str], w: Workload, device: str, budget_s: float, out: Path, rows_of=None,

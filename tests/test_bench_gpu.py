@@ -42,11 +42,12 @@ def test_rows_past_the_budget_are_skipped_and_listed(tmp_path):
 
 
 def test_estimate_scales_from_the_other_model():
-    done = [{"model": "qwen2.5-0.5b", "row": "sample-lmpg", "status": "ok", "seconds": 10.0},
-            {"model": "qwen2.5-0.5b", "row": "lora", "status": "ok", "iter_seconds": [3.0, 2.0]}]
+    done = [{"model": "qwen2.5-0.5b", "row": "sample-lmpg", "status": "ok", "wall_s": 10.0},
+            {"model": "qwen2.5-0.5b", "row": "lora", "status": "ok", "wall_s": 5.0},
+            {"model": "qwen2.5-0.5b", "row": "full", "status": "error: OutOfMemoryError: ...", "wall_s": 1.0}]
     assert bench_gpu.estimate("sample-generate", "qwen2.5-0.5b", done) == 10.0
     assert bench_gpu.estimate("lora-gc", "qwen2.5-0.5b", done) == 5.0 * 1.3
     assert bench_gpu.estimate("sample-lmpg", "qwen2.5-1.5b", done) == 10.0 * 28 / 24  # layers
     ratio = (28 * 1536 * (1536 + 8960)) / (24 * 896 * (896 + 4864))  # per-layer weights x layers
     assert abs(bench_gpu.estimate("full", "qwen2.5-1.5b", done) - 5.0 * ratio) < 1e-9
-    assert bench_gpu.estimate("full", "qwen2.5-1.5b", []) is None
+    assert bench_gpu.estimate("full", "qwen2.5-1.5b", done[:1]) is None
