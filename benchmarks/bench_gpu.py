@@ -47,6 +47,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -311,7 +312,8 @@ def run(models: list[str], w: Workload, device: str, budget_s: float, out: Path,
                     if strict:
                         raise
                     first = (str(e).strip().splitlines() or [""])[0][:300]
-                    result = {"model": name, "row": row, "status": f"error: {type(e).__name__}: {first}"}
+                    result = {"model": name, "row": row, "status": f"error: {type(e).__name__}: {first}",
+                              "traceback": traceback.format_exc()[-3000:]}
                 result["wall_s"] = time.perf_counter() - t0
                 done.append(result)
                 print(f"    {result['status']} ({result['wall_s']:.1f} s)", file=sys.stderr, flush=True)

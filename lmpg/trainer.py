@@ -373,7 +373,7 @@ class PGTrainer:
                         entropy_parts.append((idx, ent))
                     else:
                         w = torch.exp(logp.detach() - old)[mask].double()
-                        ess_sums += torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(w.numel()), dtype=torch.float64)])
+                        ess_sums += torch.stack([w.sum(), (w * w).sum(), w.new_tensor(float(w.numel()))]).cpu()  # w may be on a GPU
                     loss, st = policy_gradient_loss(
                         logp, old, adv[idx], mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
                         clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant,
