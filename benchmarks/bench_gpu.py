@@ -59,6 +59,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_iteration import make_word_tokenizer, reward_sevens  # noqa: E402
+
 # name: Qwen2Config fields (the published configs of the hub models), vocabulary size
 MODELS = {
     "qwen2.5-0.5b": (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -106,32 +109,10 @@ SMOKE = Workload(num_prompts=2, group_size=2, prompt_tokens=6, max_new_tokens=6,
 
 
 # ----------------------------------------------------------------------------- inputs
-def make_tokenizer(vocab_size: int):
-    """A word-level tokenizer with `vocab_size` ids (<pad> <eos> <bos> <unk>, then w0, w1, ...)."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from lmpg.tiny import SPECIAL_TOKENS, UNK_TOKEN
-
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"w{i}": len(SPECIAL_TOKENS) + i for i in range(vocab_size - len(SPECIAL_TOKENS))})
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        padding_side="left", model_max_length=1 << 20)
-
-
 def make_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list[str]:
     """n prompts of exactly `length` random words (one token each)."""
     rng = random.Random(seed)
     return [" ".join(f"w{rng.randrange(vocab_size - 4)}" for _ in range(length)) for _ in range(n)]
-
-
-def reward_sevens(prompts, completions, **kwargs) -> list[float]:
-    """Fraction of the completion's words ending in '7' (about 0.1 at random): any reward would do."""
-    return [sum(w.endswith("7") for w in c.split()) / max(len(c.split()), 1) for c in completions]
 
 
 def build_model(name: str, tokenizer, device: str, dtype=torch.bfloat16):
@@ -291,7 +272,7 @@ def run(models: list[str], w: Workload, device: str, budget_s: float, out: Path,
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         for name in models:
             _, vocab_size = MODELS[name]
-            tokenizer = make_tokenizer(vocab_size)
+            tokenizer = make_word_tokenizer(vocab_size)
             prompts = make_prompts(w.num_prompts, w.prompt_tokens, vocab_size)
             for row in (rows_of or DEFAULT_ROWS)[name]:
                 left = deadline - time.perf_counter()
