@@ -136,7 +136,7 @@ def _score_rollout(rollout, batch_prompts, start, columns, scorer, weights) -> l
     prompts_rep, completions, completion_ids = rollout.reward_inputs(batch_prompts)
     cols = {name: [values[row] for row in prompt_rows] for name, values in columns.items()}
     scores = scorer.score(prompts_rep, completions, completion_ids, step=0, columns=cols)
-    token_rewards, has_reward = scores.to_token_rewards(weights, rollout.completion_mask.cpu())  # (B, T), (B,)
+    token_rewards, has_reward = scores.to_token_rewards(rollout.completion_mask.cpu())  # (B, T), (B,)
     totals = token_rewards.sum(1).tolist()
     for i, rec in enumerate(records):
         rec["reward"] = float(totals[i]) if bool(has_reward[i]) else None
