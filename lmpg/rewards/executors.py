@@ -220,6 +220,8 @@ class ProcessRunner:
         if self._pool is None:
             check_main_guard()
             context = multiprocessing.get_context("forkserver")  # fork is unsafe once torch runs threads
+            # the server imports lmpg (and torch) once; each worker, a fork of it, starts in milliseconds
+            context.set_forkserver_preload(["__main__", __name__])
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.max_workers, mp_context=context, initializer=_limit_memory, initargs=(self.memory_mb,)
             )
@@ -251,9 +253,9 @@ class ProcessRunner:
         backstop = None if timeout is None else 2 * timeout + 60.0
         results: list[CallResult | None] = [None] * len(tasks)
         waiting, in_flight = deque(range(len(tasks))), {}  # in_flight: future -> (index, submit time)
-        alone = False  # after a worker died: one call at a time, to find the one that kills it
+        suspects: set[int] = set()  # lost with a dead worker: rerun one at a time, to find the one that kills it
         while waiting or in_flight:
-            while waiting and len(in_flight) < (1 if alone else self.max_workers):
+            while waiting and len(in_flight) < (1 if suspects else self.max_workers):
                 i = waiting.popleft()
                 in_flight[self._get_pool().submit(run_call, tasks[i])] = (i, time.perf_counter())
             wait = None
@@ -263,6 +265,7 @@ class ProcessRunner:
             lost = []
             for future in done:
                 i, _ = in_flight.pop(future)
+                suspects.discard(i)
                 try:
                     results[i] = future.result()
                 except concurrent.futures.process.BrokenProcessPool:
@@ -273,13 +276,14 @@ class ProcessRunner:
                 lost += [i for i, _ in in_flight.values()]
                 in_flight.clear()
                 codes = self._discard_pool()
+                suspects.difference_update(lost)
                 if len(lost) == 1:
                     code = next((c for c in codes if c != 0), None)
                     results[lost[0]] = _failed(tasks[lost[0]], "WorkerDied", f"its worker process died (exit code"
                                                f" {code}) and was replaced")
                 else:
                     waiting.extendleft(sorted(lost, reverse=True))
-                    alone = True
+                    suspects.update(lost)
                 continue
             if backstop is not None and not done:  # the oldest call ignored SIGALRM
                 now = time.perf_counter()
