@@ -89,3 +89,62 @@ def test_process_executor_from_a_script_without_main_guard_is_one_line(tmp_path)
     assert last.startswith("lmpg.errors.RewardError: reward_executor: process starts worker processes that"
                            " import train.py"), result.stderr
     assert 'if __name__ == "__main__":' in last
+
+
+def docs_block(marker: str) -> str:
+    """The python block of docs/rewards.md that starts with `marker`."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "rewards.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    return next(b for b in blocks if b.startswith(marker))
+
+
+@pytest.fixture
+def judge_server():
+    """A judge on 127.0.0.1: score = len(completion) / 10; the first request for each completion
+    fails with 503; records how many requests were open at once."""
+    import http.server
+    import json
+    import threading
+
+    state = {"open": 0, "max_open": 0, "seen": set(), "lock": threading.Lock()}
+
+    class Judge(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state["lock"]:
+                state["open"] += 1
+                state["max_open"] = max(state["max_open"], state["open"])
+                first = payload["completion"] not in state["seen"]
+                state["seen"].add(payload["completion"])
+            time.sleep(0.05)
+            body = json.dumps({"score": len(payload["completion"]) / 10}).encode()
+            self.send_response(503 if first else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            with state["lock"]:
+                state["open"] -= 1
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/score", state
+    server.shutdown()
+    server.server_close()
+
+
+def test_docs_async_llm_judge_limits_concurrency_and_retries(judge_server, monkeypatch):
+    url, state = judge_server
+    monkeypatch.setenv("JUDGE_URL", url)
+    namespace = {}
+    exec(compile(docs_block("# llm_judge.py"), "llm_judge.py", "exec"), namespace)
+    namespace["MAX_CONCURRENT"] = 3  # read by the function at call time
+    completions = [f"{'x' * i}" for i in range(1, 11)]
+    with RewardScorer([namespace["llm_judge"]], timeout=30) as scorer:
+        scores = score(scorer, completions)
+    assert scores.values == [[i / 10 for i in range(1, 11)]]  # each after one failed attempt
+    assert 2 <= state["max_open"] <= 3  # concurrent, never past the limit
