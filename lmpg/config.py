@@ -255,6 +255,13 @@ class PGConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_trl(cls, args, **overrides) -> "PGConfig":
+        """The PGConfig equivalent to a TRL GRPOConfig (lmpg/trl_compat.py, docs/trl_migration.md)."""
+        from lmpg.trl_compat import pgconfig_fields_from_trl
+
+        return cls(**{**pgconfig_fields_from_trl(args), **overrides})
+
+    @classmethod
     def from_dict(cls, values: dict) -> "PGConfig":
         names = [f.name for f in fields(cls)]
         for key in values:
