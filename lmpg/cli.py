@@ -61,10 +61,11 @@ def _reward_summary(fn) -> str:
 
 
 def cmd_rewards(args) -> int:
-    from reward_fns import BUILTIN_REWARDS
+    from lmpg.rewards.specs import builtin_rewards
 
-    width = max(len(n) for n in BUILTIN_REWARDS)
-    for name, fn in sorted(BUILTIN_REWARDS.items()):
+    builtins = builtin_rewards()
+    width = max(len(n) for n in builtins)
+    for name, fn in sorted(builtins.items()):
         print(f"{name:<{width}}  {_reward_summary(fn)}")
     return 0
 
