@@ -34,6 +34,7 @@ in a process with threads (the reward scorer runs rewards in threads).
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import math
@@ -48,8 +49,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from reward_fns._sandbox_shared import NO_PREIMPORT, imported_modules
+
 NOBODY = 65534
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
+JUDGE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_judge.py")
 _POLL_SECONDS = 0.002
 
 
@@ -109,9 +113,53 @@ class SandboxResult:
         return sum(self.passed) / len(self.passed) if self.passed else 0.0
 
 
-def _child_command(limits: SandboxLimits, job_path: str) -> list[str]:
-    flags = ["-I", "-B"] if limits.site_packages else ["-I", "-S", "-B"]
-    return [sys.executable, *flags, CHILD_SCRIPT, job_path]
+def _python(limits: SandboxLimits, script: str, *args: str) -> list[str]:
+    flags = ["-I", "-B", "-u"] if limits.site_packages else ["-I", "-S", "-B", "-u"]
+    return [sys.executable, *flags, script, *args]
+
+
+def _judge_imports(code: str, test_cases: list[str], stdlib_only: bool) -> list[list]:
+    """[name, module, attribute or None] for each name the tests use that the judge imports itself
+    instead of taking the solution's object: a name the solution binds by a top-level import, and a
+    standard-library module the tests use only as `module.attribute` (tests that lean on the
+    solution's `import math`). So expected values the tests compute never come from the code."""
+    loaded, other_uses = set(), set()  # names the tests read; those read other than as `name.attr`
+    for case in test_cases:
+        nodes = list(ast.walk(ast.parse(case)))
+        bases = {id(node.value) for node in nodes if isinstance(node, ast.Attribute)}
+        for node in nodes:
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                loaded.add(node.id)
+                if id(node) not in bases:
+                    other_uses.add(node.id)
+    imports = {}
+    try:
+        statements = ast.parse(code).body
+    except (SyntaxError, ValueError):
+        statements = []
+    for statement in statements:
+        if isinstance(statement, ast.Import):
+            for alias in statement.names:
+                if alias.asname:
+                    imports[alias.asname] = [alias.asname, alias.name, None]
+                else:
+                    top = alias.name.split(".")[0]
+                    imports[top] = [top, top, None]
+        elif isinstance(statement, ast.ImportFrom) and statement.module and not statement.level:
+            for alias in statement.names:
+                if alias.name != "*":
+                    name = alias.asname or alias.name
+                    imports[name] = [name, statement.module, alias.name]
+    for name in loaded:
+        if name not in imports and name not in other_uses and name in sys.stdlib_module_names:
+            imports[name] = [name, name, None]
+    return [
+        entry
+        for name, entry in sorted(imports.items())
+        if name in loaded
+        and entry[1].split(".")[0] not in NO_PREIMPORT
+        and (not stdlib_only or entry[1].split(".")[0] in sys.stdlib_module_names)
+    ]
 
 
 def _child_environment(workdir: str) -> dict[str, str]:
@@ -160,50 +208,85 @@ def _parse_report(report: bytes, nonce: str, n_cases: int) -> SandboxResult:
 def run_python_tests(
     code: str, test_cases: list[str], limits: SandboxLimits = DEFAULT_LIMITS
 ) -> SandboxResult:
-    """Run `code`, then each test case in the same namespace, in a confined subprocess (module docstring).
+    """Run `code` in a confined solution process and each test case in a judge process that calls
+    into it (module docstring).
 
     code: Python source defining what the tests use.  test_cases: Python sources (usually one
-    `assert` each), run in order; a case passes if it raises nothing.  Never raises for anything the
-    code does; the trainer's process is only touched through the pipes.
+    `assert` each), run in order in one namespace; a case passes if it raises nothing and the
+    solution process stayed up while it ran. Never raises for anything the code does; the trainer's
+    process is only touched through the pipes.
     """
     nonce = secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="lmpg-sandbox-")
-    results_read, results_write = os.pipe()
-    process = None
+    # request: judge -> solution; reply: solution -> judge; verdict: judge -> here; output: both -> here
+    request_read, request_write = os.pipe()
+    reply_read, reply_write = os.pipe()
+    verdict_read, verdict_write = os.pipe()
+    output_read, output_write = os.pipe()
+    child_ends = [request_read, request_write, reply_read, reply_write, verdict_write, output_write]
+    processes: list[subprocess.Popen] = []
     report, output = bytearray(), bytearray()
     timed_out = output_exceeded = False
     try:
         job_path = os.path.join(workdir, "job.json")
-        job = {
+        solution_job = {
             "code": code,
-            "test_cases": list(test_cases),
-            "nonce": nonce,
-            "results_fd": results_write,
+            "request_fd": request_read,
+            "reply_fd": reply_write,
             "limits": limits.as_child_limits(),
             "site_packages": limits.site_packages,
         }
         with open(os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as job_file:
-            json.dump(job, job_file)
+            json.dump(solution_job, job_file)
         if os.geteuid() == 0:
-            os.chown(workdir, NOBODY, NOBODY)  # the child drops to nobody and works in this directory
-        process = subprocess.Popen(
-            _child_command(limits, job_path),
-            cwd=workdir,
-            env=_child_environment(workdir),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=(results_write,),
-            start_new_session=True,
+            os.chown(workdir, NOBODY, NOBODY)  # the solution drops to nobody and works in this directory
+            os.chmod(workdir, 0o755)  # the judge (another uid) reads files the solution wrote
+        stdlib_only = not limits.site_packages
+        judge_job = {
+            "test_cases": list(test_cases),
+            "nonce": nonce,
+            "request_fd": request_write,
+            "reply_fd": reply_read,
+            "verdict_fd": verdict_write,
+            "limits": limits.as_child_limits(),
+            "site_packages": limits.site_packages,
+            "imports": _judge_imports(code, test_cases, stdlib_only),
+            "modules": sorted(imported_modules(test_cases)),
+        }
+        common = dict(cwd=workdir, env=_child_environment(workdir), stdout=output_write, stderr=output_write,
+                      start_new_session=True)  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                _python(limits, JUDGE_SCRIPT),
+                stdin=subprocess.PIPE,
+                pass_fds=(request_write, reply_read, verdict_write),
+                **common,
+            )
         )
-        os.close(results_write)
-        results_write = -1
+        processes.append(
+            subprocess.Popen(
+                _python(limits, CHILD_SCRIPT, job_path),
+                stdin=subprocess.DEVNULL,
+                pass_fds=(request_read, reply_write),
+                **common,
+            )
+        )
+        for fd in child_ends:
+            os.close(fd)
+        child_ends = []
+        judge = processes[0]
+        try:
+            judge.stdin.write(json.dumps(judge_job).encode())
+            judge.stdin.close()
+        except OSError:
+            pass  # the judge died; no verdicts, every case fails
         deadline = time.monotonic() + limits.timeout_seconds
         report_cap = 4096 + 512 * len(test_cases)
         with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout.fileno(), selectors.EVENT_READ, "output")
-            selector.register(results_read, selectors.EVENT_READ, "report")
-            while selector.get_map() and not output_exceeded:
+            selector.register(output_read, selectors.EVENT_READ, "output")
+            selector.register(verdict_read, selectors.EVENT_READ, "report")
+            # Done when the judge closes the verdict pipe; the solution may still be running.
+            while verdict_read in selector.get_map() and not output_exceeded:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     timed_out = True
@@ -218,25 +301,32 @@ def run_python_tests(
                         room = limits.max_output_bytes - len(output)
                         output += chunk[:room]
                         output_exceeded = len(chunk) > room
-        # Both pipes closed: wait for the exit itself (the code may have closed them and kept running).
-        while not (timed_out or output_exceeded) and not _exited_unreaped(process.pid):
+            # The verdicts are in: what the processes printed so far is kept, not waited for.
+            while output_read in selector.get_map() and not output_exceeded and selector.select(0):
+                chunk = os.read(output_read, 1 << 16)
+                if not chunk:
+                    break
+                room = limits.max_output_bytes - len(output)
+                output += chunk[:room]
+                output_exceeded = len(chunk) > room
+        # The judge closed its pipes: wait for its exit itself (it reports, then exits at once).
+        while not (timed_out or output_exceeded) and not _exited_unreaped(judge.pid):
             if time.monotonic() >= deadline:
                 timed_out = True
             else:
                 time.sleep(_POLL_SECONDS)
     finally:
-        if process is not None:
+        for process in processes:
             _kill_group(process.pid)  # before reaping, so the group id cannot have been reused
+        for process in processes:
             process.wait()
-            process.stdout.close()
-        for fd in (results_read, results_write):
-            if fd >= 0:
-                os.close(fd)
+        for fd in (*child_ends, output_read, verdict_read):
+            os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
     result = _parse_report(bytes(report), nonce, len(test_cases))
     result.timed_out, result.output_exceeded = timed_out, output_exceeded
     result.output = output.decode("utf-8", "replace")
-    result.returncode = process.returncode if process is not None else None
+    result.returncode = processes[1].returncode if len(processes) > 1 else None
     return result
 
 
