@@ -1,35 +1,76 @@
-"""Run untrusted Python code against test cases in a confined subprocess.
+"""Run untrusted Python code against test cases: the code in a confined process, the tests in another.
 
     result = run_python_tests("def add(a, b): return a + b", ["assert add(1, 2) == 3"])
     result.passed  # [True]
 
-One subprocess per call runs the code then every test case (`_sandbox_child.py` does the confining;
-its docstring lists the steps). What holds a hostile completion, and what only slows it down:
+Two subprocesses per call. The solution process (`_sandbox_child.py`) confines itself, runs the code
+and then only answers requests; it never sees the test cases. The judge process
+(`_sandbox_judge.py`) runs every test case, with the code's names bound to proxies: calling
+`add(1, 2)` there sends the call to the solution process and gets back plain data.
 
-- wall clock: the parent kills the whole process group (`os.killpg`, SIGKILL) at `timeout_seconds`
-  and always once the run ends; the child runs in its own session (`start_new_session=True`);
-- CPU, memory, file size, open files: `setrlimit` in the child;
+Why the verdict cannot be forged by the code. Everything the code can touch is its own process:
+rewriting builtins, modules (sys, json, os) or the harness's functions, walking gc/frames/
+sys.modules, signal handlers, atexit, threads, ctypes, writing to any descriptor it has. None of it
+reaches the judge, whose interpreter the code never runs in. What arrives from the solution is
+treated as a claim and decoded strictly into exact builtin types (`_sandbox_shared.decode`); a value
+that is not plain data stays in the solution process as a handle whose proxy equals only itself,
+has no ordering or arithmetic, and answers `len`/`bool`/`str` only with values of those exact types.
+So an `__eq__` that always says True, an int or str subclass with rigged comparisons, or a float
+whose `__sub__` returns 0 never takes part in a comparison: the judge compares the genuine values
+(a subclass of a builtin arrives as its base value). The asserts, the expected values and
+`AssertionError` are the judge's own; a stdlib module the tests use as `module.attr` (and any name
+the code binds by a top-level import) is the judge's import, and the code's names never shadow a
+builtin there. The verdicts go from the judge to this process on a pipe the code has no descriptor
+for, tagged with a per-run nonce; the code's stdout/stderr are only output. The judge runs as its
+own uid when root (JUDGE_UID; the code runs as nobody) or non-dumpable otherwise, so the code cannot
+read its memory or signal it; SIGINT is ignored there. A solution process that exits, is killed,
+raises SystemExit/KeyboardInterrupt, hangs up or breaks the wire format fails the case it happened
+in (even if the test code catches the error) and every later case; a hang runs into the timeout.
+The job reaches the judge on its stdin, never on disk.
+
+What still gets through, by design or not yet closed:
+- a completion that hard-codes the answers to the inputs it is called with (a lookup table over the
+  tests' arguments), or otherwise special-cases the tests: it sees each call's arguments, as any
+  function does. Only hidden or randomised tests stop that;
+- expected values the tests compute with the code's own objects: a helper the tests call but do
+  not define (HumanEval/32 `poly`, /38 `encode_cyclic`, /50 `encode_shift` come from the prompt,
+  so the completion defines them), or a name the code bound other than by an import statement. Put
+  such helpers in the tests (then the judge defines them itself);
+- an `assert f(x)` that only needs truthiness passes with any true value, as it would in-process;
+- the tests' files: a test that reads a file the code wrote reads what the code put there.
+  Files outside the working directory that uid nobody may read (the dataset, when world-readable)
+  are readable through the raw `posix` module, so tests stored there can be looked up;
+- without root, the solution process has the trainer's uid: where no user namespace is available
+  it may signal or ptrace the trainer (no Yama), which no Python guard stops. Run as root (it drops
+  to nobody) or in a container.
+What the proxies cannot express fails instead of passing: objects built from test-defined classes
+passed to the code, arithmetic or ordering on the code's objects, a namedtuple's field names
+(it arrives as a tuple), `isinstance(x, CodeClass)`; arguments are copies, mutations of list, dict,
+set and bytearray arguments are copied back after each call.
+
+Confinement of the solution process, what holds a runaway program, and what only slows it down:
+
+- wall clock: the parent kills both process groups (`os.killpg`, SIGKILL) at `timeout_seconds`
+  and always once the judge is done; each runs in its own session (`start_new_session=True`);
+- CPU, memory, file size, open files: `setrlimit` in the child (CPU and memory in the judge too);
 - processes: RLIMIT_NPROC = 0 after dropping root to uid nobody (the kernel exempts root from that
   limit), plus `os.fork`/`subprocess`/`os.exec*` replaced by functions that raise;
 - network: a fresh empty network namespace (`unshare(CLONE_NEWNET)`, root or unprivileged user
   namespaces), plus `socket.socket` replaced by a function that raises;
 - files: a fresh temporary working directory, deleted afterwards; `open`/`io.open`/`os.open` refuse
   paths that resolve outside it; the environment is emptied (no tokens leak to the code);
-- output: stdout and stderr are read with a cap (`max_output_bytes`); going over it kills the run.
+- output: stdout and stderr of both are read with a cap (`max_output_bytes`); going over it kills
+  the run.
 
 The Python-level guards are defence in depth, not a jail: code can reach the raw `posix`/`_socket`/
 `_io` modules or ctypes. The kernel-enforced limits (namespace, rlimits, uid) are what hold then;
 `SandboxResult.confinement` reports which were in force (e.g. without root and without
-unprivileged user namespaces there is no network namespace). Files outside the directory stay
-readable through the raw modules when their permissions allow it, and a run can write up to its
-timeout's worth of `file_size_bytes` files into its directory. Results travel on their own pipe,
-tagged with a per-run random nonce, so printing fake report lines does not count; but the harness
-runs in the same interpreter as the code, so a program that inspects the harness's stack frames
-could forge passes. This reward suits honest-but-buggy policies; watch for reward hacking, and for
-hostile workloads at scale use a container or VM sandbox.
+unprivileged user namespaces there is no network namespace). A run can write up to its timeout's
+worth of `file_size_bytes` files into its directory. For hostile workloads at scale add a container
+or VM around the trainer.
 
-The limits are set by the child itself rather than in `preexec_fn`, which Python documents as unsafe
-in a process with threads (the reward scorer runs rewards in threads).
+The limits are set by the children themselves rather than in `preexec_fn`, which Python documents as
+unsafe in a process with threads (the reward scorer runs rewards in threads).
 """
 
 from __future__ import annotations
