@@ -13,7 +13,6 @@ request (it has an "op") or the reply to the last request. Values travel as plai
 the judge only ever holds plain values and its own proxies. The judge reads frames with a size cap.
 """
 
-import ast
 import json
 import os
 import sys
@@ -126,6 +125,8 @@ NO_PREIMPORT = {"antigravity", "this", "__hello__", "__phello__", "idlelib", "tk
 
 def imported_modules(sources: list) -> set:
     """The modules (and `module.name` candidates of `from module import name`) the sources import."""
+    import ast  # here: the judge does not need it, and its import is slow
+
     names = set()
     for source in sources:
         try:
