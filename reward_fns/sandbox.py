@@ -40,11 +40,15 @@ What still gets through, by design or not yet closed:
 - the tests' files: a test that reads a file the code wrote reads what the code put there.
   Files outside the working directory that uid nobody may read (the dataset, when world-readable)
   are readable through the raw `posix` module, so tests stored there can be looked up;
+- sabotage of other completions: solution processes of concurrent runs share uid nobody, so one
+  can kill another (whose cases then fail: lower rewards for its group-mates, a higher advantage
+  for itself). It cannot reach their judges (another uid) or their memory (non-dumpable);
 - without root, the solution process has the trainer's uid: where no user namespace is available
   it may signal or ptrace the trainer (no Yama), which no Python guard stops. Run as root (it drops
   to nobody) or in a container.
 What the proxies cannot express fails instead of passing: objects built from test-defined classes
-passed to the code, arithmetic or ordering on the code's objects, a namedtuple's field names
+passed to the code, the code's global variables read as values (`assert N == 5`: N is a
+proxy), arithmetic or ordering on the code's objects, a namedtuple's field names
 (it arrives as a tuple), `isinstance(x, CodeClass)`; arguments are copies, mutations of list, dict,
 set and bytearray arguments are copied back after each call.
 

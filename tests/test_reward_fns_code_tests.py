@@ -6,7 +6,11 @@ import pytest
 
 from lmpg.errors import RewardError
 from reward_fns.code_tests import code_tests, extract_code, make_code_tests_reward, split_test_cases
-from reward_fns.sandbox import SandboxLimits
+from reward_fns.sandbox import SandboxLimits, probe_confinement
+
+# Signalling other processes is only harmless where the code runs as nobody: with the trainer's uid
+# (no root) it would reach the test runner itself, which is what the docstring of sandbox.py warns of.
+SIGNALS_ARE_SAFE = bool(probe_confinement().get("dropped_root"))
 
 TESTS = ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(2, 2) == 4"]
 
@@ -129,6 +133,8 @@ HOSTILE = {
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_hostile_completion_scores_zero_beside_a_correct_one(kind):
+    if kind == "kill_parent" and not SIGNALS_ARE_SAFE:
+        pytest.skip("the code would run with this process's uid and could kill it")
     reward = make_code_tests_reward(SandboxLimits(timeout_seconds=2.0))
     assert reward(None, [CORRECT_ADD, HOSTILE[kind]], tests=[ADD_TESTS] * 2) == [1.0, 0.0]
 
@@ -151,15 +157,19 @@ MORE_HOSTILE = [
     "import posix\nSEEN = [posix.listdir('.'), posix.listdir('/proc/self/fd')]\n"
     "for pid in range(2, 4000):\n    try:\n        posix.close(posix.open(f'/proc/{pid}/mem', posix.O_RDONLY))\n        print('opened', pid)\n"
     "    except OSError:\n        pass\ndef area(r):\n    return 0.0\n",
-    # signals at every process it can name
-    "import posix, signal\nfor pid in range(2, 4000):\n    try:\n        posix.kill(pid, signal.SIGINT)\n    except OSError:\n        pass\n"
-    "def area(r):\n    return 0.0\n",
     # a value that is not plain data, a NaN, a huge reply, a mutated argument
     "def area(r):\n    return float('nan')\n",
     "def area(r):\n    return 'x' * (20 << 20)\n",
     "class Weird(float):\n    def __sub__(self, other):\n        return 0.0\n    def __eq__(self, other):\n        return True\n"
     "    __hash__ = float.__hash__\ndef area(r):\n    return Weird(-1.0)\n",
 ]
+if SIGNALS_ARE_SAFE:  # SIGINT at the judges and the parent (not every pid: other runs share the machine)
+    MORE_HOSTILE.append(
+        "import posix, signal\ndef area(r):\n    for pid in [posix.getppid()] + [int(p) for p in posix.listdir('/proc') if p.isdigit()]:\n"
+        "        try:\n            fd = posix.open(f'/proc/{pid}/cmdline', posix.O_RDONLY)\n"
+        "            if pid == posix.getppid() or b'_sandbox_judge' in posix.read(fd, 4096):\n"
+        "                posix.kill(pid, signal.SIGINT)\n        except OSError:\n            pass\n    return 0.0\n"
+    )
 AREA_TESTS = [
     "assert abs(area(1.0) - 3.141592653589793) < 1e-9",
     "assert math.isclose(area(2.0), 12.566370614359172)",
