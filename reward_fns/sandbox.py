@@ -147,6 +147,8 @@ class SandboxResult:
     output: str = ""
     """The first max_output_bytes of stdout and stderr, decoded with replacement."""
     returncode: int | None = None
+    """The solution process's exit status (negative: the signal that ended it; it is killed once the
+    judge is done, so usually -9)."""
     failures: dict[int, str] = field(default_factory=dict)
     """Per failing test case index, `Type: message` of what it raised."""
     confinement: dict[str, bool] = field(default_factory=dict)

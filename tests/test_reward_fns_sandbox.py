@@ -184,3 +184,19 @@ def test_replies_that_are_not_plain_data_end_the_solution():
     result = run_python_tests(code, ["assert f() == 1", "assert f() == 1"], FAST)
     assert result.passed == [False, False]
     assert result.failures[0].startswith("SolutionGone: the solution sent a value that is not plain data")
+
+
+@pytest.mark.skipif(not probe_confinement().get("dropped_root"), reason="the code runs as nobody only under root")
+def test_the_code_cannot_open_the_judges_or_the_parents_memory_or_descriptors():
+    code = (
+        "import posix\nopened, denied = [], 0\nfor p in [q for q in posix.listdir('/proc') if q.isdigit()]:\n"
+        "    try:\n        fd = posix.open(f'/proc/{p}/cmdline', posix.O_RDONLY)\n        cmd = posix.read(fd, 4096)\n"
+        "        posix.close(fd)\n    except OSError:\n        continue\n"
+        "    if b'_sandbox_judge' in cmd or int(p) == posix.getppid():\n"
+        "        for what in ('environ', 'mem', 'maps', 'fd/0', 'fd/3', 'fd/4', 'fd/5'):\n"
+        "            try:\n                posix.close(posix.open(f'/proc/{p}/{what}', posix.O_RDONLY))\n"
+        "                opened.append(what)\n            except OSError:\n                denied += 1\n"
+        "def report():\n    return opened, denied\n"
+    )
+    result = run_python_tests(code, ["opened, denied = report()\nassert opened == [] and denied >= 14"], FAST)
+    assert result.passed == [True]
