@@ -14,7 +14,8 @@ the judge treats every reply as the code's claim and checks it as plain data. St
 3. resource limits (CPU seconds, address space, file size, open files, no core dumps);
 4. if root: import the modules the code names (found with `ast`; standard library only unless
    site-packages are allowed) while the interpreter's files are still readable (pyenv-style
-   installs under /root are not readable by others), then drop to uid/gid nobody; then RLIMIT_NPROC = 0. The kernel ignores RLIMIT_NPROC for
+   installs under /root are not readable by others), then drop to uid/gid nobody; then
+   RLIMIT_NPROC = 0. The kernel ignores RLIMIT_NPROC for
    root, so the drop is what makes the fork limit real; a non-root user is bound by it directly;
 5. Python-level guards (defence in depth, not a jail): process creation, sockets, and `open` of paths
    outside the working directory raise PermissionError;
@@ -122,7 +123,8 @@ def _reason(error: BaseException) -> str:
 
 
 def _builtin_base(error: BaseException) -> str:
-    """The name of the first builtin class of the exception's type (a ValueError subclass is sent as ValueError)."""
+    """The name of the first builtin class in the exception's type's MRO (a ValueError subclass goes as
+    ValueError)."""
     for kind in type(error).__mro__:
         if getattr(builtins, kind.__name__, None) is kind:
             return kind.__name__
@@ -276,7 +278,8 @@ def main() -> None:
     except BaseException as error:
         send(reply_fd, {"code_error": _reason(error)})
         _exit()
-    names = [name for name in namespace if type(name) is str and name.isidentifier() and not name.startswith("__")]
+    names = [name for name in namespace if type(name) is str and name.isidentifier()]
+    names = [name for name in names if not name.startswith("__")]
     send(reply_fd, {"ready": names[:10_000]})
     server = Server(namespace, request_fd, reply_fd)
     while True:
