@@ -25,7 +25,7 @@ import torch
 from lmpg.data import load_prompt_dataset, render_prompt
 from lmpg.errors import ConfigError
 from lmpg.modeling import ensure_pad_token, load_model_and_tokenizer
-from lmpg.rollout import eos_token_ids, sample_completions
+from lmpg.rollout import eos_token_ids, reward_inputs, sample_completions
 from lmpg.sampler import row_seed
 
 
@@ -132,7 +132,7 @@ def _score_rollout(rollout, batch_prompts, start, columns, scorer) -> list[dict]
                                                       lengths, rollout.truncated.tolist())]
     if scorer is None:
         return records
-    prompts_rep, completions, completion_ids = rollout.reward_inputs(batch_prompts)
+    prompts_rep, completions, completion_ids = reward_inputs(rollout, batch_prompts)
     cols = {name: [values[row] for row in prompt_rows] for name, values in columns.items()}
     scores = scorer.score(prompts_rep, completions, completion_ids, step=0, columns=cols)
     token_rewards, has_reward = scores.to_token_rewards(rollout.completion_mask.cpu())  # (B, T), (B,)

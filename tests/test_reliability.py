@@ -31,7 +31,8 @@ def test_reward_error_stops_the_run_and_keeps_checkpoints(tmp_path, tiny_model, 
     model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
     metrics = PGTrainer(model, [count_a], prompts_dataset, config(tmp_path, iterations=4, save_every=1, resume="auto"),
                         tokenizer=tokenizer).train()
-    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["iteration"] for m in metrics] == [3, 4]  # train() returns the iterations it ran
+    assert [m["iteration"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_reward_errors_as_none_are_counted(tmp_path, tiny_model, tokenizer, prompts_dataset):
