@@ -8,7 +8,7 @@ distinct prompt through the model once and repeat its cache rows,
 an index_select, so under autograd the gradient of every row flows back into its prompt's single
 forward (d loss / d prompt states = sum over the G rows sharing it).
 
-What a cache allows is decided once per call by `prompt_sharing(model)`, from the cache layers the
+What a cache allows is decided once per call by `cache_support(model)`, from the cache layers the
 model builds (transformers' `DynamicCache(config=model.config)`):
 
 - attention layers (keys and values, full or sliding window) repeat their rows and are continued by
@@ -30,24 +30,32 @@ from dataclasses import dataclass
 import torch
 from transformers import cache_utils
 
-# Exact classes, not isinstance: a subclass may hold state the row selection below does not know.
-# Each selects along the batch dimension of everything it holds in `reorder_cache`, the method beam
-# search reorders rows with.
-_ATTENTION_LAYERS = (cache_utils.DynamicLayer, cache_utils.DynamicSlidingWindowLayer,
-                     cache_utils.DynamicIndexedLayer, cache_utils.DummyLayer)
-_RECURRENT_LAYERS = (cache_utils.LinearAttentionLayer, cache_utils.LinearAttentionAndFullAttentionLayer,
-                     cache_utils.LinearAttentionAndSlidingWindowAttentionLayer)
+# Exact classes, not isinstance: a subclass may hold state the row selection does not know. Each
+# selects along the batch dimension of everything it holds in `reorder_cache`, the method beam
+# search reorders rows with. getattr: transformers 4.x has only the first two.
+def _classes(*names: str) -> tuple[type, ...]:
+    return tuple(c for c in (getattr(cache_utils, n, None) for n in names) if c is not None)
+
+
+_ATTENTION_LAYERS = _classes("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer", "DummyLayer")
+_RECURRENT_LAYERS = _classes("LinearAttentionLayer", "LinearAttentionAndFullAttentionLayer",
+                             "LinearAttentionAndSlidingWindowAttentionLayer")
+_MASKLESS_LAYERS = _classes("LinearAttentionLayer")  # states only: no attention to mask
 
 
 @dataclass(frozen=True)
-class PromptSharing:
-    """What a model's cache lets the rows that hold one prompt share."""
+class CacheSupport:
+    """What the cache a model builds supports besides one-token decoding (`cache_support`)."""
 
-    prefill: bool
+    repeat_rows: bool
     """Its rows can be repeated: the sampler prefills each distinct prompt once."""
-    update: bool
-    """It also continues a multi-token chunk under autograd: the update forward runs each distinct
-    prompt once (`lmpg.logprobs.shared_prompt_completion_logits`)."""
+    continue_chunk: bool
+    """A multi-token chunk continues it under autograd: the update forward runs each distinct prompt
+    once (`lmpg.logprobs.shared_prompt_completion_logits`)."""
+    step_mask: bool
+    """A decoding step takes the attention mask. False where no layer attends (Mamba, Mamba2): the
+    states already carry the prompt's padding, and these models multiply their (B, 1) hidden states
+    by the mask, so `generate` gives them none after the prefill either."""
 
 
 def _base_model(model):
@@ -56,37 +64,26 @@ def _base_model(model):
     return base.get_base_model() if hasattr(base, "get_base_model") else base
 
 
-def prompt_sharing(model) -> PromptSharing:
-    """The sharing the cache `model` builds allows (see the module docstring)."""
+def cache_support(model) -> CacheSupport:
+    """What the cache `model` builds supports (see the module docstring), from its layer classes."""
     base = _base_model(model)
-    # transformers' own list of models that build a cache class of their own (MiniMax, xLSTM, RWKV ...)
-    builds_default = getattr(type(base), "_supports_default_dynamic_cache", lambda: True)()
     config = getattr(base, "config", None)
-    if not builds_default or config is None:
-        return PromptSharing(prefill=False, update=False)
-    layers = cache_utils.DynamicCache(config=config).layers
+    # transformers' own list of models that build a cache class of their own (MiniMax, xLSTM, RWKV ...)
+    if config is None or not getattr(type(base), "_supports_default_dynamic_cache", lambda: True)():
+        return CacheSupport(repeat_rows=False, continue_chunk=False, step_mask=True)
+    try:
+        layers = cache_utils.DynamicCache(config=config).layers
+    except TypeError:  # transformers before per-layer caches: attention layers only
+        layers = []
     kinds = {type(layer) for layer in layers} or {cache_utils.DynamicLayer}  # no layers yet: built lazily as DynamicLayer
-    attention = all(k in _ATTENTION_LAYERS for k in kinds)
-    return PromptSharing(prefill=attention or all(k in _ATTENTION_LAYERS + _RECURRENT_LAYERS for k in kinds),
-                         update=attention)
+    return CacheSupport(repeat_rows=kinds <= set(_ATTENTION_LAYERS + _RECURRENT_LAYERS),
+                        continue_chunk=kinds <= set(_ATTENTION_LAYERS),
+                        step_mask=not kinds <= set(_MASKLESS_LAYERS))
 
 
 def cache_kwarg(model) -> str:
     """The forward argument that takes the KV cache: `cache` in transformers >= 5.x, else `past_key_values`."""
     return "cache" if "cache" in inspect.signature(type(_base_model(model)).forward).parameters else "past_key_values"
-
-
-def decode_step_inputs(model, token: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                       cache) -> dict:
-    """The forward's inputs for one more token on `cache`, as `generate` builds them for this model.
-
-    token, position_ids: (B, 1); attention_mask: (B, L) over the cached tokens and this one. Most
-    models take all of them; the model's own `prepare_inputs_for_generation` drops what it must not
-    get (Mamba / Mamba2 mask padding by multiplying their (B, 1) hidden states with the mask, so
-    they take none once the prompt is cached)."""
-    return _base_model(model).prepare_inputs_for_generation(
-        token, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, is_first_iteration=False,
-        **{cache_kwarg(model): cache})
 
 
 def returned_cache(out):
@@ -113,12 +110,12 @@ def repeat_cache_rows(cache, inverse: torch.Tensor):
     """The cache with row i holding what row inverse[i] held, (b, ...) -> (B, ...), in place: keys and
     values, and the conv / recurrent states of recurrent layers.
 
-    Raises TypeError for a cache whose rows it cannot repeat (see `prompt_sharing`)."""
+    Raises TypeError for a cache whose rows it cannot repeat (see `cache_support`)."""
     layers = getattr(cache, "layers", None)
     if type(cache) is not cache_utils.DynamicCache or any(
             type(layer) not in _ATTENTION_LAYERS + _RECURRENT_LAYERS for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in layers or ()})
         raise TypeError(f"a {type(cache).__name__} cache {kinds} cannot repeat rows; "
-                        "lmpg.kvcache.prompt_sharing should have turned sharing off for this model")
+                        "lmpg.kvcache.cache_support should have turned sharing off for this model")
     cache.reorder_cache(inverse)
     return cache
