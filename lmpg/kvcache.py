@@ -15,9 +15,10 @@ model builds (transformers' `DynamicCache(config=model.config)`):
   a multi-token chunk under autograd: the sampler's shared prefill and the shared update forward;
 - recurrent layers (Mamba / Mamba2 conv and SSM states, linear attention, and the hybrid layers that
   hold both) repeat their rows along the batch dimension too, so the sampler, which continues them
-  one token at a time as `generate` does, still prefills once per prompt; but a multi-token chunk
-  does not continue them (Mamba's chunk scan starts from a zero state, and the layers overwrite
-  their states in place, which autograd rejects), so the update runs the plain forward;
+  one token at a time as `generate` does, still prefills once per prompt. Not all of them continue
+  a multi-token chunk (in transformers 5.24 Mamba's mask does not fit one, Jamba's chunk differs
+  from the plain forward by 7e-5, Qwen3-Next's in-place state update breaks the backward) and the
+  layer class does not tell which, so the update runs the plain forward for all of them;
 - a cache of any other kind (a model's own cache class, a subclass adding state) shares nothing: the
   sampler prefills every row and the update runs the plain forward.
 """
@@ -30,13 +31,15 @@ from dataclasses import dataclass
 import torch
 from transformers import cache_utils
 
-# Exact classes, not isinstance: a subclass may hold state the row selection does not know. Each
-# selects along the batch dimension of everything it holds in `reorder_cache`, the method beam
-# search reorders rows with. getattr: transformers 4.x has only the first two.
+
 def _classes(*names: str) -> tuple[type, ...]:
+    """The cache_utils classes of these names that this transformers version has."""
     return tuple(c for c in (getattr(cache_utils, n, None) for n in names) if c is not None)
 
 
+# Exact classes, not isinstance: a subclass may hold state the row selection does not know. Each
+# selects along the batch dimension of everything it holds in `reorder_cache`, the method beam
+# search reorders rows with.
 _ATTENTION_LAYERS = _classes("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer", "DummyLayer")
 _RECURRENT_LAYERS = _classes("LinearAttentionLayer", "LinearAttentionAndFullAttentionLayer",
                              "LinearAttentionAndSlidingWindowAttentionLayer")
@@ -72,10 +75,11 @@ def cache_support(model) -> CacheSupport:
     if config is None or not getattr(type(base), "_supports_default_dynamic_cache", lambda: True)():
         return CacheSupport(repeat_rows=False, continue_chunk=False, step_mask=True)
     try:
-        layers = cache_utils.DynamicCache(config=config).layers
-    except TypeError:  # transformers before per-layer caches: attention layers only
-        layers = []
-    kinds = {type(layer) for layer in layers} or {cache_utils.DynamicLayer}  # no layers yet: built lazily as DynamicLayer
+        kinds = {type(layer) for layer in cache_utils.DynamicCache(config=config).layers}
+    except (TypeError, AttributeError):  # transformers before per-layer caches: keys and values only
+        kinds = set()
+    if not kinds:  # no layer types in the config: attention layers, made as they fill
+        return CacheSupport(repeat_rows=True, continue_chunk=True, step_mask=True)
     return CacheSupport(repeat_rows=kinds <= set(_ATTENTION_LAYERS + _RECURRENT_LAYERS),
                         continue_chunk=kinds <= set(_ATTENTION_LAYERS),
                         step_mask=not kinds <= set(_MASKLESS_LAYERS))
@@ -111,10 +115,10 @@ def repeat_cache_rows(cache, inverse: torch.Tensor):
     values, and the conv / recurrent states of recurrent layers.
 
     Raises TypeError for a cache whose rows it cannot repeat (see `cache_support`)."""
-    layers = getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", ())  # none: transformers before per-layer caches, keys and values only
     if type(cache) is not cache_utils.DynamicCache or any(
             type(layer) not in _ATTENTION_LAYERS + _RECURRENT_LAYERS for layer in layers):
-        kinds = sorted({type(layer).__name__ for layer in layers or ()})
+        kinds = sorted({type(layer).__name__ for layer in layers})
         raise TypeError(f"a {type(cache).__name__} cache {kinds} cannot repeat rows; "
                         "lmpg.kvcache.cache_support should have turned sharing off for this model")
     cache.reorder_cache(inverse)
