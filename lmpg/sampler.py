@@ -68,8 +68,9 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
     (the loop stops once every row has ended).
 
     Rows with the same prompt (the G samples of a group) are prefilled once and their KV cache
-    repeated (`lmpg.kvcache`); each row still draws from its own stream, so the samples are those of a
-    row-by-row prefill up to float rounding of the prefill logits.
+    repeated where the model's cache allows (`lmpg.kvcache.cache_support`; else every row prefills);
+    each row still draws from its own stream, so the samples are those of a row-by-row prefill up to
+    float rounding of the prefill logits.
     """
     B = prompt_ids.shape[0]
     device = prompt_ids.device
