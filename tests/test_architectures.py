@@ -8,8 +8,9 @@ For each architecture:
 - the sampler's log-probs equal the plain forward's to 5e-7 in fp32 (the incremental pass rounds
   differently: an ulp or two of log-probs near -3), 1e-6 for recurrent layers, whose forward sums
   the scan in chunks and the sampler step by step (3 ulps seen, Mamba2 at temperature 0.7);
-- the shared prefill draws the tokens a row-by-row prefill draws, and where the update forward is
-  shared its log-probs and gradients equal the plain forward's;
+- the shared prefill draws the tokens a row-by-row prefill draws, a sample does not depend on the
+  padding of its batch, and the update's forward (shared where the cache allows) gives the plain
+  forward's log-probs and gradients;
 - two PGTrainer iterations train it: the parameters change and the loss is finite.
 """
 
@@ -131,6 +132,16 @@ def test_shared_prefill_draws_what_a_row_by_row_prefill_draws(arch, tokenizer):
         T = ids.shape[1]
         assert torch.equal(shared_ids[i, :T], ids[0]) and torch.all(shared_ids[i, T:] == tokenizer.pad_token_id)
         torch.testing.assert_close(shared_logp[i, :T], logp[0], atol=1e-6, rtol=0)
+
+
+def test_a_sample_does_not_depend_on_its_batch(arch, tokenizer):
+    """Same seeds, same completions alone or beside longer and shorter prompts (other left padding),
+    recurrent states included: N processes sample what one does."""
+    name, model = arch
+    alone = sample_completions(model, tokenizer, ["12+34="], 2, max_new_tokens=6, seeds=[11, 12])
+    batch = sample_completions(model, tokenizer, ["1+1=", "12+34=", "999+1000="], 2, max_new_tokens=6,
+                               seeds=[1, 2, 11, 12, 3, 4])
+    assert batch.completions[2:4] == alone.completions
 
 
 def test_update_forward_equals_the_plain_forward(arch, tokenizer):
