@@ -100,7 +100,6 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
         raise ConfigError(f"temperature={temperature} must be > 0; use greedy decoding for the argmax")
     fns = [reward_fns] if callable(reward_fns) or isinstance(reward_fns, str) else list(reward_fns or [])
     scorer = RewardScorer(fns, reward_weights, on_error=on_error) if fns else None
-    weights = scorer.weights if scorer is not None else []
     columns = columns or {}
     eos_ids = eos_token_ids(tokenizer, model)
     records = []
@@ -116,14 +115,14 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
                                          top_p=1.0 if greedy else top_p, top_k=1 if greedy else 0,
                                          max_prompt_length=max_prompt_length, add_special_tokens=rendered[0][1],
                                          eos_ids=eos_ids, seeds=seeds)
-            records += _score_rollout(rollout, batch, start, columns, scorer, weights)
+            records += _score_rollout(rollout, batch, start, columns, scorer)
     finally:
         if scorer is not None:
             scorer.close()
     return records
 
 
-def _score_rollout(rollout, batch_prompts, start, columns, scorer, weights) -> list[dict]:
+def _score_rollout(rollout, batch_prompts, start, columns, scorer) -> list[dict]:
     """One record per completion of a rollout over `batch_prompts` (dataset rows start, start+1, ...)."""
     prompt_rows = [start + i for i in rollout.prompt_index]
     lengths = rollout.completion_mask.sum(1).tolist()
@@ -136,7 +135,7 @@ def _score_rollout(rollout, batch_prompts, start, columns, scorer, weights) -> l
     prompts_rep, completions, completion_ids = rollout.reward_inputs(batch_prompts)
     cols = {name: [values[row] for row in prompt_rows] for name, values in columns.items()}
     scores = scorer.score(prompts_rep, completions, completion_ids, step=0, columns=cols)
-    token_rewards, has_reward = scores.to_token_rewards(weights, rollout.completion_mask.cpu())  # (B, T), (B,)
+    token_rewards, has_reward = scores.to_token_rewards(rollout.completion_mask.cpu())  # (B, T), (B,)
     totals = token_rewards.sum(1).tolist()
     for i, rec in enumerate(records):
         rec["reward"] = float(totals[i]) if bool(has_reward[i]) else None

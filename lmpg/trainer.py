@@ -108,8 +108,8 @@ class PGTrainer:
         if not fns:
             raise ConfigError("no reward function given; pass reward_fns=[...] or set rewards in the config")
         self.scorer = RewardScorer(fns, weights, on_error=c.reward_on_error, executor=c.reward_executor,
-                                   max_workers=c.reward_workers)
-        self.reward_weights = list(weights) if weights is not None else [1.0] * len(self.scorer.names)
+                                   max_workers=c.reward_workers, timeout=c.reward_timeout,
+                                   memory_mb=c.reward_memory_mb, max_steps=c.iterations)
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_adamw(params, c)
@@ -262,7 +262,7 @@ class PGTrainer:
         prompts_rep, completions, completion_ids = rollout.reward_inputs(prompts)
         columns = {k: [v[i] for i in rollout.prompt_index] for k, v in rows.items() if k != c.prompt_column}
         scores = self.scorer.score(prompts_rep, completions, completion_ids, step=self.iteration, columns=columns)
-        token_rewards, has_reward = scores.to_token_rewards(self.reward_weights, rollout.completion_mask.cpu())
+        token_rewards, has_reward = scores.to_token_rewards(rollout.completion_mask.cpu())
         device = rollout.completion_mask.device
         return token_rewards.to(device), has_reward.to(device), scores
 
@@ -373,7 +373,7 @@ class PGTrainer:
                         entropy_parts.append((idx, ent))
                     else:
                         w = torch.exp(logp.detach() - old)[mask].double()
-                        ess_sums += torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(w.numel()), dtype=torch.float64)])
+                        ess_sums += torch.stack([w.sum(), (w * w).sum(), w.new_tensor(float(w.numel()))]).cpu()  # w may be on a GPU
                     loss, st = policy_gradient_loss(
                         logp, old, adv[idx], mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
                         clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant,
@@ -482,6 +482,7 @@ class PGTrainer:
             m[f"reward/{name}"] = value
         for name, count in scores.error_counts.items():
             m[f"reward_errors/{name}"] = count
+        m.update({k: v for k, v in scores.metrics.items() if k not in m})  # log_metric from reward functions
         m.update(adv_stats)
         m.update({k: update_stats[k] for k in ("loss", "pg_loss", "kl", "ratio_min", "ratio_mean", "ratio_max",
                                                "clip_frac", "grad_norm", "optimizer_steps", "skipped_updates", "lr",
@@ -505,6 +506,7 @@ class PGTrainer:
             for name, values in zip(scores.names, scores.values):
                 v = values[i]
                 rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, list) else v
+            rec.update({k: v[i] for k, v in scores.extras.items() if k not in rec})  # log_extra from reward functions
             records.append(rec)
             self.samples_log.write(rec)
         if c.sample_log_every and self.iteration % c.sample_log_every == 0 and c.num_samples_to_show:
