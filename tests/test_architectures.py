@@ -116,7 +116,7 @@ def test_sampler_logprobs_equal_the_forward(arch, tokenizer):
                                       roll.completion_ids, temperature)
     m = roll.completion_mask
     atol = 1e-6 if name in RECURRENT else 5e-7
-    torch.testing.assert_close(roll.extras["sampler_logp"][m], plain[m], atol=atol, rtol=0)
+    torch.testing.assert_close(roll.sampler_logp[m], plain[m], atol=atol, rtol=0)
 
 
 def test_shared_prefill_draws_what_a_row_by_row_prefill_draws(arch, tokenizer):
@@ -183,7 +183,7 @@ def test_a_cache_it_does_not_know_shares_nothing(tokenizer):
                                                         roll.completion_ids, roll.completion_mask),
                                       roll.completion_ids)
     m = roll.completion_mask
-    torch.testing.assert_close(roll.extras["sampler_logp"][m], plain[m], atol=5e-7, rtol=0)
+    torch.testing.assert_close(roll.sampler_logp[m], plain[m], atol=5e-7, rtol=0)
 
     class StatefulCache(transformers.DynamicCache):
         pass
