@@ -97,12 +97,13 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        max_prompt_length: int = 512, add_special_tokens: bool = True,
                        eos_ids: list[int] | None = None, seeds: list[int] | None = None,
-                       sampler: str = "lmpg") -> Rollout:
+                       sampler: str = "lmpg", with_grad_sq_norm: bool = False) -> Rollout:
     """Sample `group_size` completions for each prompt text (KV cache on).
 
     sampler="lmpg" (default): `lmpg.sampler.sample_tokens`, one random stream per sample from
     `seeds` (B = len(prompt_texts) * group_size of them; default: drawn from the global torch RNG);
-    the rollout then carries the sampler's log-probs in `extras["sampler_logp"]`.
+    the rollout then carries the sampler's log-probs in `extras["sampler_logp"]` and, with
+    `with_grad_sq_norm`, each token's ||grad_z log pi(a_t | s_t)||^2 in `extras["grad_sq_norm"]`.
     sampler="generate": transformers' `model.generate` on the global torch RNG.
     """
     from lmpg.sampler import sample_tokens
@@ -123,11 +124,16 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                 seeds = torch.randint(0, 2**62, (B,)).tolist()
             if len(seeds) != B:
                 raise ValueError(f"got {len(seeds)} seeds for {B} samples")
-            completion_ids, sampler_logp = sample_tokens(
+            completion_ids, sampler_logp, *grad_sq_norm = sample_tokens(
                 model, prompt_ids, prompt_mask, seeds, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p)
+                pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                with_grad_sq_norm=with_grad_sq_norm)
             extras["sampler_logp"] = sampler_logp
+            if with_grad_sq_norm:
+                extras["grad_sq_norm"] = grad_sq_norm[0]
         elif sampler == "generate":
+            if with_grad_sq_norm:
+                raise ValueError("grad_sq_norm comes from lmpg's sampler; use sampler='lmpg'")
             out = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
                 temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None,

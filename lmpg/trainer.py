@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmpg.advantages import compute_advantages
+from lmpg.advantages import WEIGHTED_BASELINES, compute_advantages
 from lmpg.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from lmpg.config import PGConfig
 from lmpg.diagnostics import GradientMoments
@@ -204,7 +204,7 @@ class PGTrainer:
         adv, adv_stats = compute_advantages(
             token_rewards, rollout.completion_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
             c.gamma, sample_mask=has_reward, eps=c.adv_eps, gather=self._gather,
-            process_index=acc.process_index)
+            process_index=acc.process_index, grad_sq_norm=rollout.extras.get("grad_sq_norm"))
         loss_mask = rollout.completion_mask & has_reward.unsqueeze(1)
 
         # 6. update
@@ -255,7 +255,7 @@ class PGTrainer:
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, max_prompt_length=c.max_prompt_length,
                                   add_special_tokens=add_special_tokens, eos_ids=self.eos_ids, seeds=seeds,
-                                  sampler=c.sampler)
+                                  sampler=c.sampler, with_grad_sq_norm=c.baseline in WEIGHTED_BASELINES)
 
     def _score(self, rollout: Rollout, prompts, rows):
         c = self.config
