@@ -99,7 +99,7 @@ class PGConfig:
 
     # --- estimator ---
     baseline: str = "group_mean"
-    """Baseline b subtracted from the return: none, batch_mean, group_mean (per prompt), leave_one_out (RLOO), optimal (the variance-minimising b* = E[|g|^2 R] / E[|g|^2], leave-one-out in the group, |g|^2 from the sampler's logits) or optimal_token (its per-token form)."""
+    """Baseline b subtracted from the return: none, batch_mean, group_mean (per prompt), leave_one_out (RLOO), optimal (the variance-minimising b* = E[w R] / E[w], w the squared norm of grad log p(tau) estimated from the sampler's logits, leave-one-out in the group) or optimal_token (its per-token form)."""
     adv_norm: str = "none"
     """Divide advantages by the std of (return - baseline): none, group or batch (GRPO uses group)."""
     reward_to_go: bool = False
