@@ -12,7 +12,8 @@ trajectory. This module computes A_t from the rewards, one visible step at a tim
 2. `baseline`: a value b subtracted from the return. A baseline that does not depend on the sample's
    own action leaves the gradient unbiased (E[grad log pi * b] = b * grad sum pi = 0) and cuts its
    variance. `group_mean` includes the sample's own return, which scales the expected gradient by
-   exactly (G-1)/G; `leave_one_out` (RLOO) excludes it and is exactly unbiased.
+   exactly (G-1)/G; `leave_one_out` (RLOO) excludes it and is exactly unbiased. `optimal` and
+   `optimal_token` are the lecture's variance-minimising baseline (see `optimal_baseline`).
 3. `normalise_advantages`: optional division by the group or batch standard deviation (GRPO).
 
 Shapes: B sequences (B = number of prompts * G, the G samples of a prompt contiguous), G samples per
@@ -27,9 +28,10 @@ import torch
 
 from lmpg.masked import masked_mean
 
-Baseline = Literal["none", "batch_mean", "group_mean", "leave_one_out"]
+Baseline = Literal["none", "batch_mean", "group_mean", "leave_one_out", "optimal", "optimal_token"]
 AdvNorm = Literal["none", "group", "batch"]
-BASELINES = ("none", "batch_mean", "group_mean", "leave_one_out")
+BASELINES = ("none", "batch_mean", "group_mean", "leave_one_out", "optimal", "optimal_token")
+WEIGHTED_BASELINES = ("optimal", "optimal_token")  # need each token's grad_sq_norm from the sampler
 ADV_NORMS = ("none", "group", "batch")
 
 
@@ -77,7 +79,7 @@ def sequence_returns(token_returns: torch.Tensor) -> torch.Tensor:
 
 
 def baseline(ret: torch.Tensor, group_size: int, kind: Baseline,
-             sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+             sample_mask: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The baseline b_i subtracted from sample i's return, (B,).
 
     ret: (B,) sequence returns R_i, groups of `group_size` consecutive samples per prompt.
@@ -88,6 +90,9 @@ def baseline(ret: torch.Tensor, group_size: int, kind: Baseline,
     batch_mean:    b_i = (1/N) sum_j R_j over the whole batch (includes R_i: bias factor (N-1)/N)
     group_mean:    b_i = (1/G) sum_{j in g(i)} R_j (includes R_i: expected gradient times (G-1)/G)
     leave_one_out: b_i = (1/(G-1)) sum_{j in g(i), j != i} R_j (RLOO; exactly unbiased; needs G >= 2)
+    optimal:       b_i = sum_{j in g(i), j != i} w_j R_j / sum_{j in g(i), j != i} w_j, w_j ~ ||grad log p(tau_j)||^2
+                   (`optimal_baseline`; `weight` (B,) gives w; exactly unbiased; needs G >= 2)
+    optimal_token is per token, not per sample: `optimal_token_baseline`.
     """
     B = ret.shape[0]
     if B % group_size:
@@ -109,7 +114,107 @@ def baseline(ret: torch.Tensor, group_size: int, kind: Baseline,
             raise ValueError("leave_one_out baseline needs group_size >= 2")
         others = (sums - groups) / (counts - mf.view(-1, group_size)).clamp(min=1)
         return others.reshape(B)
+    if kind == "optimal":
+        if group_size < 2 or weight is None:
+            raise ValueError("optimal baseline needs group_size >= 2 and a weight per sample (grad_sq_norm)")
+        return optimal_baseline(ret, weight, group_size, m)
     raise ValueError(f"unknown baseline {kind!r}; choose one of {BASELINES}")
+
+
+def optimal_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int,
+                     sample_mask: torch.Tensor | None = None, leave_one_out: bool = True) -> torch.Tensor:
+    """The lecture's variance-minimising baseline, estimated within each group, (B,).
+
+    For the estimator g(tau) (R(tau) - b) with g = grad_theta log p_theta(tau), the total variance
+    E||g (R - b)||^2 - ||grad J||^2 is a parabola in a constant b; its derivative -2 E[||g||^2 (R - b)]
+    vanishes at (CS224R lecture 3: "very close to average reward but with additional weighting terms")
+
+        b* = E[ ||g(tau)||^2 R(tau) ] / E[ ||g(tau)||^2 ].
+
+    From the G samples of a prompt, with w_j an estimate of ||g(tau_j)||^2:
+
+        leave_one_out=True:   b_i = sum_{j in g(i), j != i} w_j R_j / sum_{j in g(i), j != i} w_j
+        leave_one_out=False:  b_i = sum_{j in g(i)} w_j R_j / sum_{j in g(i)} w_j        (verl's form)
+
+    The leave-one-out form is a function of the other samples only, so E[g_i b_i] = E[g_i] E[b_i] = 0:
+    the estimator stays exactly unbiased. The including form has no exact bias factor: sample i's
+    share of its own baseline, w_i / sum_j w_j, is random and moves with g_i, so E[g] is not a fixed
+    multiple of grad J (with equal weights it is group_mean's (G-1)/G). The config offers the
+    leave-one-out form (`baseline: optimal`); the other is kept for the enumeration tests.
+    Where the others' weights sum to 0 (each of their tokens was certain, or they are unscored) b_i
+    falls back to their unweighted mean, and to 0 without another scored sample: both still depend on
+    the other samples only.
+
+    weight: (B,) w_j >= 0. lmpg uses the logit-gradient proxy (`lmpg.logprobs.logit_grad_sq_norm`,
+    summed over the trajectory's actions; the trainer reads it off the sampler):
+
+        w_j = ||grad_z log p(tau_j)||^2 = sum_t (1 - 2 pi(a_t|s_t) + sum_v pi(v|s_t)^2) / tau^2
+
+    the squared norm of the gradient with respect to each step's logits z_t. It equals ||g||^2 exactly
+    when the parameters are the logits themselves, one free logit row per state (a tabular softmax
+    policy): the states of one trajectory then own disjoint parameters and the per-step gradients are
+    orthogonal. For an LM, g = sum_t J_t^T (e_{a_t} - pi_t) with J_t = dz_t / dtheta, and the proxy
+    takes J_t J_t'^T = delta_{tt'} I: it ignores how strongly each step's logits move with theta and
+    the cross terms between steps, which share every parameter. It costs no backward pass (verl's
+    `optimal_token_baseline` uses the same proxy, arXiv 2602.07078).
+    sample_mask: (B,) True for scored samples; the others get weight 0.
+    """
+    B = ret.shape[0]
+    if B % group_size:
+        raise ValueError(f"batch of {B} returns is not a whole number of groups of {group_size}")
+    m = torch.ones_like(ret, dtype=torch.bool) if sample_mask is None else sample_mask.bool()
+    zero = torch.zeros_like(ret)
+    w = torch.where(m, weight.to(ret.dtype), zero).view(-1, group_size)  # (B/G, G)
+    x = torch.where(m, ret, zero).view(-1, group_size)
+    n = m.to(ret.dtype).view(-1, group_size)
+    terms = (w * x, w, x, n)  # each (B/G, G)
+    wx, w_sum, x_sum, count = ((t.sum(1, keepdim=True) - t) if leave_one_out else t.sum(1, keepdim=True).expand_as(t)
+                               for t in terms)
+    weighted = wx / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))
+    plain = x_sum / count.clamp(min=1)
+    return torch.where(w_sum > 0, weighted, plain).reshape(B)
+
+
+def optimal_token_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int, token_mask: torch.Tensor,
+                           sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-token variance-minimising baseline, leave-one-out within each group, (B, T).
+
+    With a return per token the estimator is sum_t g_t (ret_t - b_t), g_t = grad log pi(a_t | s_t).
+    In a tabular softmax policy the g_t of one trajectory lie on disjoint parameters (each state s_t
+    has its own logit row), so ||sum_t g_t (ret_t - b_t)||^2 = sum_t ||g_t||^2 (ret_t - b_t)^2 and each
+    position's constant b_t minimises its own parabola (g_t = 0 where tau has no token t):
+
+        b*_t = E[ ||g_t||^2 ret_t ] / E[ ||g_t||^2 ]
+
+        b_{i,t} = sum_{j in g(i), j != i} w_{j,t} ret_{j,t} / sum_{j in g(i), j != i} w_{j,t}
+
+    with w_{j,t} = ||grad_{z_t} log pi(a_t | s_t)||^2 of sample j's token t (the per-token term of
+    `optimal_baseline`'s proxy; exact in the tabular case, for an LM the same approximation). A
+    position is part of the state, and b_{i,t} depends on the other samples only, so the estimator
+    stays exactly unbiased. Where the others' weights at t sum to 0, b_{i,t} is their unweighted mean;
+    where no other sample reaches position t, b_{i,t} = 0 (nothing to compare with; verl does the same
+    for the tail of the longest completion). verl's `optimal_token_baseline` differs in two ways: it
+    weights by the running sum W_t = sum_{t' <= t} w_t' and includes the sample itself.
+    With the whole return (ret_t = R for every t) this is the optimal per-position baseline for
+    REINFORCE, a larger family than `optimal_baseline`'s one constant.
+
+    ret, weight: (B, T); token_mask: (B, T) True where the token counts (an action);
+    sample_mask: (B,) True for scored samples.
+    """
+    B, T = ret.shape  # sequences, completion tokens
+    if B % group_size:
+        raise ValueError(f"batch of {B} returns is not a whole number of groups of {group_size}")
+    m = token_mask.bool()
+    if sample_mask is not None:
+        m = m & sample_mask.bool().unsqueeze(1)
+    zero = torch.zeros_like(ret)
+    w = torch.where(m, weight.to(ret.dtype), zero).view(-1, group_size, T)  # (B/G, G, T)
+    x = torch.where(m, ret, zero).view(-1, group_size, T)
+    n = m.to(ret.dtype).view(-1, group_size, T)
+    wx, w_sum, x_sum, count = ((t.sum(1, keepdim=True) - t) for t in (w * x, w, x, n))
+    weighted = wx / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))
+    plain = x_sum / count.clamp(min=1)
+    return torch.where(w_sum > 0, weighted, plain).reshape(B, T)
 
 
 def advantage_std(adv: torch.Tensor, group_size: int, scope: AdvNorm,
@@ -159,7 +264,7 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
                        baseline_kind: Baseline = "group_mean", adv_norm: AdvNorm = "none",
                        reward_to_go: bool = False, gamma: float = 1.0,
                        sample_mask: torch.Tensor | None = None, eps: float = 1e-6,
-                       gather=None, process_index: int = 0):
+                       gather=None, process_index: int = 0, grad_sq_norm: torch.Tensor | None = None):
     """All steps above in order; returns (adv (B, T), stats).
 
     A_{i,t} = (ret_{i,t} - b_i) / (std_i + eps)   on counted tokens of scored samples, else 0,
@@ -168,6 +273,11 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
     from every token's return: it does not depend on sample i's actions, so the gradient stays
     unbiased (for leave_one_out; group_mean keeps its (G-1)/G factor).
 
+    optimal weights sample j by w_j = sum_t grad_sq_norm_{j,t}; optimal_token subtracts a baseline per
+    token, A_{i,t} = ret_{i,t} - b_{i,t} (`optimal_token_baseline`, computed per process: a group never
+    spans processes; adv_norm must be none). grad_sq_norm: (B, T) the per-token
+    `lmpg.logprobs.logit_grad_sq_norm` of the actions (0 elsewhere), needed by both.
+
     Across processes, `gather` concatenates a (B,) tensor over processes in rank order (each with
     the same B); batch-level baselines and stds then see the global batch, and this process keeps
     its slice `process_index`. The default (None) is one process.
@@ -175,15 +285,27 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
     B = token_rewards.shape[0]
     m = torch.ones(B, dtype=torch.bool, device=token_rewards.device) \
         if sample_mask is None else sample_mask.bool()
+    if baseline_kind in WEIGHTED_BASELINES and grad_sq_norm is None:
+        raise ValueError(f"baseline {baseline_kind} needs grad_sq_norm (B, T) from the sampler")
+    if baseline_kind == "optimal_token" and adv_norm != "none":
+        raise ValueError("baseline optimal_token subtracts a baseline per token; use adv_norm none")
     ret = returns(token_rewards, completion_mask, reward_to_go, gamma)  # (B, T)
     seq_ret = sequence_returns(ret)  # (B,)
+    weight = None if grad_sq_norm is None else \
+        torch.where(completion_mask, grad_sq_norm.to(ret.dtype), torch.zeros_like(ret)).sum(1)  # (B,)
     all_ret, all_m = (seq_ret, m) if gather is None else (gather(seq_ret), gather(m))
-    b_all = baseline(all_ret, group_size, baseline_kind, all_m)
-    std_all = advantage_std(all_ret - b_all, group_size, adv_norm, all_m)
+    all_w = weight if gather is None or weight is None else gather(weight)
     own = slice(process_index * B, (process_index + 1) * B)
-    b, std = b_all[own].to(ret.device), std_all[own].to(ret.device)  # (B,)
-    adv = normalise_advantages(ret - b.unsqueeze(1), std.unsqueeze(1), eps) \
-        if adv_norm != "none" else ret - b.unsqueeze(1)
+    if baseline_kind == "optimal_token":
+        b_tok = optimal_token_baseline(ret, grad_sq_norm, group_size, completion_mask, m)  # (B, T)
+        adv = ret - b_tok
+        b_all = sequence_returns(b_tok) if gather is None else gather(sequence_returns(b_tok))
+    else:
+        b_all = baseline(all_ret, group_size, baseline_kind, all_m, all_w)
+        std_all = advantage_std(all_ret - b_all, group_size, adv_norm, all_m)
+        b, std = b_all[own].to(ret.device), std_all[own].to(ret.device)  # (B,)
+        adv = normalise_advantages(ret - b.unsqueeze(1), std.unsqueeze(1), eps) \
+            if adv_norm != "none" else ret - b.unsqueeze(1)
     keep = completion_mask & m.unsqueeze(1)
     adv = torch.where(keep, adv, torch.zeros_like(adv))
     stats = {
@@ -192,6 +314,10 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
         **advantage_stats(adv, keep, m),
         "zero_spread_group_frac": float(zero_spread_groups(all_ret, group_size, all_m).float().mean()),
     }
+    if all_w is not None:  # how unequal the weights are: 0 means the optimal baseline is the plain mean
+        w_mean = masked_mean(all_w, all_m)
+        stats["grad_sq_norm_mean"] = float(w_mean)
+        stats["grad_sq_norm_cv"] = float(masked_mean((all_w - w_mean) ** 2, all_m).sqrt() / w_mean.clamp(min=1e-12))
     return adv, stats
 
 

@@ -53,6 +53,10 @@ class TrajectoryBatch:
     """(B,) the text after the prompt, decoded from the ids (special tokens skipped)."""
     sampler_logp: torch.Tensor | None = None
     """(B, T) fp32 or None: log pi_old(a_t | s_t) as the sampler computed it, 0 off the actions."""
+    grad_sq_norm: torch.Tensor | None = None
+    """(B, T) fp32 or None: ||grad_z log pi_old(a_t | s_t)||^2 = (1 - 2 pi(a_t) + sum_v pi(v)^2) / tau^2
+    at each action, 0 off the actions (`lmpg.logprobs.logit_grad_sq_norm`); summed over a row, the
+    weight of the optimal baselines (`lmpg.advantages.optimal_baseline`). Filled when they need it."""
     prompts_truncated: int = 0
     """Prompts cut from the left to max_prompt_length."""
     episodes: list | None = None

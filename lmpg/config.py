@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from lmpg.advantages import ADV_NORMS, BASELINES
+from lmpg.advantages import ADV_NORMS, BASELINES, WEIGHTED_BASELINES
 from lmpg.errors import ConfigError
 from lmpg.kl import KL_ESTIMATORS
 from lmpg.losses import LOSS_AGGS, RATIO_LEVELS
@@ -103,7 +103,7 @@ class PGConfig:
 
     # --- estimator ---
     baseline: str = "group_mean"
-    """Baseline b subtracted from the return: none, batch_mean, group_mean (per prompt) or leave_one_out (RLOO)."""
+    """Baseline b subtracted from the return: none, batch_mean, group_mean (per prompt), leave_one_out (RLOO), optimal (the variance-minimising b* = E[w R] / E[w], w the squared norm of grad log p(tau) estimated from the sampler's logits, leave-one-out in the group) or optimal_token (its per-token form)."""
     adv_norm: str = "none"
     """Divide advantages by the std of (return - baseline): none, group or batch (GRPO uses group)."""
     reward_to_go: bool = False
@@ -217,6 +217,12 @@ class PGConfig:
             raise ConfigError(f"micro_batch_size={self.micro_batch_size} must divide minibatch_size={mb}")
         if self.baseline == "leave_one_out" and self.group_size < 2:
             raise ConfigError("baseline=leave_one_out needs group_size >= 2")
+        if self.baseline in WEIGHTED_BASELINES and self.group_size < 2:
+            raise ConfigError(f"baseline={self.baseline} needs group_size >= 2 (it compares a sample with the others of its group)")
+        if self.baseline in WEIGHTED_BASELINES and self.sampler != "lmpg":
+            raise ConfigError(f"baseline={self.baseline} needs sampler=lmpg (its weights come from the sampler's logits)")
+        if self.baseline == "optimal_token" and self.adv_norm != "none":
+            raise ConfigError("baseline=optimal_token subtracts a baseline per token; set adv_norm=none")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0 (sampling only; use greedy eval for argmax)")
         if not 0 < self.top_p <= 1:

@@ -57,6 +57,18 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: in
     return torch.cat(out, 0)
 
 
+def logit_grad_sq_norm(logp_all: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """||grad_z log pi(a | s)||^2 = (1 - 2 pi(a | s) + sum_v pi(v | s)^2) / tau^2 at each taken token.
+
+    pi = softmax(z / tau); d log pi(a) / d z_v = (delta_{va} - pi_v) / tau, whose squared norm over v
+    is the expression above. logp_all: (..., V) log pi (the tempered log-softmax); tokens: (...) int64.
+    Summed over a trajectory's actions it is the weight of `lmpg.advantages.optimal_baseline`.
+    """
+    logp_a = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    sum_sq = torch.logsumexp(2 * logp_all, dim=-1).exp()  # sum_v pi_v^2
+    return (1 - 2 * logp_a.exp() + sum_sq) / temperature ** 2
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from each row's first real token, as `generate` numbers them with left
     padding: cumsum(mask) - 1, clamped at 0 on the padding."""

@@ -79,12 +79,14 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        max_prompt_length: int = 512, add_special_tokens: bool = True,
                        eos_ids: list[int] | None = None, seeds: list[int] | None = None,
-                       sampler: str = "lmpg", policy_version: int = 0) -> TrajectoryBatch:
+                       sampler: str = "lmpg", policy_version: int = 0,
+                       with_grad_sq_norm: bool = False) -> TrajectoryBatch:
     """Sample `group_size` completions for each prompt text (KV cache on).
 
     sampler="lmpg" (default): `lmpg.sampler.sample_tokens`, one random stream per sample from
     `seeds` (B = len(prompt_texts) * group_size of them; default: drawn from the global torch RNG);
-    the batch then carries the sampler's log-probs in `sampler_logp`.
+    the batch then carries the sampler's log-probs in `sampler_logp` and, with `with_grad_sq_norm`,
+    each token's ||grad_z log pi(a_t | s_t)||^2 in `grad_sq_norm`.
     sampler="generate": transformers' `model.generate` on the global torch RNG.
     policy_version: the iteration whose policy samples (recorded per row).
     Single-turn: every token after the prompt is an action, so action_mask equals completion_mask.
@@ -98,7 +100,7 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
     prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
     B = prompt_ids.shape[0]
     eos_ids = eos_ids or eos_token_ids(tokenizer, model)
-    sampler_logp = None
+    sampler_logp, grad_sq_norm = None, []
     was_training = model.training
     model.eval()
     try:
@@ -107,10 +109,13 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                 seeds = torch.randint(0, 2**62, (B,)).tolist()
             if len(seeds) != B:
                 raise ValueError(f"got {len(seeds)} seeds for {B} samples")
-            completion_ids, sampler_logp = sample_tokens(
+            completion_ids, sampler_logp, *grad_sq_norm = sample_tokens(
                 model, prompt_ids, prompt_mask, seeds, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p)
+                pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                with_grad_sq_norm=with_grad_sq_norm)
         elif sampler == "generate":
+            if with_grad_sq_norm:
+                raise ValueError("grad_sq_norm comes from lmpg's sampler; use sampler='lmpg'")
             out = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
                 temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None,
@@ -132,4 +137,5 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                            completion_mask=completion_mask, action_mask=completion_mask.clone(),
                            truncated=truncated, group=group,
                            policy_version=torch.full((B,), policy_version, dtype=torch.long, device=device),
-                           completions=completions, sampler_logp=sampler_logp, prompts_truncated=n_trunc)
+                           completions=completions, sampler_logp=sampler_logp, prompts_truncated=n_trunc,
+                           grad_sq_norm=grad_sq_norm[0] if grad_sq_norm else None)

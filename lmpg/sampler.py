@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from lmpg.kvcache import cache_kwarg, cache_support, distinct_rows, repeat_cache_rows, returned_cache
-from lmpg.logprobs import position_ids_from_mask
+from lmpg.logprobs import logit_grad_sq_norm, position_ids_from_mask
 
 _SEED_MIX = (1_000_003, 7_919, 104_729, 15_485_863)
 
@@ -60,12 +60,13 @@ def gumbel_noise(generators: list[torch.Generator], vocab_size: int, device) -> 
 @torch.no_grad()
 def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: list[int], *,
                   max_new_tokens: int, eos_ids: list[int], pad_id: int, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_k: int = 0, top_p: float = 1.0, with_grad_sq_norm: bool = False):
     """Sample one completion per row of the left-padded prompts.
 
     Returns (completion_ids (B, T) with pad after each row's first EOS, logp (B, T) fp32: log of the
     untruncated tempered policy softmax(z / tau) at each sampled token, 0 after EOS). T <= max_new_tokens
-    (the loop stops once every row has ended).
+    (the loop stops once every row has ended). with_grad_sq_norm: a third output (B, T) fp32, each
+    sampled token's ||grad_z log pi(a_t | s_t)||^2 (`lmpg.logprobs.logit_grad_sq_norm`), 0 after EOS.
 
     Rows with the same prompt (the G samples of a group) are prefilled once and their KV cache
     repeated where the model's cache allows (`lmpg.kvcache.cache_support`; else every row prefills);
@@ -92,7 +93,7 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
         last_logits = last_logits[inverse]  # (B, V)
     next_position = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logps = [], []
+    tokens, logps, grad_sq = [], [], []
     for step in range(max_new_tokens):
         z = last_logits.float() / temperature  # (B, V)
         logp_all = torch.log_softmax(z, dim=-1)
@@ -102,6 +103,8 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         logps.append(torch.where(finished, torch.zeros_like(logp), logp))
+        if with_grad_sq_norm:
+            grad_sq.append(torch.where(finished, 0.0, logit_grad_sq_norm(logp_all, token, temperature)))
         finished |= torch.isin(token, eos)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
@@ -112,5 +115,7 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
         last_logits = out.logits[:, -1, :]
         next_position = next_position + 1
     if not tokens:
-        return prompt_ids.new_zeros(B, 0), torch.zeros(B, 0, device=device)
-    return torch.stack(tokens, 1), torch.stack(logps, 1)
+        empty = (prompt_ids.new_zeros(B, 0), torch.zeros(B, 0, device=device))
+        return empty + (torch.zeros(B, 0, device=device),) if with_grad_sq_norm else empty
+    out = (torch.stack(tokens, 1), torch.stack(logps, 1))
+    return out + (torch.stack(grad_sq, 1),) if with_grad_sq_norm else out

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from lmpg import distributed, run_dir
-from lmpg.advantages import advantage_stats, compute_advantages
+from lmpg.advantages import WEIGHTED_BASELINES, advantage_stats, compute_advantages
 from lmpg.batch import TrajectoryBatch
 from lmpg.checkpoint import load_state, load_weights, quiet_hf_progress, rng_state, save_checkpoint, \
     save_weights, set_rng_state
@@ -260,7 +260,8 @@ class PGTrainer:
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, max_prompt_length=c.max_prompt_length,
                                   add_special_tokens=prompts.add_special_tokens, eos_ids=self.eos_ids, seeds=seeds,
-                                  sampler=c.sampler, policy_version=self.iteration)
+                                  sampler=c.sampler, policy_version=self.iteration,
+                                  with_grad_sq_norm=c.baseline in WEIGHTED_BASELINES)
 
     def score(self, batch: TrajectoryBatch, prompts: Prompts):
         """Fills batch.token_rewards (weighted sum over the reward functions) and batch.scored;
@@ -310,7 +311,7 @@ class PGTrainer:
         batch.adv, stats = compute_advantages(
             batch.token_rewards, batch.action_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
             c.gamma, sample_mask=batch.scored, eps=c.adv_eps, gather=self.gather,
-            process_index=self.accelerator.process_index)
+            process_index=self.accelerator.process_index, grad_sq_norm=batch.grad_sq_norm)
         return stats
 
     def update(self, batch: TrajectoryBatch) -> tuple[dict, torch.Tensor]:

@@ -13,6 +13,8 @@ from lmpg.advantages import (
     baseline,
     compute_advantages,
     discounted_reward_to_go,
+    optimal_baseline,
+    optimal_token_baseline,
     returns,
     sequence_returns,
     zero_spread_groups,
@@ -265,3 +267,91 @@ def test_gather_across_processes_equals_one_process():
                 adv, _ = compute_advantages(r[part], mask[part], 2, kind, norm, sample_mask=m[part],
                                             gather=gather, process_index=p)
                 torch.testing.assert_close(adv, whole[part], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimal baselines (weights w_j ~ ||grad log p(tau_j)||^2; the maths by enumeration in
+# tests/test_estimator_enumeration.py)
+# ---------------------------------------------------------------------------------------------
+
+def test_optimal_baseline_by_hand():
+    R = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DT)
+    w = torch.tensor([1.0, 0.0, 2.0, 1.0], dtype=DT)
+    # leave-one-out: sample 0 sees (0*2 + 2*3 + 1*4) / 3, sample 1 sees (1 + 6 + 4) / 4, ...
+    torch.testing.assert_close(optimal_baseline(R, w, 4), torch.tensor([10 / 3, 11 / 4, 5 / 2, 7 / 3], dtype=DT))
+    torch.testing.assert_close(baseline(R, 4, "optimal", weight=w), optimal_baseline(R, w, 4))
+    # including sample i: one weighted mean for the group, 11 / 4
+    torch.testing.assert_close(optimal_baseline(R, w, 4, leave_one_out=False), torch.full((4,), 11 / 4, dtype=DT))
+    # equal weights: the leave-one-out mean (RLOO) and the group mean
+    ones = torch.ones(4, dtype=DT)
+    torch.testing.assert_close(optimal_baseline(R, ones, 4), baseline(R, 4, "leave_one_out"))
+    torch.testing.assert_close(optimal_baseline(R, ones, 4, leave_one_out=False), baseline(R, 4, "group_mean"))
+    # G = 2: the one other sample's return, whatever the weights (a zero weight falls back to the plain mean)
+    assert optimal_baseline(R, torch.tensor([0.0, 0.0, 5.0, 1.0], dtype=DT), 2).tolist() == [2, 1, 4, 3]
+
+
+def test_optimal_baseline_leaves_out_unscored_samples():
+    R = torch.tensor([1.0, 2.0, 99.0, 4.0], dtype=DT)
+    w = torch.tensor([1.0, 3.0, 50.0, 1.0], dtype=DT)
+    m = torch.tensor([True, True, False, True])
+    # sample 0: (3*2 + 1*4) / 4; sample 1: (1 + 4) / 2; sample 3: (1 + 6) / 4
+    b = optimal_baseline(R, w, 4, m)
+    torch.testing.assert_close(b[[0, 1, 3]], torch.tensor([10 / 4, 5 / 2, 7 / 4], dtype=DT))
+    # alone in its group among the scored samples: no comparison, b = 0
+    assert optimal_baseline(R[:2], w[:2], 2, torch.tensor([True, False])).tolist()[0] == 0.0
+
+
+def test_optimal_token_baseline_by_hand():
+    """Per position t, the weighted mean of the other samples' returns at t among those that reach t."""
+    ret = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0], [3.0, 0.0, 0.0], [5.0, 5.0, 5.0]], dtype=DT)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    w = torch.tensor([[1.0, 2.0, 9.0], [1.0, 1.0, 1.0], [2.0, 9.0, 9.0], [1.0, 1.0, 3.0]], dtype=DT)
+    b = optimal_token_baseline(ret, w, 4, mask)
+    want = torch.tensor([[(2 + 6 + 5) / 4, (2 + 5) / 2, 0],
+                         [(1 + 6 + 5) / 4, (2 + 5) / 3, 5.0],
+                         [(1 + 2 + 5) / 3, 0, 0],
+                         [(1 + 2 + 6) / 4, (2 + 2) / 3, 2.0]], dtype=DT)
+    torch.testing.assert_close(torch.where(mask, b, 0.0), torch.where(mask, want, 0.0))
+    # the longest sample's tail: no other sample reaches position 2 in a group of (0, 1)
+    assert optimal_token_baseline(ret[:2], w[:2], 2, mask[:2])[1, 2] == 0.0
+
+
+@pytest.mark.parametrize("kind,adv_norm,reward_to_go", [
+    ("optimal", "none", False), ("optimal", "group", True), ("optimal_token", "none", True),
+    ("optimal_token", "none", False)])
+def test_optimal_advantages_ignore_padding_and_unscored_samples(kind, adv_norm, reward_to_go):
+    """NaN rewards and weights on padding and on an unscored sample never reach an advantage; the
+    scored samples get what a group of them alone would get."""
+    r, mask = random_batch(B=8, T=5, seed=4)
+    g = torch.Generator().manual_seed(5)
+    w = torch.where(mask, torch.rand(8, 5, generator=g, dtype=DT) * 3, float("nan"))
+    r[2], w[2] = float("nan"), float("nan")
+    m = torch.ones(8, dtype=torch.bool)
+    m[2] = False
+    adv, stats = compute_advantages(r, mask, 4, kind, adv_norm, reward_to_go, sample_mask=m, grad_sq_norm=w)
+    assert torch.isfinite(adv).all() and (adv[~mask] == 0).all() and (adv[2] == 0).all()
+    assert all(v == v for v in stats.values())
+    keep = [0, 1, 3]
+    alone = compute_advantages(r[keep], mask[keep], 3, kind, adv_norm, reward_to_go, grad_sq_norm=w[keep])[0]
+    torch.testing.assert_close(adv[keep], alone, rtol=0, atol=1e-12)
+
+
+def test_compute_advantages_optimal_weights_are_summed_over_the_tokens():
+    lengths = [3, 1, 2, 2]
+    mask = right_padded_mask(lengths, 3)
+    r = last_token_rewards([1.0, 2.0, 3.0, 4.0], lengths, 3)
+    w_tok = torch.where(mask, torch.tensor([[0.5, 0.25, 0.25], [0.0, 7, 7], [1, 1, 7], [0.5, 0.5, 7]], dtype=DT), 0.0)
+    adv, stats = compute_advantages(r, mask, 4, "optimal", grad_sq_norm=w_tok)  # w = [1, 0, 2, 1]
+    b = torch.tensor([10 / 3, 11 / 4, 5 / 2, 7 / 3], dtype=DT)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([1.0, 2, 3, 4], dtype=DT) - b)
+    assert stats["grad_sq_norm_mean"] == 1.0
+
+
+def test_optimal_baselines_refuse_what_they_cannot_do():
+    r, mask = random_batch(B=4, T=3, seed=0)
+    with pytest.raises(ValueError, match="needs grad_sq_norm"):
+        compute_advantages(r, mask, 4, "optimal")
+    with pytest.raises(ValueError, match="adv_norm none"):
+        compute_advantages(r, mask, 4, "optimal_token", "group", grad_sq_norm=torch.ones(4, 3))
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        baseline(RET, 1, "optimal", weight=torch.ones(8, dtype=DT))

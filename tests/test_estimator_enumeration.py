@@ -24,8 +24,9 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from lmpg.advantages import WEIGHTED_BASELINES, compute_advantages, optimal_baseline, returns
 from lmpg.advantages import baseline as lmpg_baseline
-from lmpg.advantages import compute_advantages, returns
+from lmpg.logprobs import logit_grad_sq_norm
 from lmpg.losses import policy_gradient_loss
 
 DT = torch.float64
@@ -84,6 +85,17 @@ class TabularPolicy:
     def seq_logp(self, theta: torch.Tensor) -> torch.Tensor:
         """log pi(tau | p), (P, C)."""
         return self.token_logp(theta).sum(-1)
+
+    def grad_sq_norm(self, theta: torch.Tensor) -> torch.Tensor:
+        """lmpg's logit-gradient proxy ||grad_z log pi(a_t | s_t)||^2 at each token, (P, C, L), 0 on padding."""
+        logits = theta[:, self.prefix]  # (P, C, L, V)
+        logp_all = logits - logits.exp().sum(-1, keepdim=True).log()
+        w = logit_grad_sq_norm(logp_all, self.tokens.expand(self.P, -1, -1))
+        return torch.where(self.mask, w, torch.zeros((), dtype=DT))
+
+    def seq_grads(self, theta: torch.Tensor) -> torch.Tensor:
+        """g(tau) = grad_theta log pi(tau | p) of every completion, (P, C, D), by autograd."""
+        return jacobian(self.seq_logp, theta).reshape(self.P, self.C, -1)
 
 
 # V=2 ({0, EOS}), up to 3 tokens: 4 completions of lengths 1, 2, 3, 3.
@@ -162,6 +174,8 @@ def estimator(policy, prompts, G, token_rewards, *, baseline="none", theta=None,
     mask = policy.mask[batches]  # (K, N, L)
     rewards = token_rewards[pid, batches]  # (K, N, L)
     adv_kw = dict(reward_to_go=reward_to_go, gamma=gamma)
+    if baseline in WEIGHTED_BASELINES:
+        adv_kw["grad_sq_norm"] = policy.grad_sq_norm(theta_old)[pid, batches].view(K * N, L)
     if baseline == "batch_mean":
         # The mean of one batch is the group mean of a "group" spanning that batch (checked for every
         # batch with lmpg's `baseline`), so all K batches still go through one stacked call.
@@ -458,3 +472,190 @@ def test_sequence_mean_ratio_is_length_normalised():
     off = off_policy_mean(policy, prompts, 1, rewards, theta, "sequence_mean")
     gap_off = rel_err(off, true_gradient(policy, rewards, prompts, theta=theta))
     assert min(gap_on, gap_off) > 0.1, (gap_on, gap_off)  # 0.78 on-policy, 0.70 at scale 0.5 here
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The optimal baseline b* = E[||g||^2 R] / E[||g||^2] (CS224R lecture 3), g = grad log p(tau)
+# ---------------------------------------------------------------------------------------------
+
+def test_logit_proxy_is_the_exact_squared_gradient_norm_of_a_tabular_policy():
+    """Free logits per state: sum_t (1 - 2 pi(a_t|s_t) + sum_v pi(v|s_t)^2) = ||grad_theta log p(tau)||^2
+    for every trajectory, and each term is ||grad_theta log pi(a_t|s_t)||^2 (the per-token weight)."""
+    for policy in (TINY, SHORT, LONG):
+        w_tok = policy.grad_sq_norm(policy.theta)  # (P, C, L)
+        exact = (policy.seq_grads(policy.theta) ** 2).sum(-1)  # (P, C)
+        torch.testing.assert_close(w_tok.sum(-1), exact, **EXACT)
+        tok_grads = jacobian(policy.token_logp, policy.theta).flatten(3)  # (P, C, L, D)
+        torch.testing.assert_close(w_tok, (tok_grads ** 2).sum(-1), **EXACT)
+
+
+def constant_baseline_variance(policy, p, R, b):
+    """Total variance E||g(tau) (R(tau) - b) - grad J||^2 of the one-sample estimator, for each b in b (n,)."""
+    pi = policy.seq_logp(policy.theta)[p].exp()  # (C,)
+    g = policy.seq_grads(policy.theta)[p]  # (C, D)
+    est = g.unsqueeze(0) * (R.unsqueeze(0) - b.view(-1, 1)).unsqueeze(-1)  # (n, C, D)
+    grad_J = pi @ (g * R.unsqueeze(1))
+    return ((est - grad_J) ** 2).sum(-1) @ pi  # (n,)
+
+
+def optimal_constant(policy, p, R):
+    """(b*, E[R]) for prompt p, from the proxy weights."""
+    pi = policy.seq_logp(policy.theta)[p].exp()
+    w = policy.grad_sq_norm(policy.theta)[p].sum(-1)
+    return float((pi * w * R).sum() / (pi * w).sum()), float(pi @ R)
+
+
+@pytest.mark.parametrize("policy", [TINY, SHORT, LONG], ids=["tiny", "short", "long"])
+def test_optimal_constant_baseline_minimises_the_variance(policy):
+    """Var(b) = Var(0) - 2 b E[||g||^2 R] + b^2 E[||g||^2] (closed form, checked at every grid point);
+    its minimum over a grid of 401 constants sits at b* and no grid point beats b*; b* is not E[R]."""
+    for p in range(policy.P):
+        R = sequence_rewards(policy, 37)[p].sum(-1)  # (C,)
+        b_star, mean_R = optimal_constant(policy, p, R)
+        pi = policy.seq_logp(policy.theta)[p].exp()
+        w = policy.grad_sq_norm(policy.theta)[p].sum(-1)
+        grid = torch.linspace(-1.0, 2.0, 401, dtype=DT)
+        var = constant_baseline_variance(policy, p, R, grid)
+        var_0 = constant_baseline_variance(policy, p, R, torch.zeros(1, dtype=DT))
+        closed = var_0 - 2 * grid * (pi @ (w * R)) + grid ** 2 * (pi @ w)
+        torch.testing.assert_close(var, closed, **EXACT)
+        at_star, at_mean = constant_baseline_variance(policy, p, R, torch.tensor([b_star, mean_R], dtype=DT))
+        assert abs(float(grid[var.argmin()]) - b_star) <= float(grid[1] - grid[0]) / 2
+        assert at_star <= var.min() + 1e-14
+        assert at_star < at_mean and abs(b_star - mean_R) > 1e-3, (b_star, mean_R)
+
+
+# One prompt, V=2, completions (EOS), (0, EOS), (0, 0, EOS), (0, 0, 0): pi = 0.030, 0.022, 0.810, 0.138,
+# so the weights ||g||^2 = 2.16, 2.47, 0.045, 1.49 differ 55-fold; the reward R = w / max w moves with
+# them, which puts b* = 0.651 far from E[R] = 0.146.
+SKEWED = TabularPolicy(P=1, V=2, L=3, seed=0)
+
+
+def group_estimates(policy, G, R, baseline_fn):
+    """g (K, D) = (1/G) sum_i g(tau_i) (R_i - b_i) for every outcome of G samples of prompt 0, and
+    its probability (K,). baseline_fn((K, G) returns, (K, G) weights) -> (K, G) baselines."""
+    batches = joint_batches(policy.C, G)  # (K, G)
+    prob = policy.seq_logp(policy.theta)[0][batches].sum(1).exp()
+    w = policy.grad_sq_norm(policy.theta)[0].sum(-1)  # (C,)
+    Rb = R[batches]
+    b = baseline_fn(Rb, w[batches])
+    g = torch.einsum("kg,kgd->kd", Rb - b, policy.seq_grads(policy.theta)[0][batches]) / G
+    return g, prob
+
+
+def skewed_case():
+    w = SKEWED.grad_sq_norm(SKEWED.theta)[0].sum(-1)
+    return w / w.max()
+
+
+def per_group(kind):
+    def fn(Rb, wb):
+        K, G = Rb.shape
+        if kind == "optimal":
+            return optimal_baseline(Rb.reshape(-1), wb.reshape(-1), G).view(K, G)
+        if kind == "optimal_including":
+            return optimal_baseline(Rb.reshape(-1), wb.reshape(-1), G, leave_one_out=False).view(K, G)
+        return lmpg_baseline(Rb.reshape(-1), G, kind).view(K, G)
+    return fn
+
+
+def test_leave_one_out_optimal_baseline_is_exactly_unbiased():
+    """E[g] = grad J for baseline=optimal through lmpg's compute_advantages (every CASE), and for the
+    direct G-sample form at G = 2, 4, 8."""
+    for policy, prompts, G in CASES.values():
+        rewards = sequence_rewards(policy, 7)
+        mean, _ = moments(*estimator(policy, prompts, G, rewards, baseline="optimal", loss_agg="sequence_sum"))
+        torch.testing.assert_close(mean, true_gradient(policy, rewards, prompts), **EXACT)
+    R = skewed_case()
+    grad_J = SKEWED.seq_logp(SKEWED.theta)[0].exp() @ (SKEWED.seq_grads(SKEWED.theta)[0] * R.unsqueeze(1))
+    for G in (2, 4, 8):
+        mean, _ = moments(*group_estimates(SKEWED, G, R, per_group("optimal")))
+        torch.testing.assert_close(mean, grad_J, **EXACT)
+
+
+def test_including_form_has_no_exact_bias_factor():
+    """verl's b_i = sum_j w_j R_j / sum_j w_j (sample i included): E[g] is not a multiple of grad J
+    (group_mean, its equal-weight case, is exactly (G-1)/G grad J)."""
+    R = skewed_case()
+    grad_J = SKEWED.seq_logp(SKEWED.theta)[0].exp() @ (SKEWED.seq_grads(SKEWED.theta)[0] * R.unsqueeze(1))
+    gaps = []
+    for G in (2, 4, 8):
+        torch.testing.assert_close(moments(*group_estimates(SKEWED, G, R, per_group("group_mean")))[0],
+                                   (G - 1) / G * grad_J, **EXACT)
+        mean = moments(*group_estimates(SKEWED, G, R, per_group("optimal_including")))[0]
+        c = float(mean @ grad_J / (grad_J @ grad_J))
+        gaps.append(rel_err(mean, c * grad_J))
+    assert gaps == pytest.approx([0.1209, 0.1095, 0.0896], abs=1e-4), gaps  # 12%, 11%, 9% off any multiple
+
+
+def test_optimal_baseline_variance_beside_b_star_and_leave_one_out_mean():
+    """Exact total variance of the G-sample estimator on SKEWED (weights 55-fold apart), a finding:
+
+        G    b* (oracle)   E[R] (oracle)   optimal (LOO, w)   leave_one_out (RLOO)
+        2    0.006584      0.052625        0.071819           0.071819    (one other sample: identical)
+        4    0.003292      0.026313        0.028673           0.029511
+        8    0.001646      0.013156        0.008708           0.013842
+
+    The oracle b* beats the oracle mean reward 8-fold, as the lecture says it should; estimated from
+    the G-1 other samples, the weighted mean gains 3% over RLOO at G = 4 and 37% at G = 8, still 5x
+    above the oracle b*: most of its variance is the noise of the estimated baseline itself.
+    """
+    R = skewed_case()
+    b_star, mean_R = optimal_constant(SKEWED, 0, R)
+    assert (b_star, mean_R) == pytest.approx((0.6512, 0.1458), abs=1e-4)
+    table = {}
+    for G in (2, 4, 8):
+        table[G] = [float(moments(*group_estimates(SKEWED, G, R, fn))[1]) for fn in (
+            lambda Rb, wb: torch.full_like(Rb, b_star), lambda Rb, wb: torch.full_like(Rb, mean_R),
+            per_group("optimal"), per_group("leave_one_out"))]
+    expected = {2: [0.006584, 0.052625, 0.071819, 0.071819], 4: [0.003292, 0.026313, 0.028673, 0.029511],
+                8: [0.001646, 0.013156, 0.008708, 0.013842]}
+    for G in table:
+        assert table[G] == pytest.approx(expected[G], abs=2e-6), (G, table[G])
+    # the direct form is lmpg's compute_advantages + loss: same variance through the estimator
+    for kind in ("optimal", "leave_one_out"):
+        _, var = moments(*estimator(SKEWED, [0, 0, 0, 0], 4, sequence_rewards_from(SKEWED, R),
+                                    baseline=kind, loss_agg="sequence_sum"))
+        assert float(var) == pytest.approx(table[4][2 if kind == "optimal" else 3], rel=1e-9)
+
+
+def sequence_rewards_from(policy, R):
+    """R (C,) placed at each completion's last token, (1, C, L)."""
+    r = torch.zeros(1, policy.C, policy.L, dtype=DT)
+    r[0, torch.arange(policy.C), policy.lengths - 1] = R
+    return r
+
+
+def token_baseline_variance(policy, p, ret, b):
+    """E||sum_t g_t (ret_t - b_t) - E[.]||^2 of the one-sample reward-to-go estimator, b: (n, L)."""
+    pi = policy.seq_logp(policy.theta)[p].exp()  # (C,)
+    g_tok = jacobian(policy.token_logp, policy.theta).flatten(3)[p]  # (C, L, D)
+    adv = torch.where(policy.mask, ret.unsqueeze(0) - b.unsqueeze(1), torch.zeros((), dtype=DT))  # (n, C, L)
+    est = torch.einsum("ncl,cld->ncd", adv, g_tok)
+    mean = torch.einsum("c,ncd->nd", pi, est)
+    return ((est - mean.unsqueeze(1)) ** 2).sum(-1) @ pi  # (n,)
+
+
+def test_optimal_token_baseline_minimises_the_reward_to_go_variance():
+    """Per-token rewards, reward-to-go: b*_t = E[||g_t||^2 ret_t] / E[||g_t||^2] is a stationary point
+    (every +-0.01 step along every position raises the variance) and beats the sequence-level b*
+    subtracted from every token; the leave-one-out estimate keeps E[g] = grad J exactly."""
+    policy, p = LONG, 0
+    rewards = per_token_rewards(policy, 11)
+    ret = returns(rewards[p], policy.mask, reward_to_go=True)  # (C, L)
+    pi = policy.seq_logp(policy.theta)[p].exp()
+    w = policy.grad_sq_norm(policy.theta)[p]  # (C, L)
+    b_tok = (pi @ (w * ret)) / (pi @ w)  # (L,)
+    steps = torch.cat([torch.zeros(1, policy.L, dtype=DT), 0.01 * torch.eye(policy.L, dtype=DT),
+                       -0.01 * torch.eye(policy.L, dtype=DT)])
+    var = token_baseline_variance(policy, p, ret, b_tok + steps)
+    assert bool((var[1:] > var[0]).all()), var
+    b_seq = (pi @ (w.sum(1) * ret[:, 0])) / (pi @ w.sum(1))
+    seq_var = token_baseline_variance(policy, p, ret, b_seq.expand(1, policy.L))
+    assert float(var[0]) < float(seq_var[0]), (var[0], seq_var)
+    for prompts, G in (([0, 0], 2), ([1, 1, 1], 3)):
+        pol = LONG if G == 2 else SHORT
+        r = per_token_rewards(pol, 11)
+        mean, _ = moments(*estimator(pol, prompts, G, r, baseline="optimal_token", reward_to_go=True,
+                                     loss_agg="sequence_sum"))
+        torch.testing.assert_close(mean, true_gradient(pol, r, prompts), **EXACT)

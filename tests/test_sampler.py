@@ -81,3 +81,28 @@ def test_trimmed_forward_equals_full_forward(tmp_path, tiny_model, tokenizer, pr
     m = roll.completion_mask[idx]
     torch.testing.assert_close(trimmed[m], full[m], atol=1e-5, rtol=0)
     assert torch.all(trimmed[~m] == 0)
+
+
+def test_sampler_grad_sq_norm_is_the_squared_logit_gradient(tiny_model, tokenizer):
+    """The sampler's optional per-token output equals ||d log pi(a_t | s_t) / d z_t||^2 by autograd on
+    the logits of a full forward, (1 - 2 pi(a_t) + sum_v pi_v^2) / tau^2, and is 0 after EOS."""
+    from lmpg.logprobs import completion_logits, selective_log_softmax
+
+    tau = 0.8
+    roll = sample_completions(tiny_model, tokenizer, ["1+1=", "123+456="], 3, max_new_tokens=6, temperature=tau,
+                              seeds=list(range(6)), with_grad_sq_norm=True)
+    w = roll.grad_sq_norm
+    m = roll.completion_mask
+    with torch.no_grad():
+        z = completion_logits(tiny_model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, m)
+    z = z.double().requires_grad_(True)  # (B, T, V)
+    logp = selective_log_softmax(z, roll.completion_ids, tau)
+    (grad,) = torch.autograd.grad(logp[m].sum(), z)  # each token's logp depends on its own z_t only
+    torch.testing.assert_close(w[m].double(), (grad ** 2).sum(-1)[m], atol=1e-5, rtol=1e-5)
+    pi = torch.softmax(z.detach() / tau, -1)
+    by_hand = (1 - 2 * pi.gather(-1, roll.completion_ids.unsqueeze(-1)).squeeze(-1) + (pi ** 2).sum(-1)) / tau ** 2
+    torch.testing.assert_close(w[m].double(), by_hand[m], atol=1e-5, rtol=1e-5)
+    assert torch.all(w[~m] == 0) and bool((w[m] > 0).all())
+    plain = sample_completions(tiny_model, tokenizer, ["1+1=", "123+456="], 3, max_new_tokens=6, temperature=tau,
+                               seeds=list(range(6)))
+    assert torch.equal(plain.completion_ids, roll.completion_ids) and plain.grad_sq_norm is None

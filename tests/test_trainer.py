@@ -171,3 +171,34 @@ def test_plot_tensorboard_and_quiet_progress(tmp_path, tiny_model, tokenizer, pr
     assert events and events[0].stat().st_size > 0
     err = capsys.readouterr().err
     assert "lmpg:" not in err and "it/s" not in err  # no tqdm bar
+
+
+def test_optimal_baselines_run(tmp_path, tokenizer, prompts_dataset):
+    """baseline=optimal / optimal_token train; iteration 1 samples what group_mean samples (same seed),
+    with other advantages; the weights' stats are logged."""
+    from lmpg.tiny import make_tiny_causal_lm
+
+    runs = {}
+    for kind, extra in (("group_mean", {}), ("optimal", {}), ("optimal_token", {"reward_to_go": True})):
+        model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
+        config = small_config(tmp_path / kind, baseline=kind, max_new_tokens=8, **extra)
+        metrics = PGTrainer(model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+        assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+        runs[kind] = (metrics, read_jsonl(tmp_path / kind / "run" / "samples.jsonl"))
+    base, _ = runs["group_mean"]
+    for kind in ("optimal", "optimal_token"):
+        metrics, samples = runs[kind]
+        assert metrics[0]["reward_mean"] == base[0]["reward_mean"]
+        assert [s["completion"] for s in samples[:8]] == [s["completion"] for s in runs["group_mean"][1][:8]]
+        assert [s["advantage"] for s in samples[:8]] != [s["advantage"] for s in runs["group_mean"][1][:8]]
+        assert metrics[0]["grad_sq_norm_mean"] > 0 and metrics[0]["grad_sq_norm_cv"] > 0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(baseline="optimal", group_size=1, batch_size=4), "group_size >= 2"),
+    (dict(baseline="optimal", sampler="generate"), "sampler=lmpg"),
+    (dict(baseline="optimal_token", adv_norm="group"), "adv_norm=none"),
+])
+def test_optimal_baselines_reject_what_they_cannot_do(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        small_config(tmp_path, **overrides)
