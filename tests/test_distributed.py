@@ -54,7 +54,7 @@ def test_two_processes_match_one(runs, agg, micro):
     w1 = load_file(str(one / "final" / "model.safetensors"))
     w2 = load_file(str(two / "final" / "model.safetensors"))
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=5e-5)
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4)  # AdamW magnifies reduction-order rounding on near-zero gradients (5.03e-5 seen at 26e0324 already)
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "sequence_mean", "sequence_sum", "constant"])
