@@ -81,6 +81,8 @@ class Episode:
     tool_errors: int = 0
     truncated: bool = False
     env_seconds: float = 0.0
+    environment: object = None
+    """The environment instance, for reward functions that read its state (TRL's `environments`)."""
 
 
 class ChatBridge:
@@ -254,7 +256,7 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
         if final is not None:
             last = max(t for t, a in enumerate(is_action[i]) if a) if any(is_action[i]) else 0
             episodes[i].rewards.append((last, final))
-        env.close()
+        episodes[i].environment = env.instance
     T = max(len(h) for h in hist)
     completion_ids = torch.full((B, T), pad, dtype=torch.long)
     completion_mask = torch.zeros(B, T, dtype=torch.bool)
@@ -354,3 +356,65 @@ def episode_metrics(episodes: list[Episode]) -> dict:
             "tool_calls_per_episode": sum(e.tool_calls for e in episodes) / n,
             "tool_errors_per_episode": sum(e.tool_errors for e in episodes) / n,
             "truncated_episodes": sum(e.truncated for e in episodes)}
+
+
+ENV_SEED_SAMPLE = 2**31
+"""The `sample` argument of `row_seed` that names an environment's seed (one per prompt, shared by its G episodes)."""
+
+
+class EpisodeSampler:
+    """What the trainer calls instead of the single-turn sampler when `config.environment` is set."""
+
+    def __init__(self, config, tokenizer, eos_ids):
+        from lmpg.environments import load_environment
+
+        self.config, self.tokenizer, self.eos_ids = config, tokenizer, eos_ids
+        self.factory = load_environment(config.environment)
+        self.limits = EpisodeLimits(config.max_turns, config.max_new_tokens, config.max_episode_tokens)
+
+    def make_env(self) -> EpisodeEnv:
+        return EpisodeEnv(self.factory(), self.config.tool_format, self.config.tool_timeout)
+
+    def sample(self, policy, prompts, rows, positions, iteration, seeds, greedy: bool = False):
+        """A `Rollout` (the trainer's single-turn record until the batch record replaces it) of G
+        episodes per prompt; positions: the prompts' places in the global batch (for the seeds)."""
+        from lmpg.sampler import row_seed
+
+        c = self.config
+        env_seeds = [row_seed(c.seed, iteration, p, ENV_SEED_SAMPLE) for p in positions]
+        batch = sample_episodes(policy, self.tokenizer, prompts, rows, self.make_env, c.group_size, seeds=seeds,
+                                env_seeds=env_seeds, limits=self.limits, eos_ids=self.eos_ids,
+                                temperature=c.temperature, top_k=1 if greedy else c.top_k, top_p=c.top_p,
+                                max_prompt_length=c.max_prompt_length, carry_cache=c.cache_across_turns,
+                                policy_version=iteration)
+        return as_rollout(batch)
+
+
+def as_rollout(batch: TrajectoryBatch):
+    """The batch as the trainer's `Rollout`, the multi-turn fields in `extras`."""
+    from lmpg.rollout import Rollout
+
+    extras = {"sampler_logp": batch.sampler_logp, "action_mask": batch.action_mask, "turn_ids": batch.turn_ids,
+              "episodes": batch.episodes, "batch": batch}
+    return Rollout(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, batch.truncated,
+                   batch.completions, batch.prompt_index, batch.prompts_truncated, extras)
+
+
+def score_episodes(scorer, weights, rollout, prompts, rows, prompt_column, step):
+    """(token_rewards (B, T), has_reward (B,), scores or None): the reward functions' rewards on the
+    last action token (completions turn by turn for chat prompts) plus the environment's, each on
+    the last token of its turn."""
+    batch = rollout.extras["batch"]
+    env_r, env_has = environment_token_rewards(batch)
+    if scorer is None:
+        return env_r, env_has, None
+    index = batch.prompt_index
+    prompts_rep = [prompts[i] for i in index]
+    completions = reward_completions(batch, is_conversational(prompts[0]))
+    ids = [row[m].tolist() for row, m in zip(batch.completion_ids, batch.action_mask)]
+    columns = {k: [v[i] for i in index] for k, v in rows.items() if k != prompt_column}
+    columns["environments"] = [ep.environment for ep in batch.episodes]
+    columns["episodes"] = batch.episodes
+    scores = scorer.score(prompts_rep, completions, ids, step=step, columns=columns)
+    fn_r, fn_has = scores.to_token_rewards(weights, batch.action_mask.cpu())
+    return fn_r.to(env_r.device) + env_r, fn_has.to(env_has.device) | env_has, scores

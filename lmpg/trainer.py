@@ -32,6 +32,7 @@ from lmpg.advantages import compute_advantages
 from lmpg.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from lmpg.config import PGConfig
 from lmpg.diagnostics import GradientMoments
+from lmpg.episodes import EpisodeSampler, episode_metrics, score_episodes
 from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
 from lmpg.errors import ConfigError, TrainingError
 from lmpg.kl import kl_estimate
@@ -105,11 +106,11 @@ class PGTrainer:
         weights = reward_weights if reward_weights is not None else c.reward_weights
         fns = reward_fns if reward_fns is not None else c.rewards
         fns = [fns] if callable(fns) or isinstance(fns, str) else list(fns)
-        if not fns:
+        if not fns and not c.environment:
             raise ConfigError("no reward function given; pass reward_fns=[...] or set rewards in the config")
         self.scorer = RewardScorer(fns, weights, on_error=c.reward_on_error, executor=c.reward_executor,
-                                   max_workers=c.reward_workers)
-        self.reward_weights = list(weights) if weights is not None else [1.0] * len(self.scorer.names)
+                                   max_workers=c.reward_workers) if fns else None
+        self.reward_weights = list(weights) if weights is not None else [1.0] * len(fns)
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_adamw(params, c)
@@ -122,6 +123,8 @@ class PGTrainer:
                                                                   DistributedType.MULTI_GPU))
         self.scheduler = _make_scheduler(self.optimizer, c)
         self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
+        # multi-turn episodes (lmpg.episodes) instead of single completions
+        self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
         self.iteration = 0
         self.consecutive_skips = 0
@@ -152,7 +155,8 @@ class PGTrainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.scorer.close()
+            if self.scorer is not None:
+                self.scorer.close()
         self.save_checkpoint()
         self.save_model(self.output_dir / "final")
         self._write_marker(finished=True)
@@ -186,26 +190,36 @@ class PGTrainer:
 
         # 2. sample G completions per prompt from pi_old, each from its own random stream
         seeds = [row_seed(c.seed, self.iteration, p, j) for p in positions for j in range(c.group_size)]
-        rollout = self._sample([t for t, _ in rendered], rendered[0][1], seeds)
+        if self.episodes is not None:
+            rollout = self.episodes.sample(acc.unwrap_model(self.model), prompts, [
+                {k: rows[k][i] for k in rows} for i in range(len(prompts))], positions, self.iteration, seeds)
+        else:
+            rollout = self._sample([t for t, _ in rendered], rendered[0][1], seeds)
         t_sampled = time.perf_counter()
 
         # 3. score
-        token_rewards, has_reward, scores = self._score(rollout, prompts, rows)
+        if self.episodes is not None:
+            token_rewards, has_reward, scores = score_episodes(self.scorer, self.reward_weights, rollout, prompts,
+                                                               rows, c.prompt_column, self.iteration)
+        else:
+            token_rewards, has_reward, scores = self._score(rollout, prompts, rows)
         t_scored = time.perf_counter()
 
         # 4. log pi_old (no grad) where the update cannot read it off its own first forward, and log pi_ref
         logp_old = self._old_logprobs(rollout)
         logp_ref = self._reference_logprobs(rollout) if c.kl_coef > 0 else None
+        action_mask = rollout.extras.get("action_mask", rollout.completion_mask)
         if c.kl_coef > 0 and c.kl_in == "reward":
             kl_tok = kl_estimate(logp_old, logp_ref, c.kl_estimator)
-            token_rewards = token_rewards - c.kl_coef * torch.where(rollout.completion_mask, kl_tok, 0.0)
+            token_rewards = token_rewards - c.kl_coef * torch.where(action_mask, kl_tok, 0.0)
 
-        # 5. advantages
+        # 5. advantages (on the policy's own tokens: an episode's environment tokens get none)
+        action_mask = rollout.extras.get("action_mask", rollout.completion_mask)
         adv, adv_stats = compute_advantages(
-            token_rewards, rollout.completion_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
+            token_rewards, action_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
             c.gamma, sample_mask=has_reward, eps=c.adv_eps, gather=self._gather,
-            process_index=acc.process_index)
-        loss_mask = rollout.completion_mask & has_reward.unsqueeze(1)
+            process_index=acc.process_index, turn_ids=rollout.extras.get("turn_ids"))
+        loss_mask = action_mask & has_reward.unsqueeze(1)
 
         # 6. update
         update_stats, entropy = self._update(rollout, loss_mask, adv, logp_old, logp_ref)
@@ -216,6 +230,9 @@ class PGTrainer:
         metrics = self._metrics(rollout, token_rewards, has_reward, scores, adv_stats, update_stats, entropy)
         timing = {"time_sample": t_sampled - t_start, "time_score": t_scored - t_sampled,
                   "time_update": t_updated - t_scored, "time_total": t_updated - t_start}
+        if self.episodes is not None:
+            metrics.update(episode_metrics(rollout.extras["episodes"]))
+            timing["time_env"] = sum(e.env_seconds for e in rollout.extras["episodes"])  # part of time_sample
         n_tokens = float(self._gather(torch.tensor([rollout.num_tokens], dtype=torch.float32)).sum())
         timing["tokens_per_s"] = n_tokens / max(timing["time_total"], 1e-9)
         timing["sample_tokens_per_s"] = n_tokens / max(timing["time_sample"], 1e-9)
@@ -478,9 +495,9 @@ class PGTrainer:
              "reward_mean": float(r.mean()) if r.numel() else float("nan"),
              "reward_std": float(r.std(unbiased=False)) if r.numel() else float("nan"),
              "unscored_frac": float((~scored).float().mean())}
-        for name, value in scores.means().items():
+        for name, value in (scores.means().items() if scores is not None else ()):
             m[f"reward/{name}"] = value
-        for name, count in scores.error_counts.items():
+        for name, count in (scores.error_counts.items() if scores is not None else ()):
             m[f"reward_errors/{name}"] = count
         m.update(adv_stats)
         m.update({k: update_stats[k] for k in ("loss", "pg_loss", "kl", "ratio_min", "ratio_mean", "ratio_max",
@@ -502,7 +519,9 @@ class PGTrainer:
                    "reward": float(token_rewards[i].sum()) if bool(has_reward[i]) else None,
                    "advantage": float(adv[i][rollout.completion_mask[i]][0]) if bool(rollout.completion_mask[i].any()) else 0.0,
                    "truncated": bool(rollout.truncated[i])}
-            for name, values in zip(scores.names, scores.values):
+            if "episodes" in rollout.extras:  # the episode turn by turn
+                rec["turns"] = rollout.extras["episodes"][i].messages
+            for name, values in (zip(scores.names, scores.values) if scores is not None else ()):
                 v = values[i]
                 rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, list) else v
             records.append(rec)

@@ -189,3 +189,37 @@ def test_chat_bridge_of_a_chatml_template():
     tok.chat_template = CHATML.replace("{{ m.content }}<|im_end|>", "{{ m.content if loop.last else '' }}<|im_end|>")
     with pytest.raises(ConfigError, match="rewrites earlier turns"):
         ChatBridge(tok, "tool")
+
+
+GAME_FILE = '''
+class CountingGame:
+    def reset(self, **row):
+        self.turn = 0
+        return ":"
+
+    def step(self, action):
+        self.turn += 1
+        return f"[{self.turn}]", float(action.count("a")) / 4, self.turn == 2
+'''
+
+
+def test_trainer_runs_episodes_with_metrics_and_turn_by_turn_samples(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    import json
+
+    from conftest import small_config
+    from lmpg import PGTrainer
+
+    game = tmp_path / "game.py"
+    game.write_text(GAME_FILE)
+    config = small_config(tmp_path, environment=f"{game}:CountingGame", max_turns=3, max_new_tokens=4,
+                          reward_to_go=True, gamma=0.5, baseline="leave_one_out", epochs_per_batch=2,
+                          minibatch_size=4)
+    metrics = PGTrainer(tiny_model, None, prompts_dataset, config, tokenizer=tokenizer).train()
+    assert len(metrics) == 2
+    for m in metrics:
+        assert 1 <= m["turns_mean"] <= m["turns_max"] <= 2 and "truncated_episodes" in m
+        assert m["ratio_max"] < 1.5
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples[0]["turns"][0]["role"] == "assistant"
+    timings = [json.loads(line) for line in (tmp_path / "run" / "timings.jsonl").read_text().splitlines()]
+    assert all(t["time_env"] <= t["time_sample"] for t in timings)
