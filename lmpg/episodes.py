@@ -349,13 +349,21 @@ def environment_token_rewards(batch: TrajectoryBatch) -> tuple[torch.Tensor, tor
     return r.to(batch.completion_ids.device), has.to(batch.completion_ids.device)
 
 
-def episode_metrics(episodes: list[Episode]) -> dict:
-    """Per-iteration episode metrics: turns (mean, max), tool calls and errors per episode, truncated."""
-    n = max(len(episodes), 1)
-    return {"turns_mean": sum(e.turns for e in episodes) / n, "turns_max": max((e.turns for e in episodes), default=0),
-            "tool_calls_per_episode": sum(e.tool_calls for e in episodes) / n,
-            "tool_errors_per_episode": sum(e.tool_errors for e in episodes) / n,
-            "truncated_episodes": sum(e.truncated for e in episodes)}
+def episode_counts(episodes: list[Episode]) -> torch.Tensor:
+    """(B, 4) float64: turns, tool calls, tool errors, truncated of each episode (gathered over processes)."""
+    return torch.tensor([[e.turns, e.tool_calls, e.tool_errors, float(e.truncated)] for e in episodes],
+                        dtype=torch.float64).view(-1, 4)
+
+
+def episode_metrics(counts) -> dict:
+    """Per-iteration episode metrics from `episode_counts` (or the episodes): turns per episode
+    (mean, max), tool calls and tool errors per episode, truncated episodes."""
+    if not isinstance(counts, torch.Tensor):
+        counts = episode_counts(counts)
+    mean = counts.mean(0) if len(counts) else torch.zeros(4, dtype=torch.float64)
+    return {"turns_mean": float(mean[0]), "turns_max": int(counts[:, 0].max()) if len(counts) else 0,
+            "tool_calls_per_episode": float(mean[1]), "tool_errors_per_episode": float(mean[2]),
+            "truncated_episodes": int(counts[:, 3].sum())}
 
 
 ENV_SEED_SAMPLE = 2**31

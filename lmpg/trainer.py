@@ -32,7 +32,7 @@ from lmpg.advantages import compute_advantages
 from lmpg.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from lmpg.config import PGConfig
 from lmpg.diagnostics import GradientMoments
-from lmpg.episodes import EpisodeSampler, episode_metrics, score_episodes
+from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
 from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
 from lmpg.errors import ConfigError, TrainingError
 from lmpg.kl import kl_estimate
@@ -231,7 +231,7 @@ class PGTrainer:
         timing = {"time_sample": t_sampled - t_start, "time_score": t_scored - t_sampled,
                   "time_update": t_updated - t_scored, "time_total": t_updated - t_start}
         if self.episodes is not None:
-            metrics.update(episode_metrics(rollout.extras["episodes"]))
+            metrics.update(episode_metrics(self._gather(episode_counts(rollout.extras["episodes"]))))
             timing["time_env"] = sum(e.env_seconds for e in rollout.extras["episodes"])  # part of time_sample
         n_tokens = float(self._gather(torch.tensor([rollout.num_tokens], dtype=torch.float32)).sum())
         timing["tokens_per_s"] = n_tokens / max(timing["time_total"], 1e-9)

@@ -223,3 +223,20 @@ def test_trainer_runs_episodes_with_metrics_and_turn_by_turn_samples(tmp_path, t
     assert samples[0]["turns"][0]["role"] == "assistant"
     timings = [json.loads(line) for line in (tmp_path / "run" / "timings.jsonl").read_text().splitlines()]
     assert all(t["time_env"] <= t["time_sample"] for t in timings)
+
+
+def test_evaluate_and_cli_sample_run_episodes(tmp_path, tiny_model, tokenizer, capsys):
+    from lmpg.cli import main
+    from lmpg.evaluate import evaluate
+
+    game = tmp_path / "game.py"
+    game.write_text(GAME_FILE)
+    data = [{"prompt": "1+1="}, {"prompt": "2+2="}]
+    result = evaluate(tiny_model, tokenizer, data, [], n=2, max_new_tokens=4, environment=f"{game}:CountingGame",
+                      max_turns=3, return_samples=True)
+    assert 1 <= result["turns_mean"] <= 2 and result["samples"][0]["turns"][0]["role"] == "assistant"
+    tiny_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert main(["sample", str(tmp_path / "model"), "1+1=", "--n", "2", "--max-new-tokens", "4",
+                 "--environment", f"{game}:CountingGame"]) == 0
+    assert "assistant:" in capsys.readouterr().out
