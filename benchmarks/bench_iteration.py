@@ -307,11 +307,11 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
         trainer = PGTrainer(model, [reward_sevens], dataset, config, tokenizer=tok)
     if off:
         without_speedups(trainer, off)
-    trainer._prepare_run_dir()
-    clock.wrap(trainer, "_sample", "sample")
-    clock.wrap(trainer, "_score", "score")
-    clock.wrap(trainer, "_old_logprobs", "old_logp")
-    clock.wrap(trainer, "_update", "update")
+    trainer.prepare_run_dir()
+    clock.wrap(trainer, "sample", "sample")
+    clock.wrap(trainer, "score", "score")
+    clock.wrap(trainer, "fill_logp_old", "old_logp")
+    clock.wrap(trainer, "update", "update")
     model = trainer.accelerator.unwrap_model(trainer.model)
 
     def one_iteration():
@@ -383,9 +383,9 @@ def without_speedups(trainer, off: set):
                 return method(*args, **kwargs)
         return run
 
-    trainer._sample = wrap(trainer._sample)
-    trainer._old_logprobs = wrap(trainer._old_logprobs)
-    trainer._update = wrap(trainer._update)
+    trainer.sample = wrap(trainer.sample)
+    trainer.fill_logp_old = wrap(trainer.fill_logp_old)
+    trainer.update = wrap(trainer.update)
 
 
 # ----------------------------------------------------------------------------- 2. TRL

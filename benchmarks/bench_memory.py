@@ -102,7 +102,7 @@ def worker(size: str, model_name: str | None, mode: str, iters: int, mixed_preci
             sample_log_every=0, progress_bar=False, grad_snr=False)
         dataset = datasets.Dataset.from_list([{"prompt": p} for p in bi.make_prompts()])
         trainer = PGTrainer(model, [bi.reward_sevens], dataset, config, tokenizer=tok)
-        trainer._prepare_run_dir()
+        trainer.prepare_run_dir()
         for _ in range(iters):
             trainer.step()
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -7,8 +7,9 @@ The completions are synthetic but shaped like real ones. Math: GSM8K-style `####
 `\\boxed{}` answers (integers, fractions, thousands separators, polynomials), `<answer>` tags and
 bare numbers; about a quarter wrong; references are GSM8K solutions or bare answers. Code: small
 functions in ```python blocks, each with 3 asserts; about a quarter wrong, a few raising, and
-`--hangs` infinite loops that run into the timeout. Each configuration scores the same batch through
-`RewardScorer.score` once, on a batch of its own (same distribution, another seed); the pool is
+`--hangs` infinite loops that run into the timeout; each code completion starts two processes
+(the confined solution and the judge that runs its tests, reward_fns/sandbox.py). Each
+configuration scores the same batch through `RewardScorer.score` once, on a batch of its own (same distribution, another seed); the pool is
 started (and timed, "warm-up") by a 2-completion call before the measured one.
 """
 

@@ -199,14 +199,22 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
         if adv_norm != "none" else ret - b.unsqueeze(1)
     keep = completion_mask & m.unsqueeze(1)
     adv = torch.where(keep, adv, torch.zeros_like(adv))
-    seq_adv = adv[:, 0] if adv.shape[1] else adv.new_zeros(adv.shape[0])
     stats = {
         "ret_mean": float(masked_mean(all_ret, all_m)),
         "baseline_mean": float(masked_mean(b_all, all_m)),
-        "adv_mean": float(masked_mean(adv, keep)),
-        "adv_std": float(masked_mean((adv - masked_mean(adv, keep)) ** 2, keep).sqrt()),
-        "adv_abs_max": float(adv.abs().max()) if adv.numel() else 0.0,
-        "adv_zero_frac": float(masked_mean((seq_adv == 0).to(adv.dtype), m)),
+        **advantage_stats(adv, keep, m),
         "zero_spread_group_frac": float(zero_spread_groups(all_ret, group_size, all_m).float().mean()),
     }
     return adv, stats
+
+
+def advantage_stats(adv: torch.Tensor, keep: torch.Tensor, sample_mask: torch.Tensor) -> dict:
+    """adv_mean, adv_std, adv_abs_max over the counted tokens `keep` (B, T) and adv_zero_frac, the
+    fraction of samples in `sample_mask` (B,) whose advantage (at the first token) is 0."""
+    seq_adv = adv[:, 0] if adv.shape[1] else adv.new_zeros(adv.shape[0])
+    return {
+        "adv_mean": float(masked_mean(adv, keep)),
+        "adv_std": float(masked_mean((adv - masked_mean(adv, keep)) ** 2, keep).sqrt()),
+        "adv_abs_max": float(adv.abs().max()) if adv.numel() else 0.0,
+        "adv_zero_frac": float(masked_mean((seq_adv == 0).to(adv.dtype), sample_mask)),
+    }

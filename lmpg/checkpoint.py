@@ -9,6 +9,7 @@ during a save leaves the previous checkpoints intact and no half-written one vis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lmpg.errors import TrainingError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
@@ -98,3 +101,46 @@ def _fsync_dir(path: Path) -> None:
             pass
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """Hide transformers' 'Writing model shards' bars for the duration of a save, then restore."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def save_weights(model, path: Path) -> None:
+    """save_pretrained of an unwrapped model (only the adapter for a peft model), safetensors."""
+    with quiet_hf_progress():
+        model.save_pretrained(str(path), safe_serialization=True)
+
+
+def load_weights(model, weights_dir: Path) -> None:
+    """Load what `save_weights` wrote into an unwrapped model: the adapter of a peft model, else the
+    full state dict (tied weights may be absent); a mismatch is a one-line TrainingError."""
+    from safetensors.torch import load_file
+
+    from lmpg.modeling import is_peft_model
+
+    weights_dir = Path(weights_dir)
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(str(weights_dir / "adapter_model.safetensors")))
+        return
+    weights = {}
+    for f in sorted(weights_dir.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise TrainingError(f"checkpoint {weights_dir.parent} does not match the model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}); resume with the same model")

@@ -2,7 +2,7 @@
 
     lmpg train CONFIG.yaml [key=value ...]          train with the policy gradient
     lmpg eval MODEL DATA --reward SPEC [--k K]      mean reward, accuracy and pass@k on a dataset
-    lmpg sample MODEL "prompt" [--n N]              print completions of one prompt with their rewards
+    lmpg sample MODEL "prompt" [--column K=V]       print completions of one prompt with their rewards
     lmpg plot RUN_DIR [-o out.png]                  plot a run's metrics.jsonl
     lmpg rewards                                    list the built-in reward functions
 
@@ -18,7 +18,7 @@ import math
 import sys
 import textwrap
 
-from lmpg.errors import LmpgError
+from lmpg.errors import ConfigError, LmpgError
 
 
 def _config_help() -> str:
@@ -61,10 +61,11 @@ def _reward_summary(fn) -> str:
 
 
 def cmd_rewards(args) -> int:
-    from reward_fns import BUILTIN_REWARDS
+    from lmpg.rewards.specs import builtin_rewards
 
-    width = max(len(n) for n in BUILTIN_REWARDS)
-    for name, fn in sorted(BUILTIN_REWARDS.items()):
+    builtins = builtin_rewards()
+    width = max(len(n) for n in builtins)
+    for name, fn in sorted(builtins.items()):
         print(f"{name:<{width}}  {_reward_summary(fn)}")
     return 0
 
@@ -104,8 +105,14 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     from lmpg.evaluate import load_policy, sample_and_score
 
+    columns = {}
+    for item in args.column:  # the prompt's row: reference columns such as answer=46
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--column {item!r} must be NAME=VALUE, e.g. --column answer=46")
+        columns[name.strip()] = [value]
     model, tokenizer = load_policy(args.model)
-    records = sample_and_score(model, tokenizer, [args.prompt], args.reward, args.n,
+    records = sample_and_score(model, tokenizer, [args.prompt], args.reward, args.n, columns=columns,
                                temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                greedy=args.greedy, seed=args.seed, reward_weights=args.weights,
                                on_error=args.on_error, environment=args.environment, tool_format=args.tool_format,
@@ -185,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Generate completions of one prompt and print each with its reward.")
     sample.add_argument("model", metavar="MODEL_OR_ADAPTER", help="saved model dir, hub name, or peft adapter dir")
     sample.add_argument("prompt", help="the prompt text")
+    sample.add_argument("--column", action="append", default=[], metavar="NAME=VALUE",
+                        help="a column of the prompt's row for the rewards, e.g. --column answer=46 (repeatable)")
     _add_generation_args(sample, "completions to generate (default 4; 1 with --greedy)")
     sample.set_defaults(func=cmd_sample)
 

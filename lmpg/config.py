@@ -50,6 +50,10 @@ class PGConfig:
     """How sync reward functions run: 'serial', 'thread' or 'process' (a pool, batch split in chunks). Async functions always run concurrently."""
     reward_workers: int | None = None
     """Pool size for reward_executor thread/process (default: number of CPUs)."""
+    reward_timeout: float | None = None
+    """Seconds one reward call may take (any executor); a call past it is abandoned and counts as an error of its function (see reward_on_error). None: no limit."""
+    reward_memory_mb: int | None = None
+    """With reward_executor: process, cap on each worker's data memory in MiB (an allocation past it raises MemoryError in the call). None: no cap."""
 
     # --- sampling ---
     iterations: int = 100
@@ -263,6 +267,13 @@ class PGConfig:
     # ----- construction -----
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_trl(cls, args, **overrides) -> "PGConfig":
+        """The PGConfig equivalent to a TRL GRPOConfig (lmpg/trl_compat.py, docs/trl_migration.md)."""
+        from lmpg.trl_compat import pgconfig_fields_from_trl
+
+        return cls(**{**pgconfig_fields_from_trl(args), **overrides})
 
     @classmethod
     def from_dict(cls, values: dict) -> "PGConfig":

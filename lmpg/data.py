@@ -3,6 +3,9 @@
 A dataset row is one initial state: its `prompt` column is a string, or a list of chat messages
 ({"role", "content"}) rendered with the tokenizer's chat template. Every other column (e.g.
 `answer`) is handed to the reward functions, aligned to the completions.
+
+Rows given in memory (a list of dicts, or a dict of columns) need no `datasets` package: without
+it they are held in a `PromptTable`; files and hub names need `datasets`.
 """
 
 from __future__ import annotations
@@ -11,14 +14,23 @@ from pathlib import Path
 
 import torch
 
-from lmpg.errors import DataError
+from lmpg.errors import DataError, require_package
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_prompt_dataset(source, split: str = "train", prompt_column: str = "prompt"):
-    """A `datasets.Dataset` from a Dataset, a DatasetDict, a local file, or a hub name; checked."""
-    import datasets
+    """A `datasets.Dataset` from a Dataset, a DatasetDict, a local file, or a hub name; checked.
+
+    Rows in memory (a list of dicts, a dict of columns) become a `datasets.Dataset` where the package
+    is installed and a `PromptTable` where it is not."""
+    if isinstance(source, (list, dict)) and not _have_datasets():
+        source = PromptTable.from_rows(source)
+    if isinstance(source, PromptTable):
+        check_prompt_dataset(source, prompt_column)
+        return source
+    what = f"{str(source)!r}" if isinstance(source, (str, Path)) else f"a {type(source).__name__}"
+    datasets = require_package("datasets", "datasets", f"loading prompts from {what}")
 
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
@@ -46,10 +58,65 @@ def load_prompt_dataset(source, split: str = "train", prompt_column: str = "prom
                 raise DataError(f"cannot load dataset {source!r} from the hub: {first}") from None
     if isinstance(source, list):
         source = datasets.Dataset.from_list(source)
+    elif isinstance(source, dict):
+        source = datasets.Dataset.from_dict(source)
     if not isinstance(source, datasets.Dataset):
         raise DataError(f"train_dataset must be a datasets.Dataset, a file path or a hub name, not {type(source).__name__}")
     check_prompt_dataset(source, prompt_column)
     return source
+
+
+def _have_datasets() -> bool:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class PromptTable:
+    """Rows held in memory, read the way the trainer and `evaluate` read a `datasets.Dataset`:
+    `len`, `column_names`, `table[i]` (a row dict), `table[[i, j]]` (a dict of columns),
+    `table["col"]` (a column list) and `select(indices)`."""
+
+    def __init__(self, columns: dict[str, list]):
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) > 1:
+            raise DataError(f"dataset columns have different lengths ({', '.join(f'{k}: {len(v)}' for k, v in columns.items())}); "
+                            "give every column one value per row")
+        self._columns = {k: list(v) for k, v in columns.items()}
+        self._len = lengths.pop() if lengths else 0
+
+    @classmethod
+    def from_rows(cls, rows) -> "PromptTable":
+        """From a list of row dicts (columns in order of first appearance; a missing value is None) or a dict of columns."""
+        if isinstance(rows, dict):
+            return cls(rows)
+        if not all(isinstance(r, dict) for r in rows):
+            bad = next(r for r in rows if not isinstance(r, dict))
+            raise DataError(f"dataset rows must be dicts like {{'prompt': ...}}, not {type(bad).__name__}")
+        names = list(dict.fromkeys(k for r in rows for k in r))
+        return cls({k: [r.get(k) for r in rows] for k in names})
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self._columns)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self._columns:
+                raise KeyError(key)
+            return list(self._columns[key])
+        if isinstance(key, int):
+            return {k: v[key] for k, v in self._columns.items()}
+        indices = [int(i) for i in key]
+        return {k: [v[i] for i in indices] for k, v in self._columns.items()}
+
+    def select(self, indices) -> "PromptTable":
+        return PromptTable(self[list(indices)])
 
 
 def _file_error(path: Path, error: BaseException) -> DataError:

@@ -383,46 +383,37 @@ class EpisodeSampler:
     def make_env(self) -> EpisodeEnv:
         return EpisodeEnv(self.factory(), self.config.tool_format, self.config.tool_timeout)
 
-    def sample(self, policy, prompts, rows, positions, iteration, seeds, greedy: bool = False):
-        """A `Rollout` (the trainer's single-turn record until the batch record replaces it) of G
-        episodes per prompt; positions: the prompts' places in the global batch (for the seeds)."""
+    def sample(self, policy, prompts, rows, positions, iteration, seeds, greedy: bool = False) -> TrajectoryBatch:
+        """G episodes per prompt (a TrajectoryBatch with action_mask holes, turn_ids, episodes,
+        sampler_logp); positions: the prompts' places in the global batch (for the seeds)."""
         from lmpg.sampler import row_seed
 
         c = self.config
         env_seeds = [row_seed(c.seed, iteration, p, ENV_SEED_SAMPLE) for p in positions]
-        batch = sample_episodes(policy, self.tokenizer, prompts, rows, self.make_env, c.group_size, seeds=seeds,
-                                env_seeds=env_seeds, limits=self.limits, eos_ids=self.eos_ids,
-                                temperature=c.temperature, top_k=1 if greedy else c.top_k, top_p=c.top_p,
-                                max_prompt_length=c.max_prompt_length, carry_cache=c.cache_across_turns,
-                                policy_version=iteration)
-        return as_rollout(batch)
+        return sample_episodes(policy, self.tokenizer, prompts, rows, self.make_env, c.group_size, seeds=seeds,
+                               env_seeds=env_seeds, limits=self.limits, eos_ids=self.eos_ids,
+                               temperature=c.temperature, top_k=1 if greedy else c.top_k, top_p=c.top_p,
+                               max_prompt_length=c.max_prompt_length, carry_cache=c.cache_across_turns,
+                               policy_version=iteration)
 
 
-def as_rollout(batch: TrajectoryBatch):
-    """The batch as the trainer's `Rollout`, the multi-turn fields in `extras`."""
-    from lmpg.rollout import Rollout
+def score_episodes(scorer, batch: TrajectoryBatch, prompts, rows, prompt_column, step):
+    """(token_rewards (B, T), scored (B,), scores): the reward functions' rewards on the last
+    action token (completions turn by turn for chat prompts, each episode's environment passed as
+    `environments`) plus the environment's, each on the last token of its turn. scores: the
+    functions' RewardScores (no functions when scorer is None)."""
+    from lmpg.rewards.scorer import RewardScores
 
-    extras = {"sampler_logp": batch.sampler_logp, "action_mask": batch.action_mask, "turn_ids": batch.turn_ids,
-              "episodes": batch.episodes, "batch": batch}
-    return Rollout(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, batch.truncated,
-                   batch.completions, batch.prompt_index, batch.prompts_truncated, extras)
-
-
-def score_episodes(scorer, weights, rollout, prompts, rows, prompt_column, step):
-    """(token_rewards (B, T), has_reward (B,), scores or None): the reward functions' rewards on the
-    last action token (completions turn by turn for chat prompts) plus the environment's, each on
-    the last token of its turn."""
-    batch = rollout.extras["batch"]
     env_r, env_has = environment_token_rewards(batch)
     if scorer is None:
-        return env_r, env_has, None
+        return env_r, env_has, RewardScores(names=[], values=[], weights=[])
     index = batch.prompt_index
     prompts_rep = [prompts[i] for i in index]
     completions = reward_completions(batch, is_conversational(prompts[0]))
     ids = [row[m].tolist() for row, m in zip(batch.completion_ids, batch.action_mask)]
     columns = {k: [v[i] for i in index] for k, v in rows.items() if k != prompt_column}
-    columns["environments"] = [ep.environment for ep in batch.episodes]
     columns["episodes"] = batch.episodes
-    scores = scorer.score(prompts_rep, completions, ids, step=step, columns=columns)
-    fn_r, fn_has = scores.to_token_rewards(weights, batch.action_mask.cpu())
+    scores = scorer.score(prompts_rep, completions, ids, step=step, columns=columns,
+                          environments=[ep.environment for ep in batch.episodes])
+    fn_r, fn_has = scores.to_token_rewards(batch.action_mask.cpu())
     return fn_r.to(env_r.device) + env_r, fn_has.to(env_has.device) | env_has, scores

@@ -24,3 +24,21 @@ class RewardError(LmpgError, RuntimeError):
 
 class TrainingError(LmpgError, RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite updates)."""
+
+
+class MissingDependencyError(LmpgError, ImportError):
+    """An optional package that one feature needs (datasets, math-verify, ...) is not installed."""
+
+
+def require_package(module: str, package: str, feature: str):
+    """`import module`, or a MissingDependencyError naming the pip package and what needs it.
+
+    For the dependencies that only some features use, so that lmpg imports and trains without them
+    (e.g. on a GPU machine with no package registry; docs/scaling.md)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(f"{feature} needs the {package} package, which is not installed; "
+                                     f"pip install {package}") from None

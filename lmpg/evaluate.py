@@ -25,7 +25,7 @@ import torch
 from lmpg.data import load_prompt_dataset, render_prompt
 from lmpg.errors import ConfigError
 from lmpg.modeling import ensure_pad_token, load_model_and_tokenizer
-from lmpg.rollout import eos_token_ids, sample_completions
+from lmpg.rollout import eos_token_ids, reward_inputs, sample_completions
 from lmpg.sampler import row_seed
 
 
@@ -110,7 +110,6 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
                                 max_turns, dict(temperature=1.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
                                                 top_k=1 if greedy else 0, max_new_tokens=max_new_tokens,
                                                 max_prompt_length=max_prompt_length, batch_size=batch_size))
-    weights = scorer.weights if scorer is not None else []
     columns = columns or {}
     eos_ids = eos_token_ids(tokenizer, model)
     records = []
@@ -126,7 +125,7 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
                                          top_p=1.0 if greedy else top_p, top_k=1 if greedy else 0,
                                          max_prompt_length=max_prompt_length, add_special_tokens=rendered[0][1],
                                          eos_ids=eos_ids, seeds=seeds)
-            records += _score_rollout(rollout, batch, start, columns, scorer, weights)
+            records += _score_rollout(rollout, batch, start, columns, scorer)
     finally:
         if scorer is not None:
             scorer.close()
@@ -145,7 +144,6 @@ def _episode_records(model, tokenizer, prompts, scorer, n, columns, seed, enviro
                              group_size=n, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
                              max_prompt_length=gen["max_prompt_length"], cache_across_turns=True)
     sampler = EpisodeSampler(config, tokenizer, eos_token_ids(tokenizer, model))
-    weights = scorer.weights if scorer is not None else []
     records = []
     try:
         for start in range(0, len(prompts), gen["batch_size"]):
@@ -153,17 +151,17 @@ def _episode_records(model, tokenizer, prompts, scorer, n, columns, seed, enviro
             positions = list(range(start, start + len(batch)))
             rows = [{k: v[p] for k, v in columns.items()} for p in positions]
             seeds = [row_seed(seed, 0, p, j) for p in positions for j in range(n)]
-            rollout = sampler.sample(model, batch, rows, positions, 0, seeds, greedy=gen["top_k"] == 1)
+            episodes = sampler.sample(model, batch, rows, positions, 0, seeds, greedy=gen["top_k"] == 1)
             cols = {k: [v[p] for p in positions] for k, v in columns.items()}
-            token_rewards, has_reward, scores = score_episodes(scorer, weights, rollout, batch, cols, None, 0)
+            token_rewards, scored, scores = score_episodes(scorer, episodes, batch, cols, None, 0)
             totals = token_rewards.sum(1).tolist()
-            lengths = rollout.completion_mask.sum(1).tolist()
-            for i, ep in enumerate(rollout.extras["episodes"]):
-                rec = {"prompt_index": start + i // n, "prompt": batch[i // n], "completion": rollout.completions[i],
-                       "reward": float(totals[i]) if bool(has_reward[i]) else None, "length": int(lengths[i]),
-                       "truncated": bool(rollout.truncated[i]), "turns": ep.messages, "num_turns": ep.turns,
+            lengths = episodes.completion_mask.sum(1).tolist()
+            for i, ep in enumerate(episodes.episodes):
+                rec = {"prompt_index": start + i // n, "prompt": batch[i // n], "completion": episodes.completions[i],
+                       "reward": float(totals[i]) if bool(scored[i]) else None, "length": int(lengths[i]),
+                       "truncated": bool(episodes.truncated[i]), "turns": ep.messages, "num_turns": ep.turns,
                        "tool_calls": ep.tool_calls, "tool_errors": ep.tool_errors}
-                for name, values in (zip(scores.names, scores.values) if scores is not None else ()):
+                for name, values in zip(scores.names, scores.values):
                     v = values[i]
                     rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, (list, tuple)) else v
                 records.append(rec)
@@ -173,7 +171,7 @@ def _episode_records(model, tokenizer, prompts, scorer, n, columns, seed, enviro
     return records
 
 
-def _score_rollout(rollout, batch_prompts, start, columns, scorer, weights) -> list[dict]:
+def _score_rollout(rollout, batch_prompts, start, columns, scorer) -> list[dict]:
     """One record per completion of a rollout over `batch_prompts` (dataset rows start, start+1, ...)."""
     prompt_rows = [start + i for i in rollout.prompt_index]
     lengths = rollout.completion_mask.sum(1).tolist()
@@ -183,10 +181,10 @@ def _score_rollout(rollout, batch_prompts, start, columns, scorer, weights) -> l
                                                       lengths, rollout.truncated.tolist())]
     if scorer is None:
         return records
-    prompts_rep, completions, completion_ids = rollout.reward_inputs(batch_prompts)
+    prompts_rep, completions, completion_ids = reward_inputs(rollout, batch_prompts)
     cols = {name: [values[row] for row in prompt_rows] for name, values in columns.items()}
     scores = scorer.score(prompts_rep, completions, completion_ids, step=0, columns=cols)
-    token_rewards, has_reward = scores.to_token_rewards(weights, rollout.completion_mask.cpu())  # (B, T), (B,)
+    token_rewards, has_reward = scores.to_token_rewards(rollout.completion_mask.cpu())  # (B, T), (B,)
     totals = token_rewards.sum(1).tolist()
     for i, rec in enumerate(records):
         rec["reward"] = float(totals[i]) if bool(has_reward[i]) else None

@@ -33,3 +33,17 @@ def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: KlEstimat
         # clamp x before exp so a token the reference finds far likelier cannot overflow to inf
         return torch.exp(x.clamp(max=20.0)) - 1.0 - x
     raise ValueError(f"unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def kl_penalised_rewards(token_rewards: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor,
+                         action_mask: torch.Tensor, kl_coef: float,
+                         estimator: KlEstimator = "k1") -> torch.Tensor:
+    """The per-token rewards with the KL penalty in them (kl_in=reward), (B, T):
+
+        r'_t = r_t - kl_coef * KL_t(pi_old || pi_ref)   on action tokens, r'_t = r_t elsewhere
+
+    KL_t is `kl_estimate` at the sampling policy's log-probs (the penalty is a reward, fixed during
+    the update), credited to earlier actions through the returns like any other reward.
+    """
+    kl_tok = kl_estimate(logp_old, logp_ref, estimator)
+    return token_rewards - kl_coef * torch.where(action_mask, kl_tok, 0.0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lmpg.kvcache import cache_kwarg, distinct_rows, repeat_cache_rows, returned_cache
+from lmpg.kvcache import cache_kwarg, cache_support, distinct_rows, repeat_cache_rows, returned_cache
 
 
 def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
@@ -121,6 +121,7 @@ def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion
     group: (B,) prompt ids; given, rows sharing a prompt share its forward
     (`shared_prompt_completion_logits`), else every row runs whole (`completion_logits`)."""
     shareable = group is not None and prompt_ids.shape[1] > 0 and completion_ids.shape[1] > 0
+    shareable = shareable and cache_support(model).continue_chunk  # recurrent caches: the plain forward
     if shareable and len(torch.unique(group)) < len(group):
         logits = shared_prompt_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                                  group)

@@ -7,16 +7,16 @@ import math
 from pathlib import Path
 
 
-def _clean(value):
+def clean(value):
     """JSON-safe value: NaN/inf become None, tensors/numpy become Python numbers."""
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean(v) for v in value]
     return value
 
 
@@ -28,7 +28,7 @@ class JsonlWriter:
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(_clean(record), sort_keys=False) + "\n")
+            f.write(json.dumps(clean(record), sort_keys=False) + "\n")
 
     def truncate_to(self, num_lines: int) -> None:
         """Keep the first num_lines lines (resume drops lines written after the checkpoint)."""

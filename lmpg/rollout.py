@@ -11,40 +11,22 @@ truncation on the sampler is slightly off-policy (leave both off for the exact e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from lmpg.batch import TrajectoryBatch
 
-@dataclass
-class Rollout:
-    """A batch of B = num_prompts * G trajectories, the G samples of a prompt contiguous."""
 
-    prompt_ids: torch.Tensor  # (B, P) left padded
-    prompt_mask: torch.Tensor  # (B, P) bool, True on real prompt tokens
-    completion_ids: torch.Tensor  # (B, T) right padded
-    completion_mask: torch.Tensor  # (B, T) bool, True on tokens up to and including the first EOS
-    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
-    completions: list[str]  # decoded completions (special tokens skipped)
-    prompt_index: list[int]  # (B,) index of each sample's prompt in the batch of prompts
-    prompts_truncated: int = 0  # prompts cut (from the left) to max_prompt_length
-    extras: dict = field(default_factory=dict)
+def reward_inputs(batch: TrajectoryBatch, prompts: list) -> tuple[list, list, list[list[int]]]:
+    """(prompts, completions, completion_ids) aligned to the B rows, as reward functions take them:
+    each row's prompt; its completion as text, or as [{"role": "assistant", ...}] when the prompts
+    are chat messages (TRL's convention); the ids of its existing tokens (completion_mask)."""
+    from lmpg.data import is_conversational
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.completion_mask.sum())
-
-    def reward_inputs(self, prompts: list) -> tuple[list, list, list[list[int]]]:
-        """(prompts, completions, completion_ids) aligned to the B samples, as reward functions take
-        them: each sample's prompt; its completion as text, or as [{"role": "assistant", ...}] when
-        the prompts are chat messages (TRL's convention); its counted token ids."""
-        from lmpg.data import is_conversational
-
-        prompts_rep = [prompts[i] for i in self.prompt_index]
-        completions = [[{"role": "assistant", "content": t}] for t in self.completions] \
-            if is_conversational(prompts[0]) else list(self.completions)
-        completion_ids = [row[m].tolist() for row, m in zip(self.completion_ids, self.completion_mask)]
-        return prompts_rep, completions, completion_ids
+    prompts_rep = [prompts[i] for i in batch.prompt_index]
+    completions = [[{"role": "assistant", "content": t}] for t in batch.completions] \
+        if is_conversational(prompts[0]) else list(batch.completions)
+    completion_ids = [row[m].tolist() for row, m in zip(batch.completion_ids, batch.completion_mask)]
+    return prompts_rep, completions, completion_ids
 
 
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,13 +79,15 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        max_prompt_length: int = 512, add_special_tokens: bool = True,
                        eos_ids: list[int] | None = None, seeds: list[int] | None = None,
-                       sampler: str = "lmpg") -> Rollout:
+                       sampler: str = "lmpg", policy_version: int = 0) -> TrajectoryBatch:
     """Sample `group_size` completions for each prompt text (KV cache on).
 
     sampler="lmpg" (default): `lmpg.sampler.sample_tokens`, one random stream per sample from
     `seeds` (B = len(prompt_texts) * group_size of them; default: drawn from the global torch RNG);
-    the rollout then carries the sampler's log-probs in `extras["sampler_logp"]`.
+    the batch then carries the sampler's log-probs in `sampler_logp`.
     sampler="generate": transformers' `model.generate` on the global torch RNG.
+    policy_version: the iteration whose policy samples (recorded per row).
+    Single-turn: every token after the prompt is an action, so action_mask equals completion_mask.
     """
     from lmpg.sampler import sample_tokens
 
@@ -114,7 +98,7 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
     prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
     B = prompt_ids.shape[0]
     eos_ids = eos_ids or eos_token_ids(tokenizer, model)
-    extras = {}
+    sampler_logp = None
     was_training = model.training
     model.eval()
     try:
@@ -126,7 +110,6 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
             completion_ids, sampler_logp = sample_tokens(
                 model, prompt_ids, prompt_mask, seeds, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                 pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p)
-            extras["sampler_logp"] = sampler_logp
         elif sampler == "generate":
             out = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
@@ -144,6 +127,9 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                                  torch.full_like(completion_ids, tokenizer.pad_token_id))
     completions = tokenizer.batch_decode(
         [row[m].tolist() for row, m in zip(completion_ids, completion_mask)], skip_special_tokens=True)
-    prompt_index = [i // group_size for i in range(B)]
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, completions,
-                   prompt_index, n_trunc, extras)
+    group = torch.arange(B, device=device) // group_size
+    return TrajectoryBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                           completion_mask=completion_mask, action_mask=completion_mask.clone(),
+                           truncated=truncated, group=group,
+                           policy_version=torch.full((B,), policy_version, dtype=torch.long, device=device),
+                           completions=completions, sampler_logp=sampler_logp, prompts_truncated=n_trunc)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lmpg.kvcache import cache_kwarg, distinct_rows, repeat_cache_rows, returned_cache
+from lmpg.kvcache import cache_kwarg, cache_support, distinct_rows, repeat_cache_rows, returned_cache
 from lmpg.logprobs import position_ids_from_mask
 
 _SEED_MIX = (1_000_003, 7_919, 104_729, 15_485_863)
@@ -68,8 +68,9 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
     (the loop stops once every row has ended).
 
     Rows with the same prompt (the G samples of a group) are prefilled once and their KV cache
-    repeated (`lmpg.kvcache`); each row still draws from its own stream, so the samples are those of a
-    row-by-row prefill up to float rounding of the prefill logits.
+    repeated where the model's cache allows (`lmpg.kvcache.cache_support`; else every row prefills);
+    each row still draws from its own stream, so the samples are those of a row-by-row prefill up to
+    float rounding of the prefill logits.
     """
     B = prompt_ids.shape[0]
     device = prompt_ids.device
@@ -78,7 +79,8 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
     attention_mask = prompt_mask.long()
     positions = position_ids_from_mask(attention_mask)
     first, inverse = distinct_rows(torch.cat([prompt_ids, attention_mask], 1))
-    shared = len(first) < B
+    support = cache_support(model)
+    shared = len(first) < B and support.repeat_rows  # else every row prefills
     rows = first if shared else slice(None)
     out = model(input_ids=prompt_ids[rows], attention_mask=attention_mask[rows], position_ids=positions[rows],
                 use_cache=True, logits_to_keep=1)
@@ -104,8 +106,8 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
-        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **{cache_arg: past})
+        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask if support.step_mask else None,
+                    position_ids=next_position, use_cache=True, **{cache_arg: past})
         past = returned_cache(out)
         last_logits = out.logits[:, -1, :]
         next_position = next_position + 1

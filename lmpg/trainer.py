@@ -1,59 +1,96 @@
-"""PGTrainer: the policy-gradient loop.
+"""PGTrainer: the policy-gradient loop, one iteration per `step()`.
 
 Each iteration (CS224R lecture 3, "REINFORCE" with the options of lmpg.advantages / lmpg.losses):
 
-1. take the next prompts (each process its share; a prompt's G samples never leave its process);
-2. sample G completions per prompt from the current policy pi_old (no grad, KV cache);
-3. score every completion with every reward function -> per-token rewards r_{i,t};
-4. log pi_old and log pi_ref of the taken tokens (a no-grad forward, skipped when the batch gets a
-   single optimizer step: then pi_old is pi_theta at that step and logp_old = logp.detach());
-5. advantages A_{i,t} = (ret_{i,t} - b_i) / std_i;
-6. `epochs_per_batch` passes over the batch in minibatches, each an optimizer step on the surrogate
-   loss (micro-batches accumulate gradients so the sum equals the whole minibatch's gradient);
-7. metrics to metrics.jsonl (deterministic values) and timings.jsonl (wall-clock values).
+1. `next_prompts`: the next prompts (each process its share; a prompt's G samples stay on it);
+2. `sample`: G completions per prompt from the current policy pi_old -> a TrajectoryBatch;
+3. `score`: every reward function on every completion -> per-token rewards r_{i,t};
+4. `fill_logp_old`, `fill_logp_ref`: log pi_old and log pi_ref of the actions (no grad; the
+   first minibatch's logp_old comes from the update's own forward, `lmpg.update`), and with
+   kl_in=reward the KL penalty in the rewards;
+5. `compute_advantages`: A_{i,t} = (ret_{i,t} - b_i) / std_i;
+6. `update`: `lmpg.update.PolicyUpdate`, epochs of minibatch steps on the surrogate loss;
+7. `log`: metrics.jsonl (deterministic figures), timings.jsonl (wall clock), samples.jsonl.
+
+Elsewhere: run directory and resume policy (lmpg.run_dir), checkpoints and weights
+(lmpg.checkpoint), processes (lmpg.distributed), the optimizer (lmpg.optim), the forwards
+(lmpg.forward), the update (lmpg.update).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import dataclasses
 import logging
-import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmpg.advantages import compute_advantages
-from lmpg.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from lmpg import distributed, run_dir
+from lmpg.advantages import advantage_stats, compute_advantages
+from lmpg.batch import TrajectoryBatch
+from lmpg.checkpoint import load_state, load_weights, quiet_hf_progress, rng_state, save_checkpoint, \
+    save_weights, set_rng_state
 from lmpg.config import PGConfig
-from lmpg.diagnostics import GradientMoments
-from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
 from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
-from lmpg.errors import ConfigError, TrainingError
-from lmpg.kl import kl_estimate
-from lmpg.logprobs import sequence_logprobs
-from lmpg.losses import aggregate, policy_gradient_loss
+from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
+from lmpg.errors import ConfigError
+from lmpg.forward import batch_logprobs
+from lmpg.kl import kl_penalised_rewards
 from lmpg.masked import masked_mean
-from lmpg.metrics import JsonlWriter, format_metrics_line, read_jsonl
+from lmpg.metrics import JsonlWriter, clean, format_metrics_line
 from lmpg.modeling import apply_lora, disable_dropout, frozen_copy, is_peft_model, load_model_and_tokenizer
+from lmpg.optim import make_adamw, make_scheduler
 from lmpg.rewards import RewardScorer
-from lmpg.rollout import Rollout, eos_token_ids, sample_completions
+from lmpg.rollout import eos_token_ids, reward_inputs, sample_completions
 from lmpg.sampler import row_seed
+from lmpg.samples import print_samples, sample_records
+from lmpg.update import NonFiniteGuard, PolicyUpdate, logp_old_rows_before_update
 
 logger = logging.getLogger("lmpg")
-
-RUN_MARKER = "lmpg_run.json"
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@dataclass
+class Prompts:
+    """This process's prompts of one iteration."""
+
+    positions: list[int]
+    """Each prompt's position in the iteration's global batch (seeds its samples' random streams)."""
+    rows: dict
+    """The dataset rows, as columns."""
+    prompts: list
+    """The prompt column (strings or chat messages)."""
+    texts: list[str]
+    """The rendered prompt texts."""
+    add_special_tokens: bool
+
+    def global_rows(self, group_size: int) -> torch.Tensor:
+        """(B,) each sampled row's position in the iteration's whole batch (prompt position * G + j)."""
+        return torch.tensor([p * group_size + j for p in self.positions for j in range(group_size)])
+
+
+@dataclass
+class StepResult:
+    """What one iteration produced."""
+
+    metrics: dict
+    """The deterministic figures written to metrics.jsonl."""
+    timings: dict
+    """Wall-clock figures written to timings.jsonl: time_sample, time_score, time_logp (pi_old and
+    pi_ref forwards, advantages), time_update, time_total (s), tokens_per_s, sample_tokens_per_s."""
+    batch: TrajectoryBatch
+    """This process's batch with every field filled."""
 
 
 class PGTrainer:
@@ -67,13 +104,13 @@ class PGTrainer:
 
     def __init__(self, model, reward_fns, train_dataset, config: PGConfig | None = None, tokenizer=None,
                  reward_weights=None, peft_config=None):
-        from accelerate import Accelerator, DistributedType
+        from accelerate import Accelerator
 
         self.config = c = config if config is not None else PGConfig()
         if not isinstance(c, PGConfig):
             raise ConfigError(f"config must be a PGConfig, not {type(c).__name__}; build one with PGConfig(...)")
-        _allow_new_mixed_precision(c.mixed_precision)
-        self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision, cpu=_no_accelerator(),
+        distributed.allow_new_mixed_precision(c.mixed_precision)
+        self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision, cpu=distributed.no_accelerator(),
                                              log_with=c.report_to or None, project_dir=c.output_dir)
         n_proc = acc.num_processes
         if c.prompts_per_iteration % n_proc:
@@ -109,47 +146,48 @@ class PGTrainer:
         if not fns and not c.environment:
             raise ConfigError("no reward function given; pass reward_fns=[...] or set rewards in the config")
         self.scorer = RewardScorer(fns, weights, on_error=c.reward_on_error, executor=c.reward_executor,
-                                   max_workers=c.reward_workers) if fns else None
-        self.reward_weights = list(weights) if weights is not None else [1.0] * len(fns)
+                                   max_workers=c.reward_workers, timeout=c.reward_timeout,
+                                   memory_mb=c.reward_memory_mb, max_steps=c.iterations) if fns else None
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_adamw(params, c)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        # the shared-prompt forward runs the model twice per backward and needs its KV cache: fine
-        # through DDP (each weight's gradient is still ready once per backward), not through FSDP /
-        # DeepSpeed, whose hooks gather and free shards per forward, nor under gradient checkpointing
+        self.model, self.optimizer = acc.prepare(model, make_adamw(params, c))
+        # not under gradient checkpointing: the shared-prompt forward needs the prompt's KV cache
         self.share_prompt_forward = (c.shared_prompt_forward and not c.gradient_checkpointing
-                                     and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                                                  DistributedType.MULTI_GPU))
-        self.scheduler = _make_scheduler(self.optimizer, c)
+                                     and distributed.supports_shared_prompt_forward(acc))
+        self.scheduler = make_scheduler(self.optimizer, c)
         self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
         # multi-turn episodes (lmpg.episodes) instead of single completions
         self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
         self.iteration = 0
-        self.consecutive_skips = 0
-        self.total_skips = 0
         self.output_dir = Path(c.output_dir)
+        self.guard = NonFiniteGuard(c.max_consecutive_skips, self.output_dir / "checkpoints")
+        self.policy_update = PolicyUpdate(self.model, self.optimizer, self.scheduler, acc, c, local_mb,
+                                          self.micro_batch_size, self.share_prompt_forward, self.guard, self.gather)
         self.metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
         self.timings_log = JsonlWriter(self.output_dir / "timings.jsonl")
         self.samples_log = JsonlWriter(self.output_dir / "samples.jsonl")
         self._run_dir_ready = False
 
     # ------------------------------------------------------------------ public API
-    def train(self):
-        """Run `config.iterations` iterations (continuing from a checkpoint if `resume` says so)."""
+    def train(self) -> list[dict]:
+        """Run `config.iterations` iterations (continuing from a checkpoint if `resume` says so);
+        returns the metrics of the iterations this call ran (as written to metrics.jsonl)."""
         c = self.config
-        self._prepare_run_dir()
+        self.prepare_run_dir()
         bar = self._progress_bar()
+        history = []
         try:
             while self.iteration < c.iterations:
-                metrics = self.step()
+                result = self.step()
+                history.append(clean(result.metrics))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3g}",
-                                    tok_s=f"{metrics['_timing']['tokens_per_s']:.0f}")
+                    bar.set_postfix(reward=f"{result.metrics['reward_mean']:.3f}",
+                                    kl=f"{result.metrics.get('kl', 0.0):.3g}",
+                                    tok_s=f"{result.timings['tokens_per_s']:.0f}")
                 elif self.accelerator.is_main_process and (self.iteration % c.log_every == 0 or self.iteration == c.iterations):
-                    print(format_metrics_line({**metrics, **metrics["_timing"]}), flush=True)
+                    print(format_metrics_line({**result.metrics, **result.timings}), flush=True)
                 if c.save_every and self.iteration % c.save_every == 0 and self.iteration < c.iterations:
                     self.save_checkpoint()
         finally:
@@ -159,10 +197,11 @@ class PGTrainer:
                 self.scorer.close()
         self.save_checkpoint()
         self.save_model(self.output_dir / "final")
-        self._write_marker(finished=True)
+        if self.accelerator.is_main_process:
+            run_dir.write_marker(self.output_dir, self.iteration, c.iterations, finished=True)
         for tracker in self.accelerator.trackers:  # not end_training(): it would tear down the process group
             tracker.finish()
-        return read_jsonl(self.output_dir / "metrics.jsonl")
+        return history
 
     def save_model(self, path) -> None:
         """save_pretrained of the policy (only the adapter for a LoRA policy) and its tokenizer."""
@@ -170,367 +209,206 @@ class PGTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(self.model)
-            with _quiet_hf_progress():
+            with quiet_hf_progress():
                 unwrapped.save_pretrained(str(path), state_dict=acc.get_state_dict(self.model), safe_serialization=True)
             self.tokenizer.save_pretrained(str(path))
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ one iteration
-    def step(self) -> dict:
-        c, acc = self.config, self.accelerator
-        t_start = time.perf_counter()
+    def step(self) -> StepResult:
+        """One iteration: prompts, sample, score, logp_old / logp_ref, advantages, update, log."""
+        c = self.config
+        clock = [time.perf_counter()]
 
-        # 1. prompts: the global batch in a seeded order, this process's share of every minibatch
-        positions = self._local_prompt_positions()
+        def lap():
+            clock.append(time.perf_counter())
+            return clock[-1] - clock[-2]
+
+        prompts = self.next_prompts()                                    # 1.
+        batch = self.sample(prompts)                                     # 2.
+        time_sample = lap()
+        scores = self.score(batch, prompts)                              # 3.
+        time_score = lap()
+        self.fill_logp_old(batch)                                        # 4.
+        self.fill_logp_ref(batch)
+        if c.kl_coef > 0 and c.kl_in == "reward":
+            batch.token_rewards = kl_penalised_rewards(batch.token_rewards, batch.logp_old, batch.logp_ref,
+                                                       batch.action_mask, c.kl_coef, c.kl_estimator)
+        adv_stats = self.compute_advantages(batch)                       # 5.
+        time_logp = lap()
+        update_stats, entropy = self.update(batch)                       # 6.
+        time_update = lap()
+        self.iteration += 1
+        metrics = self.iteration_metrics(batch, prompts, scores, adv_stats, update_stats, entropy)  # 7.
+        timings = self.iteration_timings(batch, time_sample, time_score, time_logp, time_update)
+        self.log(metrics, timings, batch, prompts, scores)
+        return StepResult(metrics, timings, batch)
+
+    def next_prompts(self) -> Prompts:
+        """The global batch of prompts in a seeded order; this process's share of every minibatch."""
+        c, acc = self.config, self.accelerator
+        positions = distributed.prompt_positions(c.prompts_per_iteration, max(c.resolved_minibatch_size // c.group_size, 1),
+                                                 acc.num_processes, acc.process_index)
         indices = self.prompt_order.next_indices(c.prompts_per_iteration)
-        indices = [indices[p] for p in positions]
-        rows = self.train_dataset[indices]  # dict of columns
+        rows = self.train_dataset[[indices[p] for p in positions]]  # dict of columns
         prompts = rows[c.prompt_column]
         rendered = [render_prompt(self.tokenizer, p) for p in prompts]
+        return Prompts(positions, rows, prompts, [t for t, _ in rendered], rendered[0][1])
 
-        # 2. sample G completions per prompt from pi_old, each from its own random stream
-        seeds = [row_seed(c.seed, self.iteration, p, j) for p in positions for j in range(c.group_size)]
+    def sample(self, prompts: Prompts) -> TrajectoryBatch:
+        """G completions per prompt from pi_old, each from its own random stream."""
+        c = self.config
+        seeds = [row_seed(c.seed, self.iteration, p, j) for p in prompts.positions for j in range(c.group_size)]
+        policy = self.accelerator.unwrap_model(self.model)
         if self.episodes is not None:
-            rollout = self.episodes.sample(acc.unwrap_model(self.model), prompts, [
-                {k: rows[k][i] for k in rows} for i in range(len(prompts))], positions, self.iteration, seeds)
+            rows = [{k: v[i] for k, v in prompts.rows.items()} for i in range(len(prompts.prompts))]
+            return self.episodes.sample(policy, prompts.prompts, rows, prompts.positions, self.iteration, seeds)
+        return sample_completions(policy, self.tokenizer, prompts.texts, c.group_size,
+                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                  top_k=c.top_k, max_prompt_length=c.max_prompt_length,
+                                  add_special_tokens=prompts.add_special_tokens, eos_ids=self.eos_ids, seeds=seeds,
+                                  sampler=c.sampler, policy_version=self.iteration)
+
+    def score(self, batch: TrajectoryBatch, prompts: Prompts):
+        """Fills batch.token_rewards (weighted sum over the reward functions) and batch.scored;
+        returns the RewardScores (per-function values, errors)."""
+        c = self.config
+        if self.episodes is not None:  # the environment's per-turn rewards plus the reward functions'
+            batch.token_rewards, batch.scored, scores = score_episodes(self.scorer, batch, prompts.prompts, prompts.rows,
+                                                                       c.prompt_column, self.iteration)
+            return scores
+        prompts_rep, completions, completion_ids = reward_inputs(batch, prompts.prompts)
+        columns = {k: [v[i] for i in batch.prompt_index] for k, v in prompts.rows.items() if k != c.prompt_column}
+        scores = self.scorer.score(prompts_rep, completions, completion_ids, step=self.iteration, columns=columns)
+        token_rewards, scored = scores.to_token_rewards(batch.completion_mask.cpu())
+        device = batch.completion_mask.device
+        batch.token_rewards, batch.scored = token_rewards.to(device), scored.to(device)
+        return scores
+
+    def fill_logp_old(self, batch: TrajectoryBatch) -> None:
+        """batch.logp_old on the rows the update does not fill itself (`lmpg.update`), from a no-grad
+        forward (logp_old_source=forward, exact) or the sampler's own log-probs (sampler: no extra
+        forward; equal up to float rounding of the incremental KV-cache pass)."""
+        c = self.config
+        B, T = batch.completion_ids.shape
+        batch.logp_old = torch.zeros(B, T, device=batch.completion_ids.device)
+        rows = logp_old_rows_before_update(B, self.local_minibatch_size, c)
+        if len(rows) == 0:
+            return
+        if c.logp_old_source == "sampler" and batch.sampler_logp is not None:
+            batch.logp_old[rows] = batch.sampler_logp[rows].to(batch.logp_old.dtype)
         else:
-            rollout = self._sample([t for t, _ in rendered], rendered[0][1], seeds)
-        t_sampled = time.perf_counter()
+            batch.logp_old[rows] = batch_logprobs(self.model, batch, rows, self.micro_batch_size, c.temperature,
+                                                  self.share_prompt_forward)
 
-        # 3. score
-        if self.episodes is not None:
-            token_rewards, has_reward, scores = score_episodes(self.scorer, self.reward_weights, rollout, prompts,
-                                                               rows, c.prompt_column, self.iteration)
+    def fill_logp_ref(self, batch: TrajectoryBatch) -> None:
+        """batch.logp_ref under pi_ref (the frozen copy, or the LoRA policy with its adapter off)."""
+        c = self.config
+        if c.kl_coef == 0:
+            return
+        rows = torch.arange(batch.batch_size)
+        if self.ref_model is not None:
+            batch.logp_ref = batch_logprobs(self.ref_model, batch, rows, self.micro_batch_size, c.temperature,
+                                            self.share_prompt_forward)
+            return
+        with self.accelerator.unwrap_model(self.model).disable_adapter():
+            batch.logp_ref = batch_logprobs(self.model, batch, rows, self.micro_batch_size, c.temperature,
+                                            self.share_prompt_forward)
+
+    def compute_advantages(self, batch: TrajectoryBatch) -> dict:
+        """Fills batch.adv (`lmpg.advantages.compute_advantages` over the whole batch of all processes)."""
+        c = self.config
+        batch.adv, stats = compute_advantages(
+            batch.token_rewards, batch.action_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
+            c.gamma, sample_mask=batch.scored, eps=c.adv_eps, gather=self.gather,
+            process_index=self.accelerator.process_index, turn_ids=batch.turn_ids)
+        return stats
+
+    def update(self, batch: TrajectoryBatch) -> tuple[dict, torch.Tensor]:
+        """`lmpg.update.PolicyUpdate` on the batch: (stats, first-epoch entropy (B, T))."""
+        return self.policy_update(batch, self.iteration)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a tensor over processes in rank order (identity on one process)."""
+        return distributed.gather(self.accelerator, t)
+
+    # ------------------------------------------------------------------ logging
+    def iteration_metrics(self, batch: TrajectoryBatch, prompts: Prompts, scores, adv_stats: dict,
+                          update_stats: dict, entropy: torch.Tensor) -> dict:
+        """The figures of one iteration, each over the whole batch of all processes."""
+        acc, mask = self.accelerator, batch.completion_mask
+        if acc.num_processes > 1:  # rows of every process, in one process's order
+            rows = prompts.global_rows(self.config.group_size)
+            scores = dataclasses.replace(
+                scores, values=[distributed.in_global_order(acc, v, rows) for v in scores.values],
+                error_counts={k: sum(d.get(k, 0) for d in distributed.gather_objects(acc, [scores.error_counts]))
+                              for k in scores.error_counts})
+            adv_stats = {**adv_stats, **advantage_stats(distributed.in_global_order(acc, batch.adv, rows),
+                                                        distributed.in_global_order(acc, batch.loss_mask, rows),
+                                                        distributed.in_global_order(acc, batch.scored, rows))}
+            entropy_mask = distributed.in_global_order(acc, batch.action_mask, rows)
+            entropy = distributed.in_global_order(acc, entropy, rows)
         else:
-            token_rewards, has_reward, scores = self._score(rollout, prompts, rows)
-        t_scored = time.perf_counter()
+            entropy_mask = batch.action_mask
+        gather = self.gather
+        seq_reward = gather(batch.token_rewards.sum(1).float().cpu())
+        scored = gather(batch.scored.cpu())
+        lengths = gather(mask.sum(1).float().cpu())
+        truncated = gather(batch.truncated.float().cpu())
+        empty = gather((mask.sum(1) == 1).float().cpu() * (~batch.truncated).float().cpu())
+        r = seq_reward[scored]
+        m = {"iteration": self.iteration,
+             "reward_mean": float(r.mean()) if r.numel() else float("nan"),
+             "reward_std": float(r.std(unbiased=False)) if r.numel() else float("nan"),
+             "unscored_frac": float((~scored).float().mean())}
+        for name, value in scores.means().items():
+            m[f"reward/{name}"] = value
+        for name, count in scores.error_counts.items():
+            m[f"reward_errors/{name}"] = count
+        m.update({k: v for k, v in scores.metrics.items() if k not in m})  # log_metric from reward functions
+        m.update(adv_stats)
+        m.update({k: update_stats[k] for k in ("loss", "pg_loss", "kl", "ratio_min", "ratio_mean", "ratio_max",
+                                               "clip_frac", "grad_norm", "optimizer_steps", "skipped_updates", "lr",
+                                               "ess_frac", "grad_snr", "grad_noise_scale")
+                  if k in update_stats})
+        m["entropy"] = float(masked_mean(entropy.float(), entropy_mask))
+        m.update({"completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+                  "truncated_frac": float(truncated.mean()), "eos_first_frac": float(empty.mean()),
+                  "prompts_truncated": batch.prompts_truncated, "skipped_updates_total": self.guard.total})
+        if batch.episodes is not None:
+            m.update(episode_metrics(gather(episode_counts(batch.episodes))))
+        return m
 
-        # 4. log pi_old (no grad) where the update cannot read it off its own first forward, and log pi_ref
-        logp_old = self._old_logprobs(rollout)
-        logp_ref = self._reference_logprobs(rollout) if c.kl_coef > 0 else None
-        action_mask = rollout.extras.get("action_mask", rollout.completion_mask)
-        if c.kl_coef > 0 and c.kl_in == "reward":
-            kl_tok = kl_estimate(logp_old, logp_ref, c.kl_estimator)
-            token_rewards = token_rewards - c.kl_coef * torch.where(action_mask, kl_tok, 0.0)
+    def iteration_timings(self, batch: TrajectoryBatch, time_sample: float, time_score: float, time_logp: float,
+                          time_update: float) -> dict:
+        timings = {"time_sample": time_sample, "time_score": time_score, "time_logp": time_logp,
+                   "time_update": time_update, "time_total": time_sample + time_score + time_logp + time_update}
+        n_tokens = float(self.gather(torch.tensor([batch.num_tokens], dtype=torch.float32)).sum())
+        timings["tokens_per_s"] = n_tokens / max(timings["time_total"], 1e-9)
+        timings["sample_tokens_per_s"] = n_tokens / max(timings["time_sample"], 1e-9)
+        if batch.episodes is not None:
+            timings["time_env"] = sum(e.env_seconds for e in batch.episodes)  # part of time_sample
+        return timings
 
-        # 5. advantages (on the policy's own tokens: an episode's environment tokens get none)
-        action_mask = rollout.extras.get("action_mask", rollout.completion_mask)
-        adv, adv_stats = compute_advantages(
-            token_rewards, action_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
-            c.gamma, sample_mask=has_reward, eps=c.adv_eps, gather=self._gather,
-            process_index=acc.process_index, turn_ids=rollout.extras.get("turn_ids"))
-        loss_mask = action_mask & has_reward.unsqueeze(1)
-
-        # 6. update
-        update_stats, entropy = self._update(rollout, loss_mask, adv, logp_old, logp_ref)
-        t_updated = time.perf_counter()
-
-        # 7. metrics
-        self.iteration += 1
-        metrics = self._metrics(rollout, token_rewards, has_reward, scores, adv_stats, update_stats, entropy)
-        timing = {"time_sample": t_sampled - t_start, "time_score": t_scored - t_sampled,
-                  "time_update": t_updated - t_scored, "time_total": t_updated - t_start}
-        if self.episodes is not None:
-            metrics.update(episode_metrics(self._gather(episode_counts(rollout.extras["episodes"]))))
-            timing["time_env"] = sum(e.env_seconds for e in rollout.extras["episodes"])  # part of time_sample
-        n_tokens = float(self._gather(torch.tensor([rollout.num_tokens], dtype=torch.float32)).sum())
-        timing["tokens_per_s"] = n_tokens / max(timing["time_total"], 1e-9)
-        timing["sample_tokens_per_s"] = n_tokens / max(timing["time_sample"], 1e-9)
+    def log(self, metrics: dict, timings: dict, batch: TrajectoryBatch, prompts: Prompts, scores) -> None:
+        c, acc = self.config, self.accelerator
+        records = sample_records(batch, prompts.prompts, scores, self.iteration)
+        records = distributed.in_global_order(acc, records, prompts.global_rows(c.group_size))
         if acc.is_main_process:
             self.metrics_log.write(metrics)
-            self.timings_log.write({"iteration": self.iteration, **timing})
-            self._write_samples(rollout, prompts, scores, token_rewards, has_reward, adv)
+            self.timings_log.write({"iteration": self.iteration, **timings})
+            for rec in records:
+                self.samples_log.write(rec)
+            if c.sample_log_every and self.iteration % c.sample_log_every == 0 and c.num_samples_to_show:
+                print_samples(records, self.iteration, c.num_samples_to_show)
             if acc.trackers:
-                acc.log({k: v for k, v in {**metrics, **timing}.items() if isinstance(v, (int, float))},
+                acc.log({k: v for k, v in {**metrics, **timings}.items() if isinstance(v, (int, float))},
                         step=self.iteration)
         snr = metrics.get("grad_snr")
         if snr is not None and snr < 1.0 and acc.is_main_process and self.iteration % max(c.log_every, 10) == 1:
             logger.warning("gradient SNR %.2f < 1 at iteration %d: the batch gradient is mostly noise; raise "
                            "batch_size (noise scale: %.1f micro-batches)", snr, self.iteration,
                            metrics.get("grad_noise_scale", float("nan")))
-        metrics["_timing"] = timing
-        return metrics
-
-    def _local_prompt_positions(self) -> list[int]:
-        """Positions (in the global batch of prompts) this process samples and trains on.
-
-        Each minibatch is a contiguous block of the global batch, split evenly over the processes,
-        so process r holds sub-block r of every minibatch: N processes then take, step for step,
-        the optimizer steps one process takes on the whole batch.
-        """
-        c, acc = self.config, self.accelerator
-        n_proc, rank = acc.num_processes, acc.process_index
-        per_mb = max(c.resolved_minibatch_size // c.group_size, 1)  # prompts per minibatch
-        share = per_mb // n_proc
-        return [block + rank * share + i for block in range(0, c.prompts_per_iteration, per_mb)
-                for i in range(share)]
-
-    def _sample(self, prompt_texts, add_special_tokens, seeds=None) -> Rollout:
-        c = self.config
-        policy = self.accelerator.unwrap_model(self.model)
-        return sample_completions(policy, self.tokenizer, prompt_texts, c.group_size,
-                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, max_prompt_length=c.max_prompt_length,
-                                  add_special_tokens=add_special_tokens, eos_ids=self.eos_ids, seeds=seeds,
-                                  sampler=c.sampler)
-
-    def _score(self, rollout: Rollout, prompts, rows):
-        c = self.config
-        prompts_rep, completions, completion_ids = rollout.reward_inputs(prompts)
-        columns = {k: [v[i] for i in rollout.prompt_index] for k, v in rows.items() if k != c.prompt_column}
-        scores = self.scorer.score(prompts_rep, completions, completion_ids, step=self.iteration, columns=columns)
-        token_rewards, has_reward = scores.to_token_rewards(self.reward_weights, rollout.completion_mask.cpu())
-        device = rollout.completion_mask.device
-        return token_rewards.to(device), has_reward.to(device), scores
-
-    def _micro_batches(self, order: torch.Tensor):
-        for s in range(0, len(order), self.micro_batch_size):
-            yield order[s:s + self.micro_batch_size]
-
-    def _forward(self, model, rollout: Rollout, idx, with_entropy: bool):
-        """(logp (b, T), entropy (b, T) or None) of rows `idx`, padding trimmed: the columns of
-        left padding every row shares and the completion columns past the longest row are dropped
-        before the forward, and the outputs padded back with zeros to the batch's T."""
-        prompt_mask, completion_mask = rollout.prompt_mask[idx], rollout.completion_mask[idx]
-        P, T = prompt_mask.shape[1], completion_mask.shape[1]
-        p_start = P - int(prompt_mask.sum(1).max()) if P else 0
-        t_end = int(completion_mask.sum(1).max()) if T else 0
-        group = None
-        if self.share_prompt_forward:
-            group = torch.as_tensor(rollout.prompt_index)[idx.cpu()].to(rollout.prompt_ids.device)
-        logp, ent = sequence_logprobs(model, rollout.prompt_ids[idx][:, p_start:], prompt_mask[:, p_start:],
-                                      rollout.completion_ids[idx][:, :t_end], completion_mask[:, :t_end],
-                                      self.config.temperature, with_entropy, group=group)
-        if t_end < T:
-            pad = (0, T - t_end)
-            logp = torch.nn.functional.pad(logp, pad)
-            ent = torch.nn.functional.pad(ent, pad) if ent is not None else None
-        return logp, ent
-
-    @torch.no_grad()
-    def _logprobs_no_grad(self, model, rollout: Rollout, with_entropy: bool = False):
-        """Log-probs of the whole batch in the same micro-batches the first epoch uses (so the first
-        update step recomputes them bit for bit and its ratio is exactly 1)."""
-        B = rollout.completion_ids.shape[0]
-        logps, ents = [], []
-        for idx in self._micro_batches(torch.arange(B)):
-            logp, ent = self._forward(model, rollout, idx, with_entropy)
-            logps.append(logp)
-            ents.append(ent)
-        return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
-
-    def _old_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """log pi_old of the taken tokens, (B, T), for every row the update cannot fill itself.
-
-        Rows of the first minibatch are filled by the update's first forward (theta == theta_old
-        there, so logp_old = logp.detach() and the first step's ratio is exactly 1); with one
-        minibatch per epoch no extra forward is needed at all. The other rows come from a no-grad
-        forward (logp_old_source=forward) or from the sampler's own log-probs (sampler: no extra
-        forward; equal to the forward's up to float rounding of the incremental KV-cache pass).
-        With kl_in=reward every row is needed before the update and comes from the forward.
-        """
-        c = self.config
-        B, T = rollout.completion_ids.shape
-        logp_old = torch.zeros(B, T, device=rollout.completion_ids.device)
-        need = torch.arange(self.local_minibatch_size, B)
-        if c.kl_coef > 0 and c.kl_in == "reward":
-            need = torch.arange(B)
-        if len(need) == 0:
-            return logp_old
-        if c.logp_old_source == "sampler" and "sampler_logp" in rollout.extras:
-            logp_old[need] = rollout.extras["sampler_logp"][need].to(logp_old.dtype)
-        else:
-            with torch.no_grad():
-                for idx in self._micro_batches(need):
-                    logp_old[idx] = self._forward(self.model, rollout, idx, False)[0]
-        return logp_old
-
-    def _reference_logprobs(self, rollout: Rollout):
-        if self.ref_model is not None:
-            return self._logprobs_no_grad(self.ref_model, rollout)[0]
-        with self.accelerator.unwrap_model(self.model).disable_adapter():  # LoRA: pi_ref = base model
-            return self._logprobs_no_grad(self.model, rollout)[0]
-
-    def _update(self, rollout: Rollout, loss_mask, adv, logp_old, logp_ref):
-        c, acc = self.config, self.accelerator
-        B = rollout.completion_ids.shape[0]  # local sequences
-        n_proc = acc.num_processes
-        n_minibatches = B // self.local_minibatch_size
-        sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "grad_norm": 0.0}
-        # token-weighted tallies of this process, gathered over processes at the end
-        ratio_sum = clip_sum = counted = 0.0
-        ratio_min, ratio_max, steps, skipped = math.inf, -math.inf, 0, 0
-        entropy_parts = []
-        ess_sums = torch.zeros(3, dtype=torch.float64)  # sum w, sum w^2, n over epochs after the first
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # the SNR needs >= 2 gradient estimates in the first epoch; with fewer it would only cost time
-        first_epoch_micro = n_minibatches * -(-self.local_minibatch_size // self.micro_batch_size)
-        moments = GradientMoments(params) if c.grad_snr and acc.num_processes == 1 and first_epoch_micro >= 2 else None
-        self.model.train()
-        for epoch in range(c.epochs_per_batch):
-            # epoch 0 in sampling order (the pi_old pass used the same micro-batches); later epochs take
-            # the minibatches in a seeded random order, the same on every process (their membership
-            # stays: the batch is already a random draw, and rows cannot move between processes)
-            mb_order = list(range(n_minibatches)) if epoch == 0 else torch.randperm(
-                n_minibatches, generator=torch.Generator().manual_seed(row_seed(c.seed, self.iteration, -1, epoch))).tolist()
-            for mb in mb_order:
-                mb_idx = torch.arange(mb * self.local_minibatch_size, (mb + 1) * self.local_minibatch_size)
-                totals = self._gather(torch.tensor([float(loss_mask[mb_idx].sum()), float(len(mb_idx))])).view(-1, 2).sum(0)
-                num_tokens, num_sequences = float(totals[0]), float(totals[1])
-                micro = list(self._micro_batches(mb_idx))
-                mb_loss = mb_pg = mb_kl = 0.0
-                stat_list = []
-                for k, idx in enumerate(micro):
-                    logp, ent = self._forward(self.model, rollout, idx, with_entropy=epoch == 0)
-                    if epoch == 0 and mb == 0:
-                        logp_old[idx] = logp.detach()  # theta == theta_old: ratio exactly 1
-                    old = logp_old[idx]
-                    mask = loss_mask[idx]
-                    if epoch == 0:
-                        entropy_parts.append((idx, ent))
-                    else:
-                        w = torch.exp(logp.detach() - old)[mask].double()
-                        ess_sums += torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(w.numel()), dtype=torch.float64)])
-                    loss, st = policy_gradient_loss(
-                        logp, old, adv[idx], mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
-                        clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant,
-                        num_tokens=num_tokens, num_sequences=num_sequences)
-                    pg = float(loss.detach())
-                    if c.kl_coef > 0:
-                        kl_tok = kl_estimate(logp, logp_ref[idx], c.kl_estimator)
-                        kl_term = aggregate(kl_tok, mask, c.loss_agg, c.resolved_loss_constant, num_tokens, num_sequences)
-                        mb_kl += float(kl_term.detach())
-                        if c.kl_in == "loss":
-                            loss = loss + c.kl_coef * kl_term
-                    mb_loss += float(loss.detach())
-                    mb_pg += pg
-                    stat_list.append((st, float(mask.sum())))
-                    # DDP averages gradients over processes; each process holds a share of the global sum
-                    ctx = acc.no_sync(self.model) if k < len(micro) - 1 else _nullcontext()
-                    if moments is not None and epoch == 0:
-                        moments.before_backward()
-                    with ctx:
-                        acc.backward(loss * n_proc)
-                    if moments is not None and epoch == 0:
-                        moments.after_backward(scale=float(len(micro)))  # each micro-batch estimates the minibatch gradient
-                grad_norm = self._grad_norm()
-                losses = self._gather(torch.tensor([mb_loss, mb_pg, mb_kl])).view(-1, 3).sum(0)
-                finite = math.isfinite(grad_norm) and bool(torch.isfinite(losses).all())
-                if not finite:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    self.consecutive_skips += 1
-                    self.total_skips += 1
-                    logger.warning("non-finite loss or gradient at iteration %d epoch %d minibatch %d; update skipped",
-                                   self.iteration + 1, epoch, mb)
-                    if self.consecutive_skips >= c.max_consecutive_skips:
-                        raise TrainingError(
-                            f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient "
-                            f"(last at iteration {self.iteration + 1}, epoch {epoch}, minibatch {mb}); "
-                            f"the last good checkpoint is in {self.output_dir / 'checkpoints'}; lower learning_rate "
-                            f"or check the rewards")
-                    continue
-                self.consecutive_skips = 0
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                steps += 1
-                sums["loss"] += float(losses[0])
-                sums["pg_loss"] += float(losses[1])
-                sums["kl"] += float(losses[2])
-                sums["grad_norm"] += grad_norm
-                ratio_sum += sum(s["ratio_mean"] * n for s, n in stat_list)
-                clip_sum += sum(s["clip_frac"] * n for s, n in stat_list)
-                counted += sum(n for _, n in stat_list)
-                ratio_min = min([ratio_min] + [s["ratio_min"] for s, _ in stat_list])
-                ratio_max = max([ratio_max] + [s["ratio_max"] for s, _ in stat_list])
-        entropy = torch.zeros_like(logp_old)
-        for idx, ent in entropy_parts:
-            entropy[idx] = ent
-        n = max(steps, 1)
-        stats = {k: v / n for k, v in sums.items()}
-        if c.kl_coef == 0:
-            stats.pop("kl")
-        tallies = self._gather(torch.tensor([ratio_sum, clip_sum, counted, -ratio_min, ratio_max],
-                                            dtype=torch.float64)).view(-1, 5)
-        ratio_sum, clip_sum, counted = (float(v) for v in tallies[:, :3].sum(0))
-        ratio_min, ratio_max = -float(tallies[:, 3].max()), float(tallies[:, 4].max())
-        stats["ratio_mean"] = ratio_sum / counted if counted else float("nan")
-        stats["clip_frac"] = clip_sum / counted if counted else float("nan")
-        ess = self._gather(ess_sums).view(-1, 3).sum(0)
-        if c.epochs_per_batch > 1 and ess[2] > 0:
-            stats["ess_frac"] = float(ess[0] ** 2 / ess[1] / ess[2])
-        if moments is not None:
-            stats.update(moments.result())
-        stats.update(ratio_min=ratio_min if steps else float("nan"), ratio_max=ratio_max if steps else float("nan"),
-                     optimizer_steps=steps, skipped_updates=skipped, lr=self.scheduler.get_last_lr()[0])
-        return stats, entropy
-
-    def _grad_norm(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.config.max_grad_norm is not None:
-            norm = self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
-            grads = [p.grad.detach().norm(2) for p in params if p.grad is not None]
-            norm = torch.stack(grads).norm(2) if grads else torch.zeros(())
-        return float(norm)
-
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate a tensor over processes in rank order (identity on one process)."""
-        if self.accelerator.num_processes == 1:
-            return t
-        return self.accelerator.gather(t.to(self.accelerator.device)).cpu() if t.device.type == "cpu" \
-            else self.accelerator.gather(t)
-
-    # ------------------------------------------------------------------ metrics
-    def _metrics(self, rollout, token_rewards, has_reward, scores, adv_stats, update_stats, entropy) -> dict:
-        mask = rollout.completion_mask
-        seq_reward = self._gather(token_rewards.sum(1).float().cpu())
-        scored = self._gather(has_reward.cpu())
-        lengths = self._gather(mask.sum(1).float().cpu())
-        truncated = self._gather(rollout.truncated.float().cpu())
-        empty = self._gather((mask.sum(1) == 1).float().cpu() * (~rollout.truncated).float().cpu())
-        r = seq_reward[scored]
-        m = {"iteration": self.iteration,
-             "reward_mean": float(r.mean()) if r.numel() else float("nan"),
-             "reward_std": float(r.std(unbiased=False)) if r.numel() else float("nan"),
-             "unscored_frac": float((~scored).float().mean())}
-        for name, value in (scores.means().items() if scores is not None else ()):
-            m[f"reward/{name}"] = value
-        for name, count in (scores.error_counts.items() if scores is not None else ()):
-            m[f"reward_errors/{name}"] = count
-        m.update(adv_stats)
-        m.update({k: update_stats[k] for k in ("loss", "pg_loss", "kl", "ratio_min", "ratio_mean", "ratio_max",
-                                               "clip_frac", "grad_norm", "optimizer_steps", "skipped_updates", "lr",
-                                               "ess_frac", "grad_snr", "grad_noise_scale")
-                  if k in update_stats})
-        if entropy is not None:
-            m["entropy"] = float(masked_mean(entropy.float(), mask))
-        m.update({"completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
-                  "truncated_frac": float(truncated.mean()), "eos_first_frac": float(empty.mean()),
-                  "prompts_truncated": rollout.prompts_truncated, "skipped_updates_total": self.total_skips})
-        return m
-
-    def _write_samples(self, rollout, prompts, scores, token_rewards, has_reward, adv):
-        c = self.config
-        records = []
-        for i, text in enumerate(rollout.completions):
-            rec = {"iteration": self.iteration, "prompt": prompts[rollout.prompt_index[i]], "completion": text,
-                   "reward": float(token_rewards[i].sum()) if bool(has_reward[i]) else None,
-                   "advantage": float(adv[i][rollout.completion_mask[i]][0]) if bool(rollout.completion_mask[i].any()) else 0.0,
-                   "truncated": bool(rollout.truncated[i])}
-            if "episodes" in rollout.extras:  # the episode turn by turn
-                rec["turns"] = rollout.extras["episodes"][i].messages
-            for name, values in (zip(scores.names, scores.values) if scores is not None else ()):
-                v = values[i]
-                rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, list) else v
-            records.append(rec)
-            self.samples_log.write(rec)
-        if c.sample_log_every and self.iteration % c.sample_log_every == 0 and c.num_samples_to_show:
-            for rec in records[:c.num_samples_to_show]:
-                prompt = rec["prompt"] if isinstance(rec["prompt"], str) else rec["prompt"][-1]["content"]
-                print(f"  [sample it {self.iteration}] {prompt!r} -> {rec['completion']!r} "
-                      f"reward={rec['reward']} adv={rec['advantage']:.3f}", flush=True)
 
     def _progress_bar(self):
         c = self.config
@@ -540,58 +418,26 @@ class PGTrainer:
         return tqdm(total=c.iterations, initial=self.iteration, desc="lmpg", dynamic_ncols=True)
 
     # ------------------------------------------------------------------ run directory, checkpoints
-    def _prepare_run_dir(self):
-        """Create the run directory, or resume / refuse: a run is never overwritten silently."""
+    def prepare_run_dir(self) -> None:
+        """Create the run directory, or resume / refuse (`lmpg.run_dir`): a run is never overwritten silently."""
         if self._run_dir_ready:
             return
-        c, out = self.config, self.output_dir
-        resume_from = None
-        if c.resume == "auto":
-            resume_from = latest_checkpoint(out)
-        elif c.resume not in ("never", "auto"):
-            resume_from = Path(c.resume)
-            if not resume_from.is_dir():
-                raise ConfigError(f"resume={c.resume} is not a checkpoint directory; use resume=auto or a path "
-                                  f"under {out / 'checkpoints'}")
+        c, out, acc = self.config, self.output_dir, self.accelerator
         # every process makes the same read-only checks, then the main process writes
-        if resume_from is None and out.exists() and any(out.iterdir()):
-            marker = out / RUN_MARKER
-            what = "a run" if marker.exists() else "files that are not an lmpg run"
-            # resume=auto on a run that died before its first checkpoint: nothing to keep, start again
-            restart = c.resume == "auto" and marker.exists()
-            if not (c.overwrite_output_dir or restart) or not marker.exists():
-                hint = ("set resume=auto to continue it, overwrite_output_dir=true to replace it, or choose another "
-                        "output_dir") if marker.exists() else "choose an empty or new output_dir"
-                raise ConfigError(f"output_dir {out} already holds {what}; {hint}")
-            overwrite = True
-        else:
-            overwrite = False
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            if overwrite:
-                for name in ("metrics.jsonl", "timings.jsonl", "samples.jsonl"):
-                    (out / name).unlink(missing_ok=True)
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                probe = out / ".write_test"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as e:
-                raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose a writable directory") from None
-            self.config.save_yaml(out / "config.yaml")
-        self.accelerator.wait_for_everyone()
+        resume_from = run_dir.resume_checkpoint(c, out)
+        replace = run_dir.must_replace(c, out, resume_from)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            run_dir.create_run_dir(c, out, replace)
+        acc.wait_for_everyone()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         if c.report_to:
             tracker_config = {k: v for k, v in c.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            self.accelerator.init_trackers(out.name or "lmpg", config=tracker_config)
-        self._write_marker(finished=False)
+            acc.init_trackers(out.name or "lmpg", config=tracker_config)
+        if acc.is_main_process:
+            run_dir.write_marker(out, self.iteration, c.iterations, finished=False)
         self._run_dir_ready = True
-
-    def _write_marker(self, finished: bool):
-        if self.accelerator.is_main_process:
-            (self.output_dir / RUN_MARKER).write_text(json.dumps(
-                {"iteration": self.iteration, "iterations": self.config.iterations, "finished": finished}))
 
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
@@ -600,10 +446,12 @@ class PGTrainer:
         if acc.is_main_process:
             state = {"iteration": self.iteration, "prompt_order": self.prompt_order.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": rng_state(), "consecutive_skips": self.consecutive_skips, "total_skips": self.total_skips,
-                     "metrics_lines": len(read_jsonl(self.output_dir / "metrics.jsonl")),
+                     "rng": rng_state(), "consecutive_skips": self.guard.consecutive, "total_skips": self.guard.total,
+                     "metrics_lines": self.iteration,  # metrics.jsonl holds one line per iteration
                      "config": self.config.to_dict()}
-            path = save_checkpoint(self.output_dir, self.iteration, self._save_weights, state, self.config.keep_last)
+            path = save_checkpoint(self.output_dir, self.iteration,
+                                   lambda p: save_weights(acc.unwrap_model(self.model), p), state,
+                                   self.config.keep_last)
             self._write_plot()
         acc.wait_for_everyone()
         return path
@@ -617,104 +465,18 @@ class PGTrainer:
         except Exception as e:  # noqa: BLE001 - a chart is not worth a lost run
             logger.warning("could not write %s: %s", self.output_dir / "metrics.png", e)
 
-    def _save_weights(self, path: Path):
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        with _quiet_hf_progress():
-            unwrapped.save_pretrained(str(path), safe_serialization=True)
-
     def load_checkpoint(self, path) -> None:
         """Restore weights, optimizer, scheduler, RNG, data position and counters from a checkpoint."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         state = load_state(path)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        weights_dir = path / "model"
-        if is_peft_model(unwrapped):
-            from peft import set_peft_model_state_dict
-            set_peft_model_state_dict(unwrapped, load_file(str(weights_dir / "adapter_model.safetensors")))
-        else:
-            weights = {}
-            for f in sorted(weights_dir.glob("*.safetensors")):
-                weights.update(load_file(str(f)))
-            missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
-            tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
-            missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-            if missing or unexpected:
-                raise TrainingError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
-                                    f"unexpected {unexpected[:3]}); resume with the same model")
+        load_weights(self.accelerator.unwrap_model(self.model), path / "model")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.prompt_order.load_state_dict(state["prompt_order"])
         self.iteration = state["iteration"]
-        self.consecutive_skips = state["consecutive_skips"]
-        self.total_skips = state["total_skips"]
+        self.guard.consecutive = state["consecutive_skips"]
+        self.guard.total = state["total_skips"]
         set_rng_state(state["rng"])
         if self.accelerator.is_main_process:
-            self.metrics_log.truncate_to(state["metrics_lines"])
-            self.timings_log.truncate_to(state["iteration"])
-            kept = [r for r in read_jsonl(self.samples_log.path) if r["iteration"] <= state["iteration"]]
-            self.samples_log.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            run_dir.truncate_logs(self.output_dir, state.get("metrics_lines", state["iteration"]), state["iteration"])
         logger.info("resumed from %s at iteration %d", path, self.iteration)
-
-
-def _allow_new_mixed_precision(mixed_precision: str) -> None:
-    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
-    mixed precision. In a single process (a notebook, a test session) a later trainer may ask for
-    another one: drop the old state, keeping the process group."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, mixed_precision) and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=False)
-
-
-def _no_accelerator() -> bool:
-    """True on a machine with no GPU: Accelerator(cpu=True) then runs N launched processes as a
-    MULTI_CPU (gloo) group instead of N independent single-process runs."""
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
-                or (xpu is not None and xpu.is_available()))
-
-
-@contextlib.contextmanager
-def _quiet_hf_progress():
-    """Hide transformers' 'Writing model shards' bars for the duration of a save, then restore."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def make_adamw(params, c: PGConfig) -> torch.optim.AdamW:
-    """AdamW with the config's hyperparameters, fused (one kernel for all parameters, as transformers'
-    Trainer defaults to) where torch supports it for these parameters, the for-each version otherwise.
-    Both take the same step up to float rounding."""
-    kwargs = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps, weight_decay=c.weight_decay)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError):  # a device or dtype the fused kernel lacks
-        return torch.optim.AdamW(params, **kwargs)
-
-
-def _make_scheduler(optimizer, c: PGConfig):
-    from transformers import get_scheduler
-
-    steps_per_iteration = c.epochs_per_batch * (c.batch_size // c.resolved_minibatch_size)
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[c.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=c.warmup_steps,
-                         num_training_steps=c.iterations * steps_per_iteration)

@@ -3,12 +3,15 @@
     r_i = (1/n_i) · sum_j 1[test case j passes]      (or 1[all pass] with all_or_nothing)
 
 The code is the last ```python block of the completion (else the last bare ``` block, else the whole
-completion); it runs with its test cases in a confined subprocess (`reward_fns.sandbox`, read its
-docstring for what the confinement does and does not stop). A completion that hangs, forks, floods
-its output or reaches for files or the network scores the cases it passed before it was stopped.
+completion); it runs in a confined subprocess and its test cases in a separate judge process that
+calls into it and compares plain values (`reward_fns.sandbox`: read its docstring for why the code
+cannot forge a pass, what still gets through, and what the confinement does not stop). A completion
+that hangs, forks, floods its output, exits or reaches for files or the network scores the cases it
+passed before it was stopped.
 
 Test cases come from the `tests` column (or MBPP's `test_list`): a list of Python snippets (usually
-one `assert` each), or one string of code, split into cases by `split_test_cases`.
+one `assert` each), or one string of code, split into cases by `split_test_cases`. HumanEval's `test` plus
+`check(entry_point)` is one such string (one case: it has no top-level assert).
 """
 
 from __future__ import annotations

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lmpg.errors import RewardError
+from lmpg.rewards.types import RewardFn, named_reward
 from reward_fns.text import completion_text
-
-RewardFn = Callable[..., list[float | None]]
 
 
 def _tag_pattern(tags: Sequence[str]) -> re.Pattern:
@@ -58,11 +57,10 @@ def make_format_reward(tags: Sequence[str] = ("think", "answer"), partial: bool 
     if not tags or not all(isinstance(tag, str) and re.fullmatch(r"[\w-]+", tag) for tag in tags):
         raise RewardError(f"tags must be non-empty names like ('think', 'answer'), got {tags!r}")
     reward = functools.partial(_format_reward, tags, partial)
-    reward.__name__ = "format_tags" + ("_partial" if partial else "")
     layout = " ".join(f"<{tag}>...</{tag}>" for tag in tags)
     credit = f"else 1/{2 * len(tags)} per tag present once" if partial else "else 0.0"
-    reward.__doc__ = f"1.0 if the completion is exactly {layout}, each tag once; {credit}."
-    return reward
+    doc = f"1.0 if the completion is exactly {layout}, each tag once; {credit}."
+    return named_reward(reward, "format_tags" + ("_partial" if partial else ""), doc)
 
 
 def _regex_reward(
@@ -92,11 +90,11 @@ def make_regex_reward(
     except re.error as error:
         raise RewardError(f"regex reward pattern {pattern!r} does not compile: {error}") from None
     reward = functools.partial(_regex_reward, compiled, float(partial))
-    reward.__name__ = name
-    reward.__doc__ = (
-        f"1.0 if the whole completion matches {pattern!r}, {float(partial)} if it occurs in it, else 0.0."
+    return named_reward(
+        reward,
+        name,
+        f"1.0 if the whole completion matches {pattern!r}, {float(partial)} if it occurs in it, else 0.0.",
     )
-    return reward
 
 
 format_tags = make_format_reward()

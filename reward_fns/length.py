@@ -8,13 +8,12 @@ characters of the completion text. Factories return a `functools.partial` of a m
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 from lmpg.errors import RewardError
+from lmpg.rewards.types import RewardFn, named_reward
 from reward_fns.text import completion_text
 
-RewardFn = Callable[..., list[float | None]]
 UNITS = ("tokens", "chars")
 
 
@@ -56,11 +55,11 @@ def make_length_reward(target_length: int, unit: str = "tokens") -> RewardFn:
         raise RewardError(f"target_length must be a positive int, got {target_length!r}")
     _check_unit(unit)
     reward = functools.partial(_length_reward, target_length, unit)
-    reward.__name__ = "length_reward"
-    reward.__doc__ = (
-        f"max(0, 1 - |L - {target_length}| / {target_length}), L the completion's length in {unit}."
+    return named_reward(
+        reward,
+        "length_reward",
+        f"max(0, 1 - |L - {target_length}| / {target_length}), L the completion's length in {unit}.",
     )
-    return reward
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
@@ -99,9 +98,9 @@ def make_overlong_penalty(max_length: int, buffer: int, unit: str = "tokens") ->
         )
     _check_unit(unit)
     reward = functools.partial(_overlong_reward, max_length, buffer, unit)
-    reward.__name__ = "overlong_penalty"
-    reward.__doc__ = (
+    return named_reward(
+        reward,
+        "overlong_penalty",
         f"DAPO's soft overlong penalty: 0 up to {max_length - buffer} {unit}, linear down to -1 at"
-        f" {max_length}, -1 beyond."
+        f" {max_length}, -1 beyond.",
     )
-    return reward

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lmpg.errors import RewardError
+from lmpg.rewards.types import RewardFn, named_reward
 from reward_fns.text import completion_text, reference_column
-
-RewardFn = Callable[..., list[float | None]]
 
 
 def _acceptable_answers(answer: Any) -> list[str]:
@@ -67,22 +66,18 @@ def make_exact_match(case_sensitive: bool = False) -> RewardFn:
     reward = functools.partial(
         _match_reward, functools.partial(is_exact_match, case_sensitive=case_sensitive)
     )
-    reward.__name__ = "exact_match"
     case = "" if case_sensitive else " ignoring case"
-    reward.__doc__ = f"1.0 if the stripped completion equals the `answer` column{case}, else 0.0."
-    return reward
+    return named_reward(reward, "exact_match", f"1.0 if the stripped completion equals the `answer` column{case}, else 0.0.")
 
 
 def make_contains_answer(case_sensitive: bool = False, whole_word: bool = True) -> RewardFn:
     """1.0 if `answer` occurs in the completion (see `contains` for case_sensitive and whole_word)."""
     predicate = functools.partial(contains, case_sensitive=case_sensitive, whole_word=whole_word)
     reward = functools.partial(_match_reward, predicate)
-    reward.__name__ = "contains_answer"
     how = ("as a whole word" if whole_word else "as a substring") + (
         "" if case_sensitive else ", ignoring case"
     )
-    reward.__doc__ = f"1.0 if the `answer` column occurs in the completion {how}, else 0.0."
-    return reward
+    return named_reward(reward, "contains_answer", f"1.0 if the `answer` column occurs in the completion {how}, else 0.0.")
 
 
 # Multiple choice. Forms, most explicit first; within a form the last occurrence wins, because models
@@ -159,11 +154,11 @@ def make_multiple_choice(letters: str = "ABCDE") -> RewardFn:
     if not letters or not letters.isalpha() or not letters.isupper():
         raise RewardError(f"letters must be upper-case option letters like 'ABCDE', got {letters!r}")
     reward = functools.partial(_multiple_choice_reward, letters)
-    reward.__name__ = "multiple_choice"
-    reward.__doc__ = (
-        f"1.0 if the option letter ({letters}) the completion chooses is the `answer` column's, else 0.0."
+    return named_reward(
+        reward,
+        "multiple_choice",
+        f"1.0 if the option letter ({letters}) the completion chooses is the `answer` column's, else 0.0.",
     )
-    return reward
 
 
 exact_match = make_exact_match()

@@ -10,6 +10,8 @@ math_verify guards its sympy calls with `signal.alarm`, which only works in the 
 timeout is used there and switched off (`parsing_timeout=None`, `timeout_seconds=None`) elsewhere,
 e.g. under `RewardScorer(executor="thread")`. Without the alarm a pathological expression could run
 long, so answers longer than `MAX_ANSWER_CHARS` skip sympy and are compared as strings.
+
+math_verify is imported on first use: plain numbers (GSM8K) are compared without it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import re
 import threading
 from fractions import Fraction
 from typing import Any
-
-from math_verify import parse, verify
 
 from reward_fns.text import completion_text, reference_column
 
@@ -91,7 +91,13 @@ def plain_number(answer: str) -> Fraction | None:
 def _parse_math(answer: str, timeout: int | None) -> list:
     """math_verify's parse of an extracted answer: LaTeX between `$`, or prose left to its own anchors."""
     text = answer if _PROSE_WORD.search(answer) else f"${answer}$"
-    return parse(text, parsing_timeout=timeout)
+    return _math_verify().parse(text, parsing_timeout=timeout)
+
+
+def _math_verify():
+    from lmpg.errors import require_package
+
+    return require_package("math_verify", "'math-verify[antlr4_13_2]'", "math_answer on answers that are not plain numbers")
 
 
 def is_equivalent(predicted: str, reference: str) -> bool:
@@ -107,7 +113,7 @@ def is_equivalent(predicted: str, reference: str) -> bool:
     target = _parse_math(predicted, timeout)
     if not gold or not target:
         return False
-    return bool(verify(gold, target, timeout_seconds=timeout))
+    return bool(_math_verify().verify(gold, target, timeout_seconds=timeout))
 
 
 def reference_answer(reference: Any) -> str | None:

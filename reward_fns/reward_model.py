@@ -56,6 +56,7 @@ class RewardModelReward:
 
             model = AutoModelForSequenceClassification.from_pretrained(model_or_path, num_labels=1)
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_or_path)
+            self.__name__ = model_or_path.rstrip("/").split("/")[-1]  # logged as TRL names it
         else:
             model = model_or_path
         if tokenizer is None:

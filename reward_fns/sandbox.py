@@ -1,39 +1,85 @@
-"""Run untrusted Python code against test cases in a confined subprocess.
+"""Run untrusted Python code against test cases: the code in a confined process, the tests in another.
 
     result = run_python_tests("def add(a, b): return a + b", ["assert add(1, 2) == 3"])
     result.passed  # [True]
 
-One subprocess per call runs the code then every test case (`_sandbox_child.py` does the confining;
-its docstring lists the steps). What holds a hostile completion, and what only slows it down:
+Two subprocesses per call. The solution process (`_sandbox_child.py`) confines itself, runs the code
+and then only answers requests; it never sees the test cases. The judge process
+(`_sandbox_judge.py`) runs every test case, with the code's names bound to proxies: calling
+`add(1, 2)` there sends the call to the solution process and gets back plain data.
 
-- wall clock: the parent kills the whole process group (`os.killpg`, SIGKILL) at `timeout_seconds`
-  and always once the run ends; the child runs in its own session (`start_new_session=True`);
-- CPU, memory, file size, open files: `setrlimit` in the child;
+Why the verdict cannot be forged by the code. Everything the code can touch is its own process:
+rewriting builtins, modules (sys, json, os) or the harness's functions, walking gc/frames/
+sys.modules, signal handlers, atexit, threads, ctypes, writing to any descriptor it has. None of it
+reaches the judge, whose interpreter the code never runs in. What arrives from the solution is
+treated as a claim and decoded strictly into exact builtin types (`_sandbox_shared.decode`); a value
+that is not plain data stays in the solution process as a handle whose proxy equals only itself,
+has no ordering or arithmetic, and answers `len`/`bool`/`str` only with values of those exact types.
+So an `__eq__` that always says True, an int or str subclass with rigged comparisons, or a float
+whose `__sub__` returns 0 never takes part in a comparison: the judge compares the genuine values
+(a subclass of a builtin arrives as its base value). The asserts, the expected values and
+`AssertionError` are the judge's own; a stdlib module the tests use as `module.attr` (and any name
+the code binds by a top-level import) is the judge's import, and the code's names never shadow a
+builtin there. The verdicts go from the judge to this process on a pipe the code has no descriptor
+for, tagged with a per-run nonce; the code's stdout/stderr are only output. The judge runs as its
+own uid when root (JUDGE_UID; the code runs as nobody) or non-dumpable otherwise, so the code cannot
+read its memory or signal it; SIGINT is ignored there. A solution process that exits, is killed,
+raises SystemExit/KeyboardInterrupt, hangs up or breaks the wire format fails the case it happened
+in (even if the test code catches the error) and every later case; a hang runs into the timeout.
+The job reaches the judge on its stdin, never on disk.
+
+What still gets through, by design or not yet closed:
+- a completion that hard-codes the answers to the inputs it is called with (a lookup table over the
+  tests' arguments), or otherwise special-cases the tests: it sees each call's arguments, as any
+  function does. Only hidden or randomised tests stop that;
+- expected values the tests compute with the code's own objects: a helper the tests call but do
+  not define (HumanEval/32 `poly`, /38 `encode_cyclic`, /50 `encode_shift` come from the prompt,
+  so the completion defines them), or a name the code bound other than by an import statement. Put
+  such helpers in the tests (then the judge defines them itself);
+- an `assert f(x)` that only needs truthiness passes with any true value, as it would in-process;
+- the tests' files: a test that reads a file the code wrote reads what the code put there.
+  Files outside the working directory that uid nobody may read (the dataset, when world-readable)
+  are readable through the raw `posix` module, so tests stored there can be looked up;
+- sabotage of other completions: solution processes of concurrent runs share uid nobody, so one
+  can kill another (whose cases then fail: lower rewards for its group-mates, a higher advantage
+  for itself). It cannot reach their judges (another uid) or their memory (non-dumpable);
+- without root, the solution process has the trainer's uid: where no user namespace is available
+  it may signal or ptrace the trainer (no Yama), which no Python guard stops. Run as root (it drops
+  to nobody) or in a container.
+What the proxies cannot express fails instead of passing: objects built from test-defined classes
+passed to the code, the code's global variables read as values (`assert N == 5`: N is a
+proxy), arithmetic or ordering on the code's objects, a namedtuple's field names
+(it arrives as a tuple), `isinstance(x, CodeClass)`; arguments are copies, mutations of list, dict,
+set and bytearray arguments are copied back after each call.
+
+Confinement of the solution process, what holds a runaway program, and what only slows it down:
+
+- wall clock: the parent kills both process groups (`os.killpg`, SIGKILL) at `timeout_seconds`
+  and always once the judge is done; each runs in its own session (`start_new_session=True`);
+- CPU, memory, file size, open files: `setrlimit` in the child (CPU and memory in the judge too);
 - processes: RLIMIT_NPROC = 0 after dropping root to uid nobody (the kernel exempts root from that
   limit), plus `os.fork`/`subprocess`/`os.exec*` replaced by functions that raise;
 - network: a fresh empty network namespace (`unshare(CLONE_NEWNET)`, root or unprivileged user
   namespaces), plus `socket.socket` replaced by a function that raises;
 - files: a fresh temporary working directory, deleted afterwards; `open`/`io.open`/`os.open` refuse
   paths that resolve outside it; the environment is emptied (no tokens leak to the code);
-- output: stdout and stderr are read with a cap (`max_output_bytes`); going over it kills the run.
+- output: stdout and stderr of both are read with a cap (`max_output_bytes`); going over it kills
+  the run.
 
 The Python-level guards are defence in depth, not a jail: code can reach the raw `posix`/`_socket`/
 `_io` modules or ctypes. The kernel-enforced limits (namespace, rlimits, uid) are what hold then;
 `SandboxResult.confinement` reports which were in force (e.g. without root and without
-unprivileged user namespaces there is no network namespace). Files outside the directory stay
-readable through the raw modules when their permissions allow it, and a run can write up to its
-timeout's worth of `file_size_bytes` files into its directory. Results travel on their own pipe,
-tagged with a per-run random nonce, so printing fake report lines does not count; but the harness
-runs in the same interpreter as the code, so a program that inspects the harness's stack frames
-could forge passes. This reward suits honest-but-buggy policies; watch for reward hacking, and for
-hostile workloads at scale use a container or VM sandbox.
+unprivileged user namespaces there is no network namespace). A run can write up to its timeout's
+worth of `file_size_bytes` files into its directory. For hostile workloads at scale add a container
+or VM around the trainer.
 
-The limits are set by the child itself rather than in `preexec_fn`, which Python documents as unsafe
-in a process with threads (the reward scorer runs rewards in threads).
+The limits are set by the children themselves rather than in `preexec_fn`, which Python documents as
+unsafe in a process with threads (the reward scorer runs rewards in threads).
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import math
@@ -48,8 +94,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from reward_fns._sandbox_shared import NO_PREIMPORT, imported_modules
+
 NOBODY = 65534
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
+JUDGE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_judge.py")
 _POLL_SECONDS = 0.002
 
 
@@ -98,6 +147,8 @@ class SandboxResult:
     output: str = ""
     """The first max_output_bytes of stdout and stderr, decoded with replacement."""
     returncode: int | None = None
+    """The solution process's exit status (negative: the signal that ended it; it is killed once the
+    judge is done, so usually -9)."""
     failures: dict[int, str] = field(default_factory=dict)
     """Per failing test case index, `Type: message` of what it raised."""
     confinement: dict[str, bool] = field(default_factory=dict)
@@ -109,9 +160,53 @@ class SandboxResult:
         return sum(self.passed) / len(self.passed) if self.passed else 0.0
 
 
-def _child_command(limits: SandboxLimits, job_path: str) -> list[str]:
-    flags = ["-I", "-B"] if limits.site_packages else ["-I", "-S", "-B"]
-    return [sys.executable, *flags, CHILD_SCRIPT, job_path]
+def _python(limits: SandboxLimits, script: str, *args: str) -> list[str]:
+    flags = ["-I", "-B", "-u"] if limits.site_packages else ["-I", "-S", "-B", "-u"]
+    return [sys.executable, *flags, script, *args]
+
+
+def _judge_imports(code: str, test_cases: list[str], stdlib_only: bool) -> list[list]:
+    """[name, module, attribute or None] for each name the tests use that the judge imports itself
+    instead of taking the solution's object: a name the solution binds by a top-level import, and a
+    standard-library module the tests use only as `module.attribute` (tests that lean on the
+    solution's `import math`). So expected values the tests compute never come from the code."""
+    loaded, other_uses = set(), set()  # names the tests read; those read other than as `name.attr`
+    for case in test_cases:
+        nodes = list(ast.walk(ast.parse(case)))
+        bases = {id(node.value) for node in nodes if isinstance(node, ast.Attribute)}
+        for node in nodes:
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                loaded.add(node.id)
+                if id(node) not in bases:
+                    other_uses.add(node.id)
+    imports = {}
+    try:
+        statements = ast.parse(code).body
+    except (SyntaxError, ValueError):
+        statements = []
+    for statement in statements:
+        if isinstance(statement, ast.Import):
+            for alias in statement.names:
+                if alias.asname:
+                    imports[alias.asname] = [alias.asname, alias.name, None]
+                else:
+                    top = alias.name.split(".")[0]
+                    imports[top] = [top, top, None]
+        elif isinstance(statement, ast.ImportFrom) and statement.module and not statement.level:
+            for alias in statement.names:
+                if alias.name != "*":
+                    name = alias.asname or alias.name
+                    imports[name] = [name, statement.module, alias.name]
+    for name in loaded:
+        if name not in imports and name not in other_uses and name in sys.stdlib_module_names:
+            imports[name] = [name, name, None]
+    return [
+        entry
+        for name, entry in sorted(imports.items())
+        if name in loaded
+        and entry[1].split(".")[0] not in NO_PREIMPORT
+        and (not stdlib_only or entry[1].split(".")[0] in sys.stdlib_module_names)
+    ]
 
 
 def _child_environment(workdir: str) -> dict[str, str]:
@@ -160,50 +255,85 @@ def _parse_report(report: bytes, nonce: str, n_cases: int) -> SandboxResult:
 def run_python_tests(
     code: str, test_cases: list[str], limits: SandboxLimits = DEFAULT_LIMITS
 ) -> SandboxResult:
-    """Run `code`, then each test case in the same namespace, in a confined subprocess (module docstring).
+    """Run `code` in a confined solution process and each test case in a judge process that calls
+    into it (module docstring).
 
     code: Python source defining what the tests use.  test_cases: Python sources (usually one
-    `assert` each), run in order; a case passes if it raises nothing.  Never raises for anything the
-    code does; the trainer's process is only touched through the pipes.
+    `assert` each), run in order in one namespace; a case passes if it raises nothing and the
+    solution process stayed up while it ran. Never raises for anything the code does; the trainer's
+    process is only touched through the pipes.
     """
     nonce = secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="lmpg-sandbox-")
-    results_read, results_write = os.pipe()
-    process = None
+    # request: judge -> solution; reply: solution -> judge; verdict: judge -> here; output: both -> here
+    request_read, request_write = os.pipe()
+    reply_read, reply_write = os.pipe()
+    verdict_read, verdict_write = os.pipe()
+    output_read, output_write = os.pipe()
+    child_ends = [request_read, request_write, reply_read, reply_write, verdict_write, output_write]
+    processes: list[subprocess.Popen] = []
     report, output = bytearray(), bytearray()
     timed_out = output_exceeded = False
     try:
         job_path = os.path.join(workdir, "job.json")
-        job = {
+        solution_job = {
             "code": code,
-            "test_cases": list(test_cases),
-            "nonce": nonce,
-            "results_fd": results_write,
+            "request_fd": request_read,
+            "reply_fd": reply_write,
             "limits": limits.as_child_limits(),
             "site_packages": limits.site_packages,
         }
         with open(os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as job_file:
-            json.dump(job, job_file)
+            json.dump(solution_job, job_file)
         if os.geteuid() == 0:
-            os.chown(workdir, NOBODY, NOBODY)  # the child drops to nobody and works in this directory
-        process = subprocess.Popen(
-            _child_command(limits, job_path),
-            cwd=workdir,
-            env=_child_environment(workdir),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=(results_write,),
-            start_new_session=True,
+            os.chown(workdir, NOBODY, NOBODY)  # the solution drops to nobody and works in this directory
+            os.chmod(workdir, 0o755)  # the judge (another uid) reads files the solution wrote
+        stdlib_only = not limits.site_packages
+        judge_job = {
+            "test_cases": list(test_cases),
+            "nonce": nonce,
+            "request_fd": request_write,
+            "reply_fd": reply_read,
+            "verdict_fd": verdict_write,
+            "limits": limits.as_child_limits(),
+            "site_packages": limits.site_packages,
+            "imports": _judge_imports(code, test_cases, stdlib_only),
+            "modules": sorted(imported_modules(test_cases)),
+        }
+        common = dict(cwd=workdir, env=_child_environment(workdir), stdout=output_write, stderr=output_write,
+                      start_new_session=True)  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                _python(limits, JUDGE_SCRIPT),
+                stdin=subprocess.PIPE,
+                pass_fds=(request_write, reply_read, verdict_write),
+                **common,
+            )
         )
-        os.close(results_write)
-        results_write = -1
+        processes.append(
+            subprocess.Popen(
+                _python(limits, CHILD_SCRIPT, job_path),
+                stdin=subprocess.DEVNULL,
+                pass_fds=(request_read, reply_write),
+                **common,
+            )
+        )
+        for fd in child_ends:
+            os.close(fd)
+        child_ends = []
+        judge = processes[0]
+        try:
+            judge.stdin.write(json.dumps(judge_job).encode())
+            judge.stdin.close()
+        except OSError:
+            pass  # the judge died; no verdicts, every case fails
         deadline = time.monotonic() + limits.timeout_seconds
         report_cap = 4096 + 512 * len(test_cases)
         with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout.fileno(), selectors.EVENT_READ, "output")
-            selector.register(results_read, selectors.EVENT_READ, "report")
-            while selector.get_map() and not output_exceeded:
+            selector.register(output_read, selectors.EVENT_READ, "output")
+            selector.register(verdict_read, selectors.EVENT_READ, "report")
+            # Done when the judge closes the verdict pipe; the solution may still be running.
+            while verdict_read in selector.get_map() and not output_exceeded:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     timed_out = True
@@ -218,25 +348,32 @@ def run_python_tests(
                         room = limits.max_output_bytes - len(output)
                         output += chunk[:room]
                         output_exceeded = len(chunk) > room
-        # Both pipes closed: wait for the exit itself (the code may have closed them and kept running).
-        while not (timed_out or output_exceeded) and not _exited_unreaped(process.pid):
+            # The verdicts are in: what the processes printed so far is kept, not waited for.
+            while output_read in selector.get_map() and not output_exceeded and selector.select(0):
+                chunk = os.read(output_read, 1 << 16)
+                if not chunk:
+                    break
+                room = limits.max_output_bytes - len(output)
+                output += chunk[:room]
+                output_exceeded = len(chunk) > room
+        # The judge closed its pipes: wait for its exit itself (it reports, then exits at once).
+        while not (timed_out or output_exceeded) and not _exited_unreaped(judge.pid):
             if time.monotonic() >= deadline:
                 timed_out = True
             else:
                 time.sleep(_POLL_SECONDS)
     finally:
-        if process is not None:
+        for process in processes:
             _kill_group(process.pid)  # before reaping, so the group id cannot have been reused
+        for process in processes:
             process.wait()
-            process.stdout.close()
-        for fd in (results_read, results_write):
-            if fd >= 0:
-                os.close(fd)
+        for fd in (*child_ends, output_read, verdict_read):
+            os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
     result = _parse_report(bytes(report), nonce, len(test_cases))
     result.timed_out, result.output_exceeded = timed_out, output_exceeded
     result.output = output.decode("utf-8", "replace")
-    result.returncode = process.returncode if process is not None else None
+    result.returncode = processes[1].returncode if len(processes) > 1 else None
     return result
 
 

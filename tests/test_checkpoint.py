@@ -80,9 +80,9 @@ def test_keep_last_deletes_older_checkpoints(tmp_path):
 
 
 def _nan_on(iterations_with_nan):
-    import lmpg.trainer as trainer_module
+    import lmpg.update as update_module
 
-    real = trainer_module.policy_gradient_loss
+    real = update_module.policy_gradient_loss
 
     def loss_with_nan(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
@@ -98,7 +98,7 @@ def test_non_finite_update_is_skipped_and_counted(tmp_path, tiny_model, tokenize
                       learning_rate=3e-3, sample_log_every=0, progress_bar=False)
     trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer)
     _nan_on.trainer = trainer
-    monkeypatch.setattr("lmpg.trainer.policy_gradient_loss", _nan_on({2}))
+    monkeypatch.setattr("lmpg.update.policy_gradient_loss", _nan_on({2}))
     metrics = trainer.train()
     assert [m["skipped_updates"] for m in metrics] == [0, 1, 0]
     assert metrics[-1]["skipped_updates_total"] == 1
@@ -110,7 +110,7 @@ def test_too_many_non_finite_updates_stop_with_location(tmp_path, tiny_model, to
                       save_every=1, max_consecutive_skips=2, sample_log_every=0, progress_bar=False)
     trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer)
     _nan_on.trainer = trainer
-    monkeypatch.setattr("lmpg.trainer.policy_gradient_loss", _nan_on({3, 4, 5, 6}))
+    monkeypatch.setattr("lmpg.update.policy_gradient_loss", _nan_on({3, 4, 5, 6}))
     with pytest.raises(TrainingError, match=r"2 consecutive updates .* iteration 4, epoch 0, minibatch 0"):
         trainer.train()
     assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "checkpoint-000003"

@@ -269,6 +269,20 @@ def test_sample_prints_completions_with_rewards(capsys, trained_run, workspace):
     assert code == 0 and len([line for line in out.splitlines() if line.startswith("[")]) == 1
 
 
+def test_sample_passes_the_prompts_columns_to_the_rewards(capsys, workspace):
+    (workspace / "correct.py").write_text(
+        "def correct(completions, answer, **kwargs):\n"
+        "    return [1.0 if a == '46' else 0.0 for a in answer]\n")
+    argv = ["sample", workspace / "model", "12+34=", "--greedy", "--max-new-tokens", "3",
+            "--reward", f"{workspace / 'correct.py'}:correct"]
+    code, out, _ = run_cli(capsys, argv + ["--column", "answer=46"])
+    assert code == 0 and "reward 1.0000" in out
+    code, _, err = run_cli(capsys, argv)
+    assert_one_line_error(code, err, "reward function 'correct' needs argument 'answer'", "--column answer=VALUE")
+    code, _, err = run_cli(capsys, argv + ["--column", "answer"])
+    assert_one_line_error(code, err, "--column 'answer' must be NAME=VALUE")
+
+
 def test_rewards_lists_every_builtin_with_a_description(capsys):
     from reward_fns import BUILTIN_REWARDS
 

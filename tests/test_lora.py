@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lmpg import PGConfig, PGTrainer
+from lmpg.forward import batch_logprobs
 
 from conftest import count_a
 
@@ -65,10 +66,11 @@ def test_disabled_adapter_is_the_base_model(tmp_path, tiny_model, tokenizer, pro
     metrics = trainer.train()
     assert trainer.ref_model is None  # no second copy of the model
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-7) and metrics[-1]["kl"] > 0
-    roll = trainer._sample(["1+1=", "2+2="], True, seeds=[1, 2, 3, 4, 5, 6, 7, 8])
-    ref_logp = trainer._reference_logprobs(roll)
+    batch = trainer.sample(trainer.next_prompts())
+    trainer.fill_logp_ref(batch)
     base = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
-    base_logp, _ = trainer._logprobs_no_grad(base, roll)
-    torch.testing.assert_close(ref_logp, base_logp)
-    policy_logp, _ = trainer._logprobs_no_grad(trainer.model, roll)
+    rows = torch.arange(batch.batch_size)
+    base_logp = batch_logprobs(base, batch, rows, trainer.micro_batch_size, 1.0)
+    torch.testing.assert_close(batch.logp_ref, base_logp)
+    policy_logp = batch_logprobs(trainer.model, batch, rows, trainer.micro_batch_size, 1.0)
     assert not torch.allclose(policy_logp, base_logp)

@@ -31,16 +31,17 @@ def test_reward_error_stops_the_run_and_keeps_checkpoints(tmp_path, tiny_model, 
     model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
     metrics = PGTrainer(model, [count_a], prompts_dataset, config(tmp_path, iterations=4, save_every=1, resume="auto"),
                         tokenizer=tokenizer).train()
-    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["iteration"] for m in metrics] == [3, 4]  # train() returns the iterations it ran
+    assert [m["iteration"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_reward_errors_as_none_are_counted(tmp_path, tiny_model, tokenizer, prompts_dataset):
-    def sometimes_nan(prompts, completions, **kw):
-        return [float("nan") if i % 4 == 0 else 1.0 for i in range(len(completions))]
+    def sometimes_inf(prompts, completions, **kw):  # NaN would be no signal (TRL's None), not an error
+        return [float("inf") if i % 4 == 0 else 1.0 for i in range(len(completions))]
 
-    metrics = PGTrainer(tiny_model, [sometimes_nan], prompts_dataset, config(tmp_path, reward_on_error="none"),
+    metrics = PGTrainer(tiny_model, [sometimes_inf], prompts_dataset, config(tmp_path, reward_on_error="none"),
                         tokenizer=tokenizer).train()
-    assert metrics[0]["reward_errors/sometimes_nan"] == 2
+    assert metrics[0]["reward_errors/sometimes_inf"] == 2
     assert metrics[0]["unscored_frac"] == pytest.approx(0.25)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
 

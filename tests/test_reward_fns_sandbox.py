@@ -128,3 +128,75 @@ def test_printed_report_lines_cannot_forge_a_pass():
 def test_main_block_does_not_run():
     code = "def f():\n    return 1\nif __name__ == '__main__':\n    input()\n"
     assert run_python_tests(code, ["assert f() == 1"], FAST).passed == [True]
+
+
+def test_the_solution_process_never_sees_the_tests():
+    code = (
+        "import posix\nfd = posix.open('/proc/self/cmdline', posix.O_RDONLY)\n"
+        "SEEN = str(posix.listdir('.')) + str(posix.read(fd, 4096))\ndef seen():\n    return SEEN\n"
+    )
+    result = run_python_tests(code, ["SECRET = 'expected-7431'\nassert 'expected-7431' not in seen()"], FAST)
+    assert result.passed == [True]
+
+
+def test_calls_carry_plain_values_handles_callbacks_and_mutations():
+    code = (
+        "from collections import namedtuple, OrderedDict\nimport enum\n"
+        "class Color(enum.IntEnum):\n    RED = 1\n"
+        "class Stack:\n    def __init__(self):\n        self.items = []\n"
+        "    def push(self, v):\n        self.items.append(v)\n    def __len__(self):\n        return len(self.items)\n"
+        "    def __str__(self):\n        return f'Stack{self.items}'\n"
+        "def values():\n    return (1, 2**70, -0.5, 'é', None, True, b'x', bytearray(b'y'), 1j, [1], {2: {3}}, frozenset(), OrderedDict(a=1), Color.RED)\n"
+        "def sort_in_place(xs):\n    xs.sort()\n"
+        "def apply(f, xs):\n    return [f(x) for x in xs]\n"
+        "def count(n):\n    yield from range(n)\n"
+        "def divide(a, b):\n    return a / b\n"
+    )
+    cases = [
+        "assert values() == (1, 2**70, -0.5, 'é', None, True, b'x', bytearray(b'y'), 1j, [1], {2: {3}}, frozenset(), {'a': 1}, 1)",
+        "assert type(values()[13]) is int and type(values()[12]) is dict",
+        "xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]",
+        "assert apply(lambda v: v * 2, [1, 2]) == [2, 4] and apply(len, ['ab']) == [2]",
+        "assert list(count(3)) == [0, 1, 2]",
+        "s = Stack()\ns.push(1)\nassert len(s) == 1 and str(s) == 'Stack[1]' and s == s and s != Stack()",
+        "try:\n    divide(1, 0)\nexcept ZeroDivisionError:\n    pass\nelse:\n    raise AssertionError('no error')",
+        "assert missing_name()",
+    ]
+    result = run_python_tests(code, cases, FAST)
+    assert result.passed == [True] * 7 + [False]
+    assert result.failures == {7: "NameError: name 'missing_name' is not defined"}
+
+
+def test_a_solution_that_stops_fails_its_case_even_if_the_test_catches_it():
+    code = "def f(x):\n    if x:\n        raise SystemExit(0)\n    return 0\n"
+    cases = ["assert f(0) == 0", "try:\n    f(1)\nexcept BaseException:\n    pass", "assert True"]
+    result = run_python_tests(code, cases, FAST)
+    assert result.passed == [True, False, False]
+    assert result.failures[1] == "SolutionGone: the solution process stopped (SystemExit: 0)"
+
+
+def test_replies_that_are_not_plain_data_end_the_solution():
+    code = (
+        "import sys, _sandbox_shared as wire\nmain = sys.modules['__main__']\n"
+        "main.Server.serve = lambda self, request: wire.send(self.reply_fd, {'value': {'eval': 'x'}})\n"
+        "def f():\n    return 1\n"
+    )
+    result = run_python_tests(code, ["assert f() == 1", "assert f() == 1"], FAST)
+    assert result.passed == [False, False]
+    assert result.failures[0].startswith("SolutionGone: the solution sent a value that is not plain data")
+
+
+@pytest.mark.skipif(not probe_confinement().get("dropped_root"), reason="the code runs as nobody only under root")
+def test_the_code_cannot_open_the_judges_or_the_parents_memory_or_descriptors():
+    code = (
+        "import posix\nopened, denied = [], 0\nfor p in [q for q in posix.listdir('/proc') if q.isdigit()]:\n"
+        "    try:\n        fd = posix.open(f'/proc/{p}/cmdline', posix.O_RDONLY)\n        cmd = posix.read(fd, 4096)\n"
+        "        posix.close(fd)\n    except OSError:\n        continue\n"
+        "    if b'_sandbox_judge' in cmd or int(p) == posix.getppid():\n"
+        "        for what in ('environ', 'mem', 'maps', 'fd/0', 'fd/3', 'fd/4', 'fd/5'):\n"
+        "            try:\n                posix.close(posix.open(f'/proc/{p}/{what}', posix.O_RDONLY))\n"
+        "                opened.append(what)\n            except OSError:\n                denied += 1\n"
+        "def report():\n    return opened, denied\n"
+    )
+    result = run_python_tests(code, ["opened, denied = report()\nassert opened == [] and denied >= 14"], FAST)
+    assert result.passed == [True]

@@ -54,8 +54,8 @@ def test_sampler_logprobs_match_the_forward_pass(tiny_model, tokenizer):
     logp, _ = sequence_logprobs(tiny_model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
                                 roll.completion_mask, temperature=0.8)
     m = roll.completion_mask
-    torch.testing.assert_close(roll.extras["sampler_logp"][m], logp[m], atol=1e-5, rtol=0)
-    assert torch.all(roll.extras["sampler_logp"][~m] == 0)
+    torch.testing.assert_close(roll.sampler_logp[m], logp[m], atol=1e-5, rtol=0)
+    assert torch.all(roll.sampler_logp[~m] == 0)
 
 
 def test_generate_sampler_still_works(tiny_model, tokenizer):
@@ -66,14 +66,16 @@ def test_generate_sampler_still_works(tiny_model, tokenizer):
 
 def test_trimmed_forward_equals_full_forward(tmp_path, tiny_model, tokenizer, prompts_dataset):
     from lmpg import PGConfig, PGTrainer
+    from lmpg.forward import row_logprobs
     from conftest import count_a
 
     trainer = PGTrainer(tiny_model, [count_a], prompts_dataset,
                         PGConfig(output_dir=str(tmp_path / "r"), batch_size=8, group_size=2, max_new_tokens=8),
                         tokenizer=tokenizer)
-    roll = trainer._sample(["1+1=", "11+11=", "111+111=", "5="], True, seeds=list(range(8)))
+    roll = sample_completions(trainer.model, tokenizer, ["1+1=", "11+11=", "111+111=", "5="], 2, max_new_tokens=8,
+                              seeds=list(range(8)))
     idx = torch.tensor([0, 3, 6])  # rows with different prompt and completion lengths
-    trimmed, _ = trainer._forward(trainer.model, roll, idx, False)
+    trimmed, _ = row_logprobs(trainer.model, roll, idx, 1.0, False)
     full, _ = sequence_logprobs(trainer.model, roll.prompt_ids[idx], roll.prompt_mask[idx],
                                 roll.completion_ids[idx], roll.completion_mask[idx])
     m = roll.completion_mask[idx]

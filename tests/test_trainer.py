@@ -7,6 +7,7 @@ import torch
 
 from lmpg import PGConfig, PGTrainer
 from lmpg.errors import ConfigError, DataError
+from lmpg.forward import batch_logprobs, row_logprobs
 from lmpg.logprobs import sequence_logprobs
 from lmpg.metrics import read_jsonl
 from lmpg.rollout import completion_mask_from_eos, sample_completions
@@ -60,10 +61,11 @@ def test_first_update_ratio_is_exactly_one(tmp_path, tiny_model, tokenizer, prom
     update, so log pi_theta at the first step equals log pi_old bit for bit."""
     config = small_config(tmp_path, epochs_per_batch=2, minibatch_size=4)
     trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer)
-    roll = trainer._sample(["1+1=", "2+2="], True)
-    logp_old, _ = trainer._logprobs_no_grad(trainer.model, roll)
+    batch = trainer.sample(trainer.next_prompts())
+    logp_old = batch_logprobs(trainer.model, batch, torch.arange(batch.batch_size), trainer.micro_batch_size, 1.0,
+                              trainer.share_prompt_forward)
     first = torch.arange(trainer.micro_batch_size)
-    logp, _ = trainer._forward(trainer.model, roll, first, False)
+    logp, _ = row_logprobs(trainer.model, batch, first, 1.0, False, trainer.share_prompt_forward)
     assert torch.equal(logp.detach(), logp_old[first])
 
 

@@ -68,7 +68,7 @@ def test_weighted_token_rewards_scalar_on_last_counted_token_and_per_token_along
     # Row 0: 2 counted tokens at 1, 2 (left padding); row 1: 1 token at 0; row 2: empty completion.
     completion_mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
     scores = score(scorer, ["ab", "c", ""], [[5, 6], [7], []])
-    token_rewards, has_reward = scores.to_token_rewards(scorer.weights, completion_mask)
+    token_rewards, has_reward = scores.to_token_rewards(completion_mask)
     # row 0: per-token 2*0.5 at 1, 2; scalar 2 + (-0.5*2) = 1 on the last counted token (2).
     # row 1: 1 + 2*0.5 at 0 (every_other_none gave None). row 2: 0 + (-0.5*2) at position 0 (no tokens).
     assert token_rewards.tolist() == [[0.0, 1.0, 2.0, 0.0], [2.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]
@@ -81,22 +81,23 @@ def test_none_is_left_out_not_zero():
     scores = score(scorer, ["a", "b", "c"])
     assert scores.values == [[2.0, None, 2.0]]
     assert scores.means() == {"every_other_none": 2.0}  # not 4/3
-    token_rewards, has_reward = scores.to_token_rewards([1.0], torch.ones(3, 2, dtype=torch.bool))
+    token_rewards, has_reward = scores.to_token_rewards(torch.ones(3, 2, dtype=torch.bool))
     assert has_reward.tolist() == [True, False, True]
     assert token_rewards.tolist() == [[0.0, 2.0], [0.0, 0.0], [0.0, 2.0]]
 
 
 def test_means_count_per_token_lists_as_their_sum_and_leave_out_functions_without_values():
-    scores = RewardScores(names=["a", "b"], values=[[[0.5, 0.25], 1.0], [None, None]])
+    scores = RewardScores(names=["a", "b"], values=[[[0.5, 0.25], 1.0], [None, None]], weights=[1.0, 1.0])
     assert scores.means() == {"a": 0.875}
 
 
 def test_to_token_rewards_rejects_mask_that_disagrees_with_per_token_list():
-    scores = RewardScores(names=["t"], values=[[[1.0, 2.0]]])
+    scores = RewardScores(names=["t"], values=[[[1.0, 2.0]]], weights=[1.0])
     with pytest.raises(RewardError, match="2 per-token values but completion_mask counts 3 tokens"):
-        scores.to_token_rewards([1.0], torch.ones(1, 3, dtype=torch.bool))
-    with pytest.raises(RewardError, match="got 2 reward weights for 1 reward functions"):
-        scores.to_token_rewards([1.0, 2.0], torch.ones(1, 2, dtype=torch.bool))
+        scores.to_token_rewards(torch.ones(1, 3, dtype=torch.bool))
+    scores.weights = [1.0, 2.0]
+    with pytest.raises(RewardError, match="got 2 reward weights and 1 value lists for 1 reward functions"):
+        scores.to_token_rewards(torch.ones(1, 2, dtype=torch.bool))
 
 
 def test_accepts_numpy_torch_and_int_values():
@@ -124,15 +125,13 @@ def test_accepts_numpy_torch_and_int_values():
         (3.0, "reward function 'bad' returned 3.0 (float) for samples 0..1"),
         ("1.0", "reward function 'bad' returned '1.0' (str)"),
         ([1.0, "x"], "reward function 'bad' returned 'x' for sample 1: a str is not a number"),
-        ([float("nan"), 1.0], "reward function 'bad' returned nan for sample 0: the reward is not finite"),
         ([1.0, float("inf")], "returned inf for sample 1: the reward is not finite"),
-        ([True, 1.0], "returned True for sample 0: a bool is not a reward"),
         (
             [1.0, [1.0, 2.0, 3.0]],
             "returned [1.0, 2.0, 3.0] for sample 1: a per-token list needs one value per"
             " completion token: got 3, expected 2",
         ),
-        ([1.0, [1.0, float("nan")]], "for sample 1: per-token value at position 1: the reward is not finite"),
+        ([1.0, [1.0, float("nan")]], "for sample 1: per-token value at position 1: NaN"),
     ],
 )
 def test_bad_outputs_raise_naming_function_sample_and_value(output, message):
@@ -162,7 +161,7 @@ def test_on_error_none_turns_bad_samples_into_none_and_counts_them():
     )
     scores = score(scorer, ["a", "b", "c"])
     assert scores.values == [[1.0, None, None], [None] * 3, [None] * 3, [1.0] * 3]
-    assert scores.error_counts == {"bad_1": 2, "broken": 3, "bad_2": 3, "constant": 0}
+    assert scores.error_counts == {"bad_1": 1, "broken": 3, "bad_2": 3, "constant": 0}  # NaN is no signal, as in TRL
 
 
 def test_sync_function_returning_a_coroutine_is_told_to_be_async():
@@ -252,14 +251,14 @@ def test_thread_executor_splits_a_slow_function_and_keeps_order():
     assert elapsed < 0.6  # 4 slices of 0.2 s at once, not 0.8 s
 
 
-def test_thread_pool_is_kept_across_calls_and_closed():
-    scorer = RewardScorer([constant], executor="thread", max_workers=2)
+def test_process_pool_is_kept_across_calls_and_closed():
+    scorer = RewardScorer([constant], executor="process", max_workers=2)
     score(scorer, ["a", "b"])
-    pool = scorer._pool
+    pool = scorer._processes._pool
     score(scorer, ["a", "b"])
-    assert scorer._pool is pool
+    assert scorer._processes._pool is pool
     scorer.close()
-    assert scorer._pool is None
+    assert scorer._processes._pool is None
 
 
 def test_split_batch_false_runs_whole_in_this_thread():

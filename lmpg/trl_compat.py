@@ -1,0 +1,121 @@
+"""TRL compatibility: a TRL `GRPOConfig` as the equivalent PGConfig, and a `GRPOTrainer` that takes
+TRL's arguments, so that a TRL GRPO script ports by changing its imports (docs/trl_migration.md).
+
+Each GRPOConfig field maps as the table in docs/trl_migration.md says. A field set to something
+lmpg cannot do (vLLM, loss types lmpg lacks, entropy bonuses, ...) is refused in one line naming
+every such field; fields with no effect on the training (hub, logging directories, dataloader
+workers, evaluation) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lmpg.errors import ConfigError
+
+LOSS_AGG = {"grpo": "sequence_mean", "dr_grpo": "constant", "dapo": "token_mean", "bnpo": "token_mean"}
+ADV_NORM = {"group": "group", "batch": "batch", "none": "none", True: "group", False: "none"}
+RATIO_LEVEL = {"token": "token", "sequence": "sequence_mean"}
+SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+
+# field -> (the values lmpg can do, what lmpg has instead)
+UNSUPPORTED = {
+    "use_vllm": ((False,), "lmpg samples with the policy itself"),
+    "loss_type": (tuple(LOSS_AGG), "lmpg's loss_agg has grpo, dr_grpo, dapo and bnpo only"),
+    "multi_objective_aggregation": (("sum_then_normalize",), "lmpg normalises the weighted sum of the rewards"),
+    "importance_sampling_level": (tuple(RATIO_LEVEL), "ratio_level: token or sequence_mean"),
+    "mask_truncated_completions": ((False,), "no equivalent"),
+    "top_entropy_quantile": ((1.0,), "no equivalent"),
+    "delta": ((None,), "no two-sided clipping"),
+    "sync_ref_model": ((False,), "the reference model stays the initial policy"),
+    "entropy_coef": ((0.0,), "no entropy bonus"),
+    "use_adaptive_entropy": ((False,), "no entropy bonus"),
+    "off_policy_mask_threshold": ((None,), "no off-policy masking"),
+    "min_p": ((None,), "temperature, top_p and top_k only"),
+    "repetition_penalty": ((1.0,), "temperature, top_p and top_k only"),
+    "generation_kwargs": ((None, {}), "temperature, top_p and top_k only"),
+    "max_tool_calling_iterations": ((None,), "no tool calling"),
+    "use_transformers_paged": ((False,), "lmpg's own KV-cache sampler"),
+    "use_transformers_continuous_batching": ((False,), "lmpg's own KV-cache sampler"),
+    "torch_compile": ((False,), "no equivalent"),
+    "deepspeed": ((None,), "give DeepSpeed to `accelerate launch --config_file`"),
+    "fsdp": ((None, "", []), "give FSDP to `accelerate launch --config_file`"),
+    "lr_scheduler_kwargs": ((None, {}), "lr_scheduler: constant, linear or cosine"),
+    "resume_from_checkpoint": ((None,), "resume: auto or a checkpoint path"),
+}
+
+
+def _value(value: Any) -> Any:
+    return getattr(value, "value", value)  # enums (SchedulerType, ...) as their string
+
+
+def _lacking(args: Any) -> list[str]:
+    problems = []
+    for name, (allowed, instead) in UNSUPPORTED.items():
+        if hasattr(args, name) and _value(getattr(args, name)) not in allowed:
+            problems.append(f"{name}={_value(getattr(args, name))!r} ({instead})")
+    scheduler = str(_value(args.lr_scheduler_type))
+    if scheduler not in SCHEDULERS:
+        problems.append(f"lr_scheduler_type={scheduler!r} (lr_scheduler: constant, linear or cosine)")
+    if str(_value(args.optim)) not in OPTIMIZERS:
+        problems.append(f"optim={_value(args.optim)!r} (AdamW only)")
+    if args.max_steps is None or args.max_steps <= 0:
+        problems.append("max_steps unset (lmpg counts sampled batches: set max_steps)")
+    return problems
+
+
+def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
+    """PGConfig fields equivalent to a TRL GRPOConfig `args` (module docstring)."""
+    problems = _lacking(args)
+    if problems:
+        raise ConfigError(f"GRPOConfig sets what lmpg lacks: {'; '.join(problems)}; unset these to convert")
+    world = max(int(getattr(args, "world_size", 1) or 1), 1)
+    minibatch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    batch = args.generation_batch_size or minibatch
+    steps_per_iteration = args.num_iterations * max(batch // minibatch, 1)  # optimizer steps per sampled batch
+    iterations = math.ceil(args.max_steps / steps_per_iteration)
+    warmup = args.warmup_steps or 0
+    if 0 < warmup < 1:  # transformers 5: a fraction of the run
+        warmup = math.ceil(warmup * args.max_steps)
+    loss_agg = LOSS_AGG[args.loss_type]
+    report_to = [r for r in (args.report_to or []) if r not in ("none", "all")]
+    fields = dict(
+        output_dir=args.output_dir, seed=args.seed, group_size=args.num_generations, batch_size=batch,
+        minibatch_size=minibatch, micro_batch_size=args.per_device_train_batch_size,
+        epochs_per_batch=args.num_iterations, iterations=iterations, max_new_tokens=args.max_completion_length,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
+        clip_eps_low=args.epsilon, clip_eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        kl_coef=args.beta, kl_in="loss", kl_estimator="k3", loss_agg=loss_agg,
+        loss_constant=args.max_completion_length if loss_agg == "constant" else None,
+        baseline="group_mean", adv_norm=ADV_NORM[_value(args.scale_rewards)],
+        ratio_level=RATIO_LEVEL[args.importance_sampling_level],
+        reward_weights=list(args.reward_weights) if args.reward_weights is not None else None,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_epsilon, max_grad_norm=args.max_grad_norm,
+        lr_scheduler=SCHEDULERS[str(_value(args.lr_scheduler_type))], warmup_steps=int(warmup),
+        gradient_checkpointing=bool(args.gradient_checkpointing),
+        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        log_every=max(1, round(args.logging_steps / steps_per_iteration)) if args.logging_steps >= 1 else 1,
+        save_every=max(1, round(args.save_steps / steps_per_iteration))
+        if str(_value(args.save_strategy)) == "steps" and args.save_steps >= 1 else 0,
+        keep_last=args.save_total_limit or 2, report_to=report_to,
+    )
+    if getattr(args, "max_prompt_length", None):  # older TRL
+        fields["max_prompt_length"] = args.max_prompt_length
+    return fields
+
+
+def GRPOTrainer(model, reward_funcs, args=None, train_dataset=None, processing_class=None,  # noqa: N802
+                peft_config=None, **unsupported):
+    """A PGTrainer built from TRL GRPOTrainer's arguments: `args` a GRPOConfig (converted with
+    PGConfig.from_trl) or a PGConfig; processing_class the tokenizer."""
+    from lmpg.config import PGConfig
+    from lmpg.trainer import PGTrainer
+
+    given = [name for name, value in unsupported.items() if value is not None]
+    if given:
+        raise ConfigError(f"GRPOTrainer argument(s) {', '.join(given)} have no lmpg equivalent; leave them out")
+    config = args if isinstance(args, PGConfig) or args is None else PGConfig.from_trl(args)
+    return PGTrainer(model, reward_funcs, train_dataset, config, tokenizer=processing_class, peft_config=peft_config)

@@ -1,0 +1,215 @@
+"""The update: `epochs_per_batch` passes over a sampled batch in minibatches, one optimizer step each.
+
+    for epoch in 1..epochs_per_batch:
+        for each minibatch (sampling order in epoch 1, a seeded shuffle after):
+            for each micro-batch:  loss = surrogate(logp, logp_old, adv) [+ kl_coef * KL];  backward
+            clip the gradient; skip the step if the loss or gradient is not finite; optimizer step
+
+Micro-batches accumulate gradients so that their sum is the whole minibatch's gradient: every loss
+is divided by the whole minibatch's token / sequence counts over all processes (`lmpg.losses`), and
+each process's loss is scaled by the number of processes because DDP averages gradients.
+
+The rule for pi_old's log-probs (`first_minibatch_fills_logp_old`): the first minibatch of the first
+epoch reads logp_old off its own forward, since theta == theta_old there (logp_old = logp.detach(),
+the first ratio exactly 1); the trainer fills every other row before the update
+(`logp_old_rows_before_update`).
+
+Diagnostics are observers (`lmpg.diagnostics`) fed by the loop; `PolicyUpdate.__call__` returns their
+figures with the mean loss terms and the step counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lmpg.batch import TrajectoryBatch
+from lmpg.config import PGConfig
+from lmpg.diagnostics import EntropyRecorder, GradientSNR, ImportanceWeightESS, RatioTally, UpdateObserver
+from lmpg.errors import TrainingError
+from lmpg.forward import micro_batches, row_logprobs
+from lmpg.kl import kl_estimate
+from lmpg.losses import aggregate, policy_gradient_loss
+from lmpg.sampler import row_seed
+
+logger = logging.getLogger("lmpg")
+
+
+def first_minibatch_fills_logp_old(config: PGConfig) -> bool:
+    """Whether the update reads the first minibatch's logp_old off its own first forward (theta ==
+    theta_old there). Not with kl_in=reward: the KL penalty needs every row's logp_old before the
+    advantages, so the trainer computes them all."""
+    return not (config.kl_coef > 0 and config.kl_in == "reward")
+
+
+def logp_old_rows_before_update(batch_size: int, minibatch_size: int, config: PGConfig) -> torch.Tensor:
+    """The rows whose logp_old the trainer fills before the update (none when the update takes a
+    single step: its own forward gives them all)."""
+    start = minibatch_size if first_minibatch_fills_logp_old(config) else 0
+    return torch.arange(min(start, batch_size), batch_size)
+
+
+def minibatch_order(n_minibatches: int, epoch: int, seed: int, iteration: int) -> list[int]:
+    """Epoch 0 in sampling order (pi_old's no-grad pass used the same micro-batches); later epochs in
+    a seeded random order, the same on every process (membership stays: the batch is already a random
+    draw, and rows cannot move between processes)."""
+    if epoch == 0:
+        return list(range(n_minibatches))
+    generator = torch.Generator().manual_seed(row_seed(seed, iteration, -1, epoch))
+    return torch.randperm(n_minibatches, generator=generator).tolist()
+
+
+def surrogate_loss(logp: torch.Tensor, batch: TrajectoryBatch, rows: torch.Tensor, mask: torch.Tensor,
+                   config: PGConfig, num_tokens: float, num_sequences: float) -> tuple[torch.Tensor, dict]:
+    """The loss of `rows` whose gradient is their share of the minibatch's policy gradient:
+    `lmpg.losses.policy_gradient_loss`, plus kl_coef * KL(pi_theta || pi_ref) with kl_in=loss.
+    stats: those of policy_gradient_loss, and kl (the KL term, also logged with kl_in=reward)."""
+    c = config
+    loss, stats = policy_gradient_loss(
+        logp, batch.logp_old[rows], batch.adv[rows], mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
+        clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant,
+        num_tokens=num_tokens, num_sequences=num_sequences)
+    stats["kl"] = 0.0
+    if c.kl_coef > 0:
+        kl_tok = kl_estimate(logp, batch.logp_ref[rows], c.kl_estimator)
+        kl_term = aggregate(kl_tok, mask, c.loss_agg, c.resolved_loss_constant, num_tokens, num_sequences)
+        stats["kl"] = float(kl_term.detach())
+        if c.kl_in == "loss":
+            loss = loss + c.kl_coef * kl_term
+    return loss, stats
+
+
+class NonFiniteGuard:
+    """Skips an optimizer step whose loss or gradient is not finite; stops the run after
+    `max_consecutive` skips in a row. Its counters are part of a checkpoint."""
+
+    def __init__(self, max_consecutive: int, checkpoint_dir: Path):
+        self.max_consecutive = max_consecutive
+        self.checkpoint_dir = checkpoint_dir
+        self.consecutive = 0
+        self.total = 0
+
+    def allows(self, grad_norm: float, losses: torch.Tensor, iteration: int, epoch: int, minibatch: int) -> bool:
+        """True when the step may be taken; counts (and warns about) a skipped one."""
+        if math.isfinite(grad_norm) and bool(torch.isfinite(losses).all()):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total += 1
+        where = f"iteration {iteration + 1}, epoch {epoch}, minibatch {minibatch}"
+        logger.warning("non-finite loss or gradient at %s; update skipped", where.replace(",", ""))
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingError(f"{self.consecutive} consecutive updates had a non-finite loss or gradient (last at "
+                                f"{where}); the last good checkpoint is in {self.checkpoint_dir}; lower learning_rate "
+                                "or check the rewards")
+        return False
+
+
+class StepMeans(UpdateObserver):
+    """loss, pg_loss, kl (over all processes) and grad_norm averaged over the optimizer steps taken."""
+
+    def __init__(self, with_kl: bool):
+        self.with_kl = with_kl
+        self.sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "grad_norm": 0.0}
+        self.steps = self.skipped = 0
+
+    def optimizer_step(self, taken, grad_norm, losses):
+        if not taken:
+            self.skipped += 1
+            return
+        self.steps += 1
+        for key, value in zip(("loss", "pg_loss", "kl"), losses):
+            self.sums[key] += float(value)
+        self.sums["grad_norm"] += grad_norm
+
+    def result(self, gather):
+        out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        if not self.with_kl:
+            out.pop("kl")
+        return {**out, "optimizer_steps": self.steps, "skipped_updates": self.skipped}
+
+
+def clip_grad_norm(accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The gradient's global norm (before clipping), clipped to max_norm when given."""
+    if max_norm is not None:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm(2) for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm(2) if grads else torch.zeros(()))
+
+
+class PolicyUpdate:
+    """The update step of an iteration: `update(batch, iteration) -> stats`.
+
+    batch: a TrajectoryBatch with logp_old (rows `logp_old_rows_before_update`), logp_ref (with
+    KL) and adv filled; the loss counts `batch.loss_mask` (action tokens of scored rows), so a
+    multi-turn episode's environment tokens never enter it. Rows are this process's share; every
+    minibatch is the same number of rows on every process.
+    """
+
+    def __init__(self, model, optimizer, scheduler, accelerator, config: PGConfig, minibatch_size: int,
+                 micro_batch_size: int, share_prompt: bool, guard: NonFiniteGuard, gather):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accelerator, self.config = accelerator, config
+        self.minibatch_size, self.micro_batch_size = minibatch_size, micro_batch_size
+        self.share_prompt, self.guard, self.gather = share_prompt, guard, gather
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def observers(self, batch: TrajectoryBatch) -> list[UpdateObserver]:
+        c = self.config
+        n_minibatches = batch.batch_size // self.minibatch_size
+        observers = [StepMeans(c.kl_coef > 0), RatioTally(), ImportanceWeightESS(c.epochs_per_batch),
+                     EntropyRecorder(batch.completion_ids.shape, batch.completion_ids.device)]
+        # the SNR needs >= 2 gradient estimates in the first epoch; with fewer it would only cost time
+        first_epoch_micro = n_minibatches * -(-self.minibatch_size // self.micro_batch_size)
+        if c.grad_snr and self.accelerator.num_processes == 1 and first_epoch_micro >= 2:
+            observers.append(GradientSNR(self.params))
+        return observers
+
+    def __call__(self, batch: TrajectoryBatch, iteration: int) -> tuple[dict, torch.Tensor]:
+        """Returns (stats, entropy (B, T) of the first epoch's forwards)."""
+        c, acc, model = self.config, self.accelerator, self.model
+        observers = self.observers(batch)
+        loss_mask = batch.loss_mask
+        fill_logp_old = first_minibatch_fills_logp_old(c)
+        model.train()
+        for epoch in range(c.epochs_per_batch):
+            for mb in minibatch_order(batch.batch_size // self.minibatch_size, epoch, c.seed, iteration):
+                rows = torch.arange(mb * self.minibatch_size, (mb + 1) * self.minibatch_size)
+                counts = torch.tensor([float(loss_mask[rows].sum()), float(len(rows))])
+                num_tokens, num_sequences = (float(v) for v in self.gather(counts).view(-1, 2).sum(0))
+                micro = micro_batches(rows, self.micro_batch_size)
+                mb_losses = [0.0, 0.0, 0.0]  # loss, pg_loss, kl of this process's share
+                for k, idx in enumerate(micro):
+                    logp, ent = row_logprobs(model, batch, idx, c.temperature, epoch == 0, self.share_prompt)
+                    if epoch == 0 and mb == 0 and fill_logp_old:
+                        batch.logp_old[idx] = logp.detach()  # theta == theta_old: ratio exactly 1
+                    mask = loss_mask[idx]
+                    loss, stats = surrogate_loss(logp, batch, idx, mask, c, num_tokens, num_sequences)
+                    for i, v in enumerate((float(loss.detach()), stats["pg_loss"], stats["kl"])):
+                        mb_losses[i] += v
+                    for o in observers:
+                        o.micro_batch(epoch, idx, logp, ent, batch.logp_old[idx], mask, stats)
+                        o.before_backward(epoch)
+                    # DDP averages gradients over processes; each process holds a share of the global sum
+                    with acc.no_sync(model) if k < len(micro) - 1 else nullcontext():
+                        acc.backward(loss * acc.num_processes)
+                    for o in observers:
+                        o.after_backward(epoch, len(micro))
+                grad_norm = clip_grad_norm(acc, self.params, c.max_grad_norm)
+                losses = self.gather(torch.tensor(mb_losses)).view(-1, 3).sum(0)
+                taken = self.guard.allows(grad_norm, losses, iteration, epoch, mb)
+                if taken:
+                    self.optimizer.step()
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for o in observers:
+                    o.optimizer_step(taken, grad_norm, losses)
+        stats = {"lr": self.scheduler.get_last_lr()[0]}
+        for o in observers:
+            stats.update(o.result(self.gather))
+        entropy = next(o.entropy for o in observers if isinstance(o, EntropyRecorder))
+        return stats, entropy
