@@ -36,25 +36,36 @@ ADV_NORMS = ("none", "group", "batch")
 
 
 def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.Tensor,
-                            gamma: float = 1.0) -> torch.Tensor:
+                            gamma: float = 1.0, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
     """ret_t = sum_{t' >= t} gamma^(t'-t) r_t'  over counted tokens, 0 at masked positions.
 
     token_rewards: (B, T) reward received after each action; completion_mask: (B, T).
     Computed right to left: ret_t = r_t + gamma * ret_{t+1}. Masked positions carry no reward and
-    do not break the chain (padding only ever follows the completion).
+    do not break the chain (padding only ever follows the completion; in a multi-turn episode the
+    environment's tokens sit between the actions, masked out of the loss).
+
+    turn_ids: (B, T) int, the turn of a multi-turn episode each token belongs to (environment tokens
+    carry the turn they follow). Given, the discount is per turn, not per token:
+    ret_t = sum_{t' >= t} gamma^(turn(t') - turn(t)) r_t', i.e. ret_t = r_t + gamma^(turn(t+1) -
+    turn(t)) ret_{t+1}: every token of a turn gets the rewards of its own turn undiscounted and
+    those of turn k later times gamma^k (`lmpg.episodes`).
     """
     B, T = token_rewards.shape  # sequences, completion tokens
     r = torch.where(completion_mask, token_rewards, torch.zeros_like(token_rewards))
     ret = torch.zeros_like(r)
     running = torch.zeros(B, dtype=r.dtype, device=r.device)
     for t in range(T - 1, -1, -1):
-        running = r[:, t] + gamma * running
+        if turn_ids is None or t == T - 1:
+            discount = gamma
+        else:
+            discount = gamma ** (turn_ids[:, t + 1] - turn_ids[:, t]).to(r.dtype)
+        running = r[:, t] + discount * running
         ret[:, t] = running
     return torch.where(completion_mask, ret, torch.zeros_like(ret))
 
 
 def returns(token_rewards: torch.Tensor, completion_mask: torch.Tensor, reward_to_go: bool = False,
-            gamma: float = 1.0) -> torch.Tensor:
+            gamma: float = 1.0, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The return credited to each token, (B, T).
 
     reward_to_go=False (REINFORCE): every token of trajectory i gets the whole discounted return
@@ -62,8 +73,10 @@ def returns(token_rewards: torch.Tensor, completion_mask: torch.Tensor, reward_t
     reward_to_go=True: ret_{i,t} = sum_{t' >= t} gamma^(t'-t) r_{i,t'} (see
         `discounted_reward_to_go`); for a reward given only at the last token with gamma = 1 both
         choices are the same.
+    turn_ids: (B, T) discount per turn of a multi-turn episode instead of per token (see
+        `discounted_reward_to_go`).
     """
-    rtg = discounted_reward_to_go(token_rewards, completion_mask, gamma)
+    rtg = discounted_reward_to_go(token_rewards, completion_mask, gamma, turn_ids)
     if reward_to_go:
         return rtg
     whole = rtg[:, :1].expand_as(rtg) if rtg.shape[1] else rtg
@@ -264,7 +277,8 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
                        baseline_kind: Baseline = "group_mean", adv_norm: AdvNorm = "none",
                        reward_to_go: bool = False, gamma: float = 1.0,
                        sample_mask: torch.Tensor | None = None, eps: float = 1e-6,
-                       gather=None, process_index: int = 0, grad_sq_norm: torch.Tensor | None = None):
+                       gather=None, process_index: int = 0, grad_sq_norm: torch.Tensor | None = None,
+                       turn_ids: torch.Tensor | None = None):
     """All steps above in order; returns (adv (B, T), stats).
 
     A_{i,t} = (ret_{i,t} - b_i) / (std_i + eps)   on counted tokens of scored samples, else 0,
@@ -289,7 +303,7 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
         raise ValueError(f"baseline {baseline_kind} needs grad_sq_norm (B, T) from the sampler")
     if baseline_kind == "optimal_token" and adv_norm != "none":
         raise ValueError("baseline optimal_token subtracts a baseline per token; use adv_norm none")
-    ret = returns(token_rewards, completion_mask, reward_to_go, gamma)  # (B, T)
+    ret = returns(token_rewards, completion_mask, reward_to_go, gamma, turn_ids)  # (B, T)
     seq_ret = sequence_returns(ret)  # (B,)
     weight = None if grad_sq_norm is None else \
         torch.where(completion_mask, grad_sq_norm.to(ret.dtype), torch.zeros_like(ret)).sum(1)  # (B,)

@@ -61,6 +61,9 @@ class TrajectoryBatch:
     """Prompts cut from the left to max_prompt_length."""
     episodes: list | None = None
     """(B,) per-row episode records (turns, tool calls) from a multi-turn rollout, or None."""
+    turn_ids: torch.Tensor | None = None
+    """(B, T) int64 or None: the policy turn of a multi-turn episode each token is in (an environment
+    token carries the turn it follows); reward-to-go discounts per turn with it."""
 
     # --- filled by the later steps of an iteration ---
     token_rewards: torch.Tensor | None = None

@@ -78,7 +78,8 @@ def cmd_eval(args) -> int:
                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       greedy=args.greedy, success_threshold=args.threshold, prompt_column=args.prompt_column,
                       split=args.split, limit=args.limit, seed=args.seed, reward_weights=args.weights,
-                      on_error=args.on_error)
+                      on_error=args.on_error, environment=args.environment, tool_format=args.tool_format,
+                      max_turns=args.max_turns)
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                           for k, v in result.items()}, indent=2))
@@ -93,6 +94,9 @@ def cmd_eval(args) -> int:
     width = max([13] + [len(k) for k in per_fn])
     for key, value in per_fn.items():
         print(f"  {key:<{width}} {value:.4f}")
+    if "turns_mean" in result:
+        print(f"  turns_mean    {result['turns_mean']:.2f}, tool calls {result['tool_calls_per_episode']:.2f} "
+              f"(errors {result['tool_errors_per_episode']:.2f}) per episode")
     print(f"  length_mean   {result['completion_len_mean']:.1f} tokens, truncated {result['truncated_frac']:.1%}"
           + (f", unscored {result['unscored_frac']:.1%}" if result["unscored_frac"] else ""))
     return 0
@@ -111,7 +115,8 @@ def cmd_sample(args) -> int:
     records = sample_and_score(model, tokenizer, [args.prompt], args.reward, args.n, columns=columns,
                                temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                greedy=args.greedy, seed=args.seed, reward_weights=args.weights,
-                               on_error=args.on_error)
+                               on_error=args.on_error, environment=args.environment, tool_format=args.tool_format,
+                               max_turns=args.max_turns)
     print(f"prompt: {args.prompt!r}")
     for i, rec in enumerate(records):
         parts = [f"[{i}]"]
@@ -122,6 +127,10 @@ def cmd_sample(args) -> int:
             parts.append(f"reward {reward}" + (f" ({per_fn})" if len(args.reward) > 1 else ""))
         parts.append(f"{rec['length']} tokens" + (", truncated" if rec["truncated"] else ""))
         print("  ".join(parts))
+        if "turns" in rec:  # an episode, turn by turn
+            for m in rec["turns"]:
+                print(textwrap.indent(f"{m['role']}: {m['content']}", "    "))
+            continue
         print(textwrap.indent(rec["completion"] or "(empty)", "    "))
     return 0
 
@@ -144,6 +153,11 @@ def _add_generation_args(p: argparse.ArgumentParser, n_help: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion length limit (default 64)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding: one completion per prompt")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--environment", default=None, metavar="SPEC",
+                   help="run multi-turn episodes with this environment: 'pkg.module:Class' or 'file.py:Class'")
+    p.add_argument("--tool-format", choices=("hermes", "simple"), default="hermes",
+                   help="how the policy writes tool calls (default hermes: <tool_call>{json}</tool_call>)")
+    p.add_argument("--max-turns", type=int, default=4, help="policy turns per episode (default 4)")
     p.add_argument("--on-error", choices=("raise", "none"), default="raise",
                    help="a reward function that raises: stop (raise, default) or score the sample None")
 

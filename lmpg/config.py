@@ -75,6 +75,20 @@ class PGConfig:
     sampler: str = "lmpg"
     """'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number of processes and after a resume); 'generate': transformers' generate."""
 
+    # --- environment (multi-turn episodes, lmpg.episodes) ---
+    environment: str | None = None
+    """Multi-turn episodes: 'package.module:Class' or 'path/file.py:Class', one instance per episode (TRL-shaped: reset(**row) and tools as public methods, optional get_reward(); or step(action_text) -> (observation, reward, done)). None: one completion per prompt."""
+    tool_format: str = "hermes"
+    """How the policy writes tool calls: 'hermes' (<tool_call>{json}</tool_call>, Qwen / Hermes templates) or 'simple' (name(arg, arg), for tiny models)."""
+    tool_timeout: float = 10.0
+    """Seconds a tool call may run before it becomes an error observation."""
+    max_turns: int = 4
+    """Policy turns per episode (max_new_tokens is the limit per turn); an episode that hits it is truncated."""
+    max_episode_tokens: int | None = None
+    """Tokens after the prompt per episode, policy's and environment's (default 2 * max_turns * max_new_tokens)."""
+    cache_across_turns: bool = True
+    """Keep the KV cache between turns (only the environment's new tokens are prefilled)."""
+
     # --- update ---
     epochs_per_batch: int = 1
     """Passes over each sampled batch (> 1 reuses the batch with importance ratios pi_theta/pi_old)."""
@@ -194,7 +208,7 @@ class PGConfig:
         choices = {"baseline": BASELINES, "adv_norm": ADV_NORMS, "ratio_level": RATIO_LEVELS,
                    "loss_agg": LOSS_AGGS, "kl_estimator": KL_ESTIMATORS, "kl_in": ("loss", "reward"),
                    "reward_on_error": ("raise", "none"), "sampler": ("lmpg", "generate"),
-                   "logp_old_source": ("forward", "sampler"),
+                   "logp_old_source": ("forward", "sampler"), "tool_format": ("hermes", "simple"),
                    "reward_executor": ("serial", "thread", "process"),
                    "lr_scheduler": ("constant", "linear", "cosine"),
                    "mixed_precision": ("no", "bf16", "fp16")}
@@ -203,7 +217,7 @@ class PGConfig:
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not valid; set it to one of {', '.join(allowed)}")
         positive = ["iterations", "batch_size", "group_size", "max_new_tokens", "max_prompt_length",
-                    "epochs_per_batch", "log_every", "keep_last", "max_consecutive_skips"]
+                    "epochs_per_batch", "log_every", "keep_last", "max_consecutive_skips", "max_turns"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")

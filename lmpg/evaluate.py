@@ -80,7 +80,8 @@ def load_policy(path: str | Path, device: str | torch.device | None = None):
 def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1, *, columns: dict | None = None,
                      temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
                      greedy: bool = False, batch_size: int = 8, max_prompt_length: int = 512,
-                     reward_weights: list | None = None, on_error: str = "raise", seed: int = 0) -> list[dict]:
+                     reward_weights: list | None = None, on_error: str = "raise", seed: int = 0,
+                     environment=None, tool_format: str = "hermes", max_turns: int = 4) -> list[dict]:
     """n completions per prompt, each scored: one record per completion, the n of a prompt contiguous.
 
     A record holds prompt_index, prompt, completion, reward (weighted sum over reward functions, None
@@ -89,6 +90,10 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
     functions as keyword arguments, e.g. `answer`. `greedy` takes the argmax token at every step
     (n must then be 1). Sample j of prompt i draws from its own random stream
     `row_seed(seed, 0, i, j)`: the same completions whatever the batch size, global RNG untouched.
+    environment: an environment spec or factory (`lmpg.environments`): each sample is then a
+    multi-turn episode (max_new_tokens per turn, at most max_turns turns), scored by the reward
+    functions and the environment's own rewards; its record holds `turns` (the messages after the
+    prompt), `tool_calls` and `tool_errors`.
     """
     from lmpg.rewards import RewardScorer
 
@@ -100,6 +105,11 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
         raise ConfigError(f"temperature={temperature} must be > 0; use greedy decoding for the argmax")
     fns = [reward_fns] if callable(reward_fns) or isinstance(reward_fns, str) else list(reward_fns or [])
     scorer = RewardScorer(fns, reward_weights, on_error=on_error) if fns else None
+    if environment is not None:
+        return _episode_records(model, tokenizer, prompts, scorer, n, columns or {}, seed, environment, tool_format,
+                                max_turns, dict(temperature=1.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                                top_k=1 if greedy else 0, max_new_tokens=max_new_tokens,
+                                                max_prompt_length=max_prompt_length, batch_size=batch_size))
     columns = columns or {}
     eos_ids = eos_token_ids(tokenizer, model)
     records = []
@@ -116,6 +126,45 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
                                          max_prompt_length=max_prompt_length, add_special_tokens=rendered[0][1],
                                          eos_ids=eos_ids, seeds=seeds)
             records += _score_rollout(rollout, batch, start, columns, scorer)
+    finally:
+        if scorer is not None:
+            scorer.close()
+    return records
+
+
+def _episode_records(model, tokenizer, prompts, scorer, n, columns, seed, environment, tool_format, max_turns,
+                     gen) -> list[dict]:
+    """`sample_and_score` over multi-turn episodes (lmpg.episodes)."""
+    from types import SimpleNamespace
+
+    from lmpg.episodes import EpisodeSampler, score_episodes
+
+    config = SimpleNamespace(environment=environment, max_turns=max_turns, max_new_tokens=gen["max_new_tokens"],
+                             max_episode_tokens=None, tool_format=tool_format, tool_timeout=10.0, seed=seed,
+                             group_size=n, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
+                             max_prompt_length=gen["max_prompt_length"], cache_across_turns=True)
+    sampler = EpisodeSampler(config, tokenizer, eos_token_ids(tokenizer, model))
+    records = []
+    try:
+        for start in range(0, len(prompts), gen["batch_size"]):
+            batch = prompts[start:start + gen["batch_size"]]
+            positions = list(range(start, start + len(batch)))
+            rows = [{k: v[p] for k, v in columns.items()} for p in positions]
+            seeds = [row_seed(seed, 0, p, j) for p in positions for j in range(n)]
+            episodes = sampler.sample(model, batch, rows, positions, 0, seeds, greedy=gen["top_k"] == 1)
+            cols = {k: [v[p] for p in positions] for k, v in columns.items()}
+            token_rewards, scored, scores = score_episodes(scorer, episodes, batch, cols, None, 0)
+            totals = token_rewards.sum(1).tolist()
+            lengths = episodes.completion_mask.sum(1).tolist()
+            for i, ep in enumerate(episodes.episodes):
+                rec = {"prompt_index": start + i // n, "prompt": batch[i // n], "completion": episodes.completions[i],
+                       "reward": float(totals[i]) if bool(scored[i]) else None, "length": int(lengths[i]),
+                       "truncated": bool(episodes.truncated[i]), "turns": ep.messages, "num_turns": ep.turns,
+                       "tool_calls": ep.tool_calls, "tool_errors": ep.tool_errors}
+                for name, values in zip(scores.names, scores.values):
+                    v = values[i]
+                    rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, (list, tuple)) else v
+                records.append(rec)
     finally:
         if scorer is not None:
             scorer.close()
@@ -174,6 +223,10 @@ def summarise(records: list[dict], n: int, k: int = 1, success_threshold: float 
         "completion_len_mean": sum(r["length"] for r in records) / len(records),
         "truncated_frac": sum(r["truncated"] for r in records) / len(records),
     }
+    if "num_turns" in records[0]:  # episodes
+        out["turns_mean"] = sum(r["num_turns"] for r in records) / len(records)
+        out["tool_calls_per_episode"] = sum(r["tool_calls"] for r in records) / len(records)
+        out["tool_errors_per_episode"] = sum(r["tool_errors"] for r in records) / len(records)
     names = [key for key in records[0] if key.startswith("reward/")]
     for name in names:
         values = [r[name] for r in records if r.get(name) is not None]
@@ -186,7 +239,8 @@ def evaluate(model, tokenizer, dataset, reward_fns, k: int = 1, n: int | None = 
              greedy: bool = False, success_threshold: float = 1.0, prompt_column: str = "prompt",
              split: str = "train", max_prompt_length: int = 512, reward_weights: list | None = None,
              on_error: str = "raise", limit: int | None = None, seed: int = 0,
-             return_samples: bool = False) -> dict:
+             return_samples: bool = False, environment=None, tool_format: str = "hermes",
+             max_turns: int = 4) -> dict:
     """Sample n completions per prompt (default n = k), score them, and summarise (see `summarise`).
 
     dataset: a datasets.Dataset, a list of rows, or a local .jsonl/.json/.csv/.parquet file with a
@@ -205,7 +259,7 @@ def evaluate(model, tokenizer, dataset, reward_fns, k: int = 1, n: int | None = 
     if n < k:
         raise ConfigError(f"n={n} samples per prompt cannot estimate pass@{k}; set n >= {k}")
     fns = [reward_fns] if callable(reward_fns) or isinstance(reward_fns, str) else list(reward_fns or [])
-    if not fns:
+    if not fns and environment is None:
         raise ConfigError("no reward function given; pass at least one (e.g. --reward exact_match)")
     ds = load_prompt_dataset(dataset, split, prompt_column)
     if limit is not None:
@@ -215,7 +269,8 @@ def evaluate(model, tokenizer, dataset, reward_fns, k: int = 1, n: int | None = 
     records = sample_and_score(model, tokenizer, prompts, fns, n, columns=columns, temperature=temperature,
                                top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy, batch_size=batch_size,
                                max_prompt_length=max_prompt_length, reward_weights=reward_weights,
-                               on_error=on_error, seed=seed)
+                               on_error=on_error, seed=seed, environment=environment, tool_format=tool_format,
+                               max_turns=max_turns)
     out = summarise(records, n, k, success_threshold)
     out.update(k=k, temperature=None if greedy else temperature, greedy=greedy)
     if return_samples:

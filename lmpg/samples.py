@@ -7,7 +7,8 @@ from lmpg.batch import TrajectoryBatch
 
 def sample_records(batch: TrajectoryBatch, prompts: list, scores, iteration: int) -> list[dict]:
     """One record per row: iteration, prompt, completion, reward (None when unscored), advantage (at
-    the first action token), truncated, and reward/NAME per reward function."""
+    the first action token), truncated, turns (an episode's messages, multi-turn only), and
+    reward/NAME per reward function."""
     records = []
     for i, text in enumerate(batch.completions):
         actions = batch.action_mask[i]
@@ -15,6 +16,8 @@ def sample_records(batch: TrajectoryBatch, prompts: list, scores, iteration: int
                "reward": float(batch.token_rewards[i].sum()) if bool(batch.scored[i]) else None,
                "advantage": float(batch.adv[i][actions][0]) if bool(actions.any()) else 0.0,
                "truncated": bool(batch.truncated[i])}
+        if batch.episodes is not None:  # a multi-turn episode, turn by turn
+            rec["turns"] = batch.episodes[i].messages
         for name, values in zip(scores.names, scores.values):
             v = values[i]
             rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, list) else v

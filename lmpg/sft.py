@@ -88,6 +88,19 @@ def imitation_warm_start(
     `losses` (one per step), `steps`, `seconds`.
     """
     input_ids, attention_mask, completion_mask = tokenize_demonstrations(tokenizer, prompts, completions)
+    return imitate_tokens(model, input_ids, attention_mask, completion_mask, steps=steps, batch_size=batch_size,
+                          lr=lr, seed=seed, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                          max_grad_norm=max_grad_norm, log_every=log_every)
+
+
+def imitate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
+                   steps: int = 1000, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
+                   weight_decay: float = 0.0, warmup_steps: int | None = None, max_grad_norm: float = 1.0,
+                   log_every: int = 0) -> dict:
+    """`imitation_warm_start` on token ids already laid out: (B, L) right-padded `input_ids`,
+    `attention_mask` and `target_mask` (True where a token is a target). Multi-turn demonstrations
+    use it with the environment's tokens in the input but not in the targets (`lmpg.episodes`)."""
+    completion_mask = target_mask
     N = input_ids.shape[0]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -38,6 +38,7 @@ from lmpg.checkpoint import load_state, load_weights, quiet_hf_progress, rng_sta
     save_weights, set_rng_state
 from lmpg.config import PGConfig
 from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
+from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
 from lmpg.errors import ConfigError
 from lmpg.forward import batch_logprobs
 from lmpg.kl import kl_penalised_rewards
@@ -142,11 +143,11 @@ class PGTrainer:
         weights = reward_weights if reward_weights is not None else c.reward_weights
         fns = reward_fns if reward_fns is not None else c.rewards
         fns = [fns] if callable(fns) or isinstance(fns, str) else list(fns)
-        if not fns:
+        if not fns and not c.environment:
             raise ConfigError("no reward function given; pass reward_fns=[...] or set rewards in the config")
         self.scorer = RewardScorer(fns, weights, on_error=c.reward_on_error, executor=c.reward_executor,
                                    max_workers=c.reward_workers, timeout=c.reward_timeout,
-                                   memory_mb=c.reward_memory_mb, max_steps=c.iterations)
+                                   memory_mb=c.reward_memory_mb, max_steps=c.iterations) if fns else None
 
         params = [p for p in model.parameters() if p.requires_grad]
         self.model, self.optimizer = acc.prepare(model, make_adamw(params, c))
@@ -155,6 +156,8 @@ class PGTrainer:
                                      and distributed.supports_shared_prompt_forward(acc))
         self.scheduler = make_scheduler(self.optimizer, c)
         self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
+        # multi-turn episodes (lmpg.episodes) instead of single completions
+        self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
         self.iteration = 0
         self.output_dir = Path(c.output_dir)
@@ -190,7 +193,8 @@ class PGTrainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.scorer.close()
+            if self.scorer is not None:
+                self.scorer.close()
         self.save_checkpoint()
         self.save_model(self.output_dir / "final")
         if self.accelerator.is_main_process:
@@ -256,6 +260,9 @@ class PGTrainer:
         c = self.config
         seeds = [row_seed(c.seed, self.iteration, p, j) for p in prompts.positions for j in range(c.group_size)]
         policy = self.accelerator.unwrap_model(self.model)
+        if self.episodes is not None:
+            rows = [{k: v[i] for k, v in prompts.rows.items()} for i in range(len(prompts.prompts))]
+            return self.episodes.sample(policy, prompts.prompts, rows, prompts.positions, self.iteration, seeds)
         return sample_completions(policy, self.tokenizer, prompts.texts, c.group_size,
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, max_prompt_length=c.max_prompt_length,
@@ -267,6 +274,10 @@ class PGTrainer:
         """Fills batch.token_rewards (weighted sum over the reward functions) and batch.scored;
         returns the RewardScores (per-function values, errors)."""
         c = self.config
+        if self.episodes is not None:  # the environment's per-turn rewards plus the reward functions'
+            batch.token_rewards, batch.scored, scores = score_episodes(self.scorer, batch, prompts.prompts, prompts.rows,
+                                                                       c.prompt_column, self.iteration)
+            return scores
         prompts_rep, completions, completion_ids = reward_inputs(batch, prompts.prompts)
         columns = {k: [v[i] for i in batch.prompt_index] for k, v in prompts.rows.items() if k != c.prompt_column}
         scores = self.scorer.score(prompts_rep, completions, completion_ids, step=self.iteration, columns=columns)
@@ -311,7 +322,8 @@ class PGTrainer:
         batch.adv, stats = compute_advantages(
             batch.token_rewards, batch.action_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
             c.gamma, sample_mask=batch.scored, eps=c.adv_eps, gather=self.gather,
-            process_index=self.accelerator.process_index, grad_sq_norm=batch.grad_sq_norm)
+            process_index=self.accelerator.process_index, grad_sq_norm=batch.grad_sq_norm,
+            turn_ids=batch.turn_ids)
         return stats
 
     def update(self, batch: TrajectoryBatch) -> tuple[dict, torch.Tensor]:
@@ -365,6 +377,8 @@ class PGTrainer:
         m.update({"completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
                   "truncated_frac": float(truncated.mean()), "eos_first_frac": float(empty.mean()),
                   "prompts_truncated": batch.prompts_truncated, "skipped_updates_total": self.guard.total})
+        if batch.episodes is not None:
+            m.update(episode_metrics(gather(episode_counts(batch.episodes))))
         return m
 
     def iteration_timings(self, batch: TrajectoryBatch, time_sample: float, time_score: float, time_logp: float,
@@ -374,6 +388,8 @@ class PGTrainer:
         n_tokens = float(self.gather(torch.tensor([batch.num_tokens], dtype=torch.float32)).sum())
         timings["tokens_per_s"] = n_tokens / max(timings["time_total"], 1e-9)
         timings["sample_tokens_per_s"] = n_tokens / max(timings["time_sample"], 1e-9)
+        if batch.episodes is not None:
+            timings["time_env"] = sum(e.env_seconds for e in batch.episodes)  # part of time_sample
         return timings
 
     def log(self, metrics: dict, timings: dict, batch: TrajectoryBatch, prompts: Prompts, scores) -> None:

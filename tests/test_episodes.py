@@ -1,0 +1,242 @@
+"""Batched multi-turn episodes, token-in/token-out: the sampled tokens are the trained tokens."""
+
+import random
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, trainers
+
+from lmpg.advantages import compute_advantages
+from lmpg.environments import EpisodeEnv
+from lmpg.episodes import ChatBridge, EpisodeLimits, environment_token_rewards, episode_metrics, sample_episodes
+from lmpg.errors import ConfigError
+from lmpg.logprobs import sequence_logprobs
+from lmpg.losses import policy_gradient_loss
+from lmpg.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, make_char_tokenizer, make_tiny_causal_lm
+
+
+class CountingGame:
+    """A step-API game: the observation is the turn number, a reward of 0.5 per turn, done after 3."""
+
+    def reset(self, **row):
+        self.turn = 0
+        return ":"
+
+    def step(self, action):
+        self.turn += 1
+        return f"[{self.turn}]", 0.5, self.turn == 3
+
+
+def eos_biased(model, tokenizer, bias=3.0):
+    """The model with +bias on the EOS logit, so that random weights end their turns quickly."""
+    def hook(module, inputs, output):
+        out = output.clone()
+        out[..., tokenizer.eos_token_id] += bias
+        return out
+    model.lm_head.register_forward_hook(hook)
+    return model
+
+
+def bpe_tokenizer():
+    """A BPE tokenizer trained in-process: merges make decode-then-encode differ from the sampled ids."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    corpus = ["abab ab ba 12 21 123 [1] [2] [3] :" * 3, "aabb abba 1212 [12] ab12"] * 20
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=60, special_tokens=list(SPECIAL_TOKENS),
+                                                            initial_alphabet=list("ab12[]: 3")))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                               bos_token="<bos>", unk_token="<unk>", padding_side="left")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def run(model, tok, env_cls=CountingGame, carry=True, G=2, prompts=("ab", "ba"), limits=EpisodeLimits(3, 5),
+        tool_format="simple", seeds=None):
+    B = len(prompts) * G
+    return sample_episodes(model, tok, list(prompts), [{}] * len(prompts), lambda: EpisodeEnv(env_cls(), tool_format),
+                           G, seeds=seeds or list(range(100, 100 + B)), env_seeds=list(range(len(prompts))),
+                           limits=limits, eos_ids=[tok.eos_token_id], carry_cache=carry)
+
+
+@pytest.fixture(scope="module")
+def char_setup():
+    tok = make_char_tokenizer("ab12[]:3")
+    return eos_biased(make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, seed=0), tok), tok
+
+
+def test_environment_tokens_are_holes_in_the_action_mask(char_setup):
+    model, tok = char_setup
+    batch = run(model, tok)
+    bridge = ChatBridge(tok, "user")
+    for i, ep in enumerate(batch.episodes):
+        ids = batch.completion_ids[i][batch.completion_mask[i]].tolist()
+        act = batch.action_mask[i][batch.completion_mask[i]].tolist()
+        env_ids = [t for t, a in zip(ids, act) if not a]
+        observations = [m["content"] for m in ep.messages if m["role"] == "user"]
+        assert env_ids == sum((bridge.ids(o) for o in observations), [])
+        assert ep.turns == len([m for m in ep.messages if m["role"] == "assistant"])
+        if not ep.truncated:
+            assert ep.turns == 3 and [r for _, r in ep.rewards] == [0.5] * 3
+            # each reward on the last token (the EOS) of its turn
+            for pos, _ in ep.rewards:
+                assert batch.action_mask[i, pos] and int(batch.completion_ids[i, pos]) == tok.eos_token_id
+    assert (batch.action_mask & ~batch.completion_mask).sum() == 0
+    assert sum(not e.truncated for e in batch.episodes) >= 2  # the test sees whole episodes
+    assert episode_metrics(batch.episodes)["turns_max"] == 3
+
+
+def test_cache_across_turns_samples_what_a_full_prefill_samples(char_setup):
+    model, tok = char_setup
+    a, b = run(model, tok, carry=True), run(model, tok, carry=False)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.action_mask, b.action_mask)
+    torch.testing.assert_close(a.sampler_logp, b.sampler_logp, rtol=0, atol=1e-5)
+
+
+def test_bpe_update_logprobs_equal_the_samplers_and_retokenising_breaks_them():
+    """With a BPE tokenizer (decode-then-encode is not the identity) the update's forward gives every
+    action token the sampler's log-prob (to float rounding); re-tokenising the history from its
+    text changes the tokens, and the log-probs of the policy's turns with them."""
+    tok = bpe_tokenizer()
+    model = eos_biased(make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, seed=1), tok, bias=2.0)
+    batch = run(model, tok, G=4, limits=EpisodeLimits(3, 6))
+    logp, _ = sequence_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                batch.completion_mask)
+    diff = (logp - batch.sampler_logp).abs()[batch.action_mask]
+    assert float(diff.max().detach()) < 1e-5
+    # re-tokenise each history from its text (special tokens kept) and compare
+    changed = 0
+    for i in range(batch.batch_size):
+        ids = batch.completion_ids[i][batch.completion_mask[i]].tolist()
+        again = tok.encode(tok.decode(ids), add_special_tokens=False)
+        changed += again != ids
+    assert changed >= 1, "the BPE merges must make at least one history re-tokenise differently"
+    # the policy's own first turn, re-tokenised, is no longer what it sampled: its log-prob moves
+    i = next(i for i in range(batch.batch_size)
+             if tok.encode(tok.decode(batch.completion_ids[i][batch.completion_mask[i]].tolist()),
+                           add_special_tokens=False) != batch.completion_ids[i][batch.completion_mask[i]].tolist())
+    ids = batch.completion_ids[i][batch.completion_mask[i]].tolist()
+    again = torch.tensor([tok.encode(tok.decode(ids), add_special_tokens=False)])
+    relogp, _ = sequence_logprobs(model, batch.prompt_ids[i:i + 1], batch.prompt_mask[i:i + 1], again,
+                                  torch.ones_like(again, dtype=torch.bool))
+    assert abs(float(relogp.sum()) - float(batch.sampler_logp[i][batch.action_mask[i]].sum())) > 0.1
+
+
+def test_environment_tokens_and_padding_never_contribute(char_setup):
+    model, tok = char_setup
+    batch = run(model, tok)
+    r, has = environment_token_rewards(batch)
+    adv, _ = compute_advantages(r, batch.action_mask, 2, "leave_one_out", reward_to_go=True,
+                                turn_ids=batch.turn_ids)
+    assert bool((adv[~batch.action_mask] == 0).all())
+    logp = batch.sampler_logp.clone().requires_grad_(True)
+    loss, _ = policy_gradient_loss(logp, batch.sampler_logp, adv, batch.action_mask, loss_agg="sequence_sum")
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert bool((grad[~batch.action_mask] == 0).all()) and bool((grad[batch.action_mask] != 0).any())
+
+
+class RandomStart:
+    """reset draws its task from Python's random, as TRL's documentation writes it."""
+
+    def reset(self, **row):
+        self.target = random.randint(0, 10**6)
+        return f":{self.target % 3}"
+
+    def step(self, action):
+        return None, float(self.target % 7), True
+
+
+def test_a_groups_episodes_start_from_the_same_state(char_setup):
+    model, tok = char_setup
+    batch = run(model, tok, env_cls=RandomStart, G=3, prompts=("a", "a", "a", "a"))
+    starts = [tuple(batch.prompt_ids[i][batch.prompt_mask[i]].tolist()) for i in range(batch.batch_size)]
+    rewards = [ep.rewards[0][1] for ep in batch.episodes if ep.rewards]
+    for g in range(4):
+        assert len(set(starts[3 * g:3 * g + 3])) == 1
+    assert len(set(starts)) > 1 or len(set(rewards)) > 1  # different groups, different seeds
+    again = run(model, tok, env_cls=RandomStart, G=3, prompts=("a", "a", "a", "a"))
+    assert torch.equal(again.prompt_ids, batch.prompt_ids)  # reproducible
+
+
+def test_limits_truncate_and_are_counted(char_setup):
+    model, tok = char_setup
+    batch = run(model, tok, limits=EpisodeLimits(max_turns=2, max_new_tokens=5))  # the game needs 3 turns
+    assert all(ep.truncated for ep in batch.episodes)
+    assert bool(batch.truncated.all()) and episode_metrics(batch.episodes)["truncated_episodes"] == 4
+    short = run(model, tok, limits=EpisodeLimits(max_turns=3, max_new_tokens=5, max_episode_tokens=4))
+    assert all(ep.truncated for ep in short.episodes)
+    assert int(short.completion_mask.sum(1).max()) <= 4
+
+
+CHATML = (
+    "{%- if tools %}<|im_start|>system\ntools{{ tools | length }}<|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_chat_bridge_of_a_chatml_template():
+    tok = make_char_tokenizer("abcdefghijklmnopqrstuvwxyz_<>|/\n0123456789")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML
+    bridge = ChatBridge(tok, "tool")
+    # (the template's `{%-` strips the newlines between blocks)
+    assert tok.decode(bridge.ids("42")) == "<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>" \
+                                           "<|im_start|>assistant"
+    tok.chat_template = CHATML.replace("{{ m.content }}<|im_end|>", "{{ m.content if loop.last else '' }}<|im_end|>")
+    with pytest.raises(ConfigError, match="rewrites earlier turns"):
+        ChatBridge(tok, "tool")
+
+
+GAME_FILE = '''
+class CountingGame:
+    def reset(self, **row):
+        self.turn = 0
+        return ":"
+
+    def step(self, action):
+        self.turn += 1
+        return f"[{self.turn}]", float(action.count("a")) / 4, self.turn == 2
+'''
+
+
+def test_trainer_runs_episodes_with_metrics_and_turn_by_turn_samples(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    import json
+
+    from conftest import small_config
+    from lmpg import PGTrainer
+
+    game = tmp_path / "game.py"
+    game.write_text(GAME_FILE)
+    config = small_config(tmp_path, environment=f"{game}:CountingGame", max_turns=3, max_new_tokens=4,
+                          reward_to_go=True, gamma=0.5, baseline="leave_one_out", epochs_per_batch=2,
+                          minibatch_size=4)
+    metrics = PGTrainer(tiny_model, None, prompts_dataset, config, tokenizer=tokenizer).train()
+    assert len(metrics) == 2
+    for m in metrics:
+        assert 1 <= m["turns_mean"] <= m["turns_max"] <= 2 and "truncated_episodes" in m
+        assert m["ratio_max"] < 1.5
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples[0]["turns"][0]["role"] == "assistant"
+    timings = [json.loads(line) for line in (tmp_path / "run" / "timings.jsonl").read_text().splitlines()]
+    assert all(t["time_env"] <= t["time_sample"] for t in timings)
+
+
+def test_evaluate_and_cli_sample_run_episodes(tmp_path, tiny_model, tokenizer, capsys):
+    from lmpg.cli import main
+    from lmpg.evaluate import evaluate
+
+    game = tmp_path / "game.py"
+    game.write_text(GAME_FILE)
+    data = [{"prompt": "1+1="}, {"prompt": "2+2="}]
+    result = evaluate(tiny_model, tokenizer, data, [], n=2, max_new_tokens=4, environment=f"{game}:CountingGame",
+                      max_turns=3, return_samples=True)
+    assert 1 <= result["turns_mean"] <= 2 and result["samples"][0]["turns"][0]["role"] == "assistant"
+    tiny_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert main(["sample", str(tmp_path / "model"), "1+1=", "--n", "2", "--max-new-tokens", "4",
+                 "--environment", f"{game}:CountingGame"]) == 0
+    assert "assistant:" in capsys.readouterr().out
