@@ -237,6 +237,15 @@ class PGConfig:
             raise ConfigError(f"baseline={self.baseline} needs sampler=lmpg (its weights come from the sampler's logits)")
         if self.baseline == "optimal_token" and self.adv_norm != "none":
             raise ConfigError("baseline=optimal_token subtracts a baseline per token; set adv_norm=none")
+        if self.baseline == "group_mean" and self.group_size < 2:
+            raise ConfigError("baseline=group_mean with group_size=1 makes every advantage 0 (nothing trains); "
+                              "set group_size >= 2 or baseline=batch_mean")
+        if self.logp_old_source == "sampler" and self.sampler == "generate":
+            raise ConfigError("logp_old_source=sampler needs sampler=lmpg (generate reports no log-probs); "
+                              "set logp_old_source=forward or sampler=lmpg")
+        if self.loss_constant is not None and self.loss_agg != "constant":
+            raise ConfigError(f"loss_constant={self.loss_constant} only applies to loss_agg=constant; "
+                              f"set loss_agg=constant or drop loss_constant")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0 (sampling only; use greedy eval for argmax)")
         if not 0 < self.top_p <= 1:

@@ -22,14 +22,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Population variance of the counted entries: masked_mean((x - mean)^2)."""
-    mean = masked_mean(x, mask, dim)
-    if dim is not None:
-        mean = mean.unsqueeze(dim)
-    return masked_mean((x - mean) ** 2, mask, dim)
-
-
 def masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """(min, max) of the counted entries, (nan, nan) when none is counted."""
     if not bool(mask.any()):
