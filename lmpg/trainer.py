@@ -283,7 +283,8 @@ class PGTrainer:
             group = torch.as_tensor(rollout.prompt_index)[idx.cpu()].to(rollout.prompt_ids.device)
         logp, ent = sequence_logprobs(model, rollout.prompt_ids[idx][:, p_start:], prompt_mask[:, p_start:],
                                       rollout.completion_ids[idx][:, :t_end], completion_mask[:, :t_end],
-                                      self.config.temperature, with_entropy, group=group)
+                                      self.config.temperature, with_entropy, group=group,
+                                      chunk_size=self.config.logits_chunk_size)
         if t_end < T:
             pad = (0, T - t_end)
             logp = torch.nn.functional.pad(logp, pad)
