@@ -116,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=1, help="timed iterations after one warm-up")
     ap.add_argument("--growth", default="32,128,512", help="T values of the growth runs (4 completions)")
     ap.add_argument("--no-growth", action="store_true")
+    ap.add_argument("--main-warmup", type=int, default=1, help="untimed iterations before the timed ones")
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
@@ -135,7 +136,7 @@ def main(argv=None):
     if not a.no_main:
         for k in range(a.rounds):
             for impl in impls[k % len(impls):] + impls[:k % len(impls)]:
-                main_rows.append(run(impl, a.shape, 4, 8 if a.quick else 32, a.iters, 1))
+                main_rows.append(run(impl, a.shape, 4, 8 if a.quick else 32, a.iters, a.main_warmup))
     if not a.no_growth:
         for T in (int(t) for t in a.growth.split(",")):
             for impl in ("lmpg", "trl"):
