@@ -148,6 +148,10 @@ class PGConfig:
     """Recompute activations in the backward pass to save memory."""
     shared_prompt_forward: bool = True
     """Run each distinct prompt once in the log-prob forward and share its KV cache among its group's completions (same numbers up to float rounding; used with one process or DDP, not with FSDP / DeepSpeed or gradient checkpointing)."""
+    logits_chunk_size: int = 0
+    """Tokens per output-layer chunk when computing log-probs from the last hidden states, so no
+    (B, T, V) logits are held (lmpg.chunked_logprobs); 0 = the full logits (default for now: the chunked
+    path moves floats by rounding and is not yet the default)."""
     mixed_precision: str = "no"
     """Accelerate mixed precision: no, bf16 or fp16 (bf16 also on CPU)."""
     lora_r: int = 0
@@ -221,6 +225,8 @@ class PGConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.logits_chunk_size < 0:
+            raise ConfigError(f"logits_chunk_size={self.logits_chunk_size} must be >= 0 (0: full logits)")
         if self.batch_size % self.group_size:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by group_size={self.group_size}; "
                               f"set batch_size to a multiple of {self.group_size}")

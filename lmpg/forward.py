@@ -19,7 +19,7 @@ def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def row_logprobs(model, batch: TrajectoryBatch, rows: torch.Tensor, temperature: float, with_entropy: bool,
-                 share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 share_prompt: bool = False, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp (b, T), entropy (b, T) or None) of `rows`, padding trimmed: the columns of left padding
     every row shares and the completion columns past the longest row are dropped before the forward,
     and the outputs padded back with zeros to the batch's T. share_prompt: run each distinct prompt
@@ -31,7 +31,7 @@ def row_logprobs(model, batch: TrajectoryBatch, rows: torch.Tensor, temperature:
     group = batch.group[rows.to(batch.group.device)].to(batch.prompt_ids.device) if share_prompt else None
     logp, ent = sequence_logprobs(model, batch.prompt_ids[rows][:, p_start:], prompt_mask[:, p_start:],
                                   batch.completion_ids[rows][:, :t_end], completion_mask[:, :t_end],
-                                  temperature, with_entropy, group=group)
+                                  temperature, with_entropy, group=group, chunk_size=chunk_size)
     if t_end < T:
         pad = (0, T - t_end)
         logp = torch.nn.functional.pad(logp, pad)
@@ -41,11 +41,11 @@ def row_logprobs(model, batch: TrajectoryBatch, rows: torch.Tensor, temperature:
 
 @torch.no_grad()
 def batch_logprobs(model, batch: TrajectoryBatch, rows: torch.Tensor, micro_batch_size: int, temperature: float,
-                   share_prompt: bool = False) -> torch.Tensor:
+                   share_prompt: bool = False, chunk_size: int = 0) -> torch.Tensor:
     """log pi(a_t | s_t) of `rows`, (len(rows), T), no grad, in micro-batches of `micro_batch_size`."""
     out = torch.zeros(len(rows), batch.completion_ids.shape[1], device=batch.completion_ids.device)
     at = 0
     for idx in micro_batches(rows, micro_batch_size):
-        out[at:at + len(idx)] = row_logprobs(model, batch, idx, temperature, False, share_prompt)[0]
+        out[at:at + len(idx)] = row_logprobs(model, batch, idx, temperature, False, share_prompt, chunk_size)[0]
         at += len(idx)
     return out

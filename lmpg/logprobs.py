@@ -6,8 +6,11 @@ where z are the model's logits at the position before token t and tau the sampli
 the policy that sampled the batch is softmax(z / tau), so the ratio pi_theta / pi_old and the KL use
 the same tempered distribution (top-k / top-p truncation is not part of pi; see `rollout`).
 
-Only the completion positions are computed (`logits_to_keep`), and the log-softmax is taken a few
-rows at a time so the (B, T, V) tensor is never copied to fp32 whole. With `group` given, each
+By default (`chunk_size` > 0) no (B, T, V) logits exist at all: the model returns its last hidden
+states and `lmpg.chunked_logprobs` projects them through the output layer a chunk of tokens at a time,
+in the forward and again in the backward. A model that cannot be split that way, or chunk_size=0,
+takes the full-logits path: only the completion positions are projected (`logits_to_keep`), and the
+log-softmax is taken a few rows at a time so the (B, T, V) tensor is never copied to fp32 whole. With `group` given, each
 distinct prompt runs through the model once and its KV cache serves the G completions sharing it
 (`shared_prompt_completion_logits`).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from lmpg.chunked_logprobs import DEFAULT_CHUNK_SIZE, chunked_token_logprobs, hidden_states, output_head
 from lmpg.kvcache import cache_kwarg, cache_support, distinct_rows, repeat_cache_rows, returned_cache
 
 
@@ -75,9 +79,24 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _logits(model, keep: int, **inputs):
+    """(logits of the last `keep` positions, output) of one forward."""
+    out = model(**inputs, logits_to_keep=keep)
+    return out.logits, out
+
+
+def _hidden(found):
+    """The `_logits` of the chunked path: the last hidden states (..., H) in place of the logits."""
+    def run(model, keep: int, **inputs):
+        h, out = hidden_states(model, found, **inputs)
+        return h[:, -keep:], out
+    return run
+
+
 def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                      completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Logits that predict each completion token, (B, T, V).
+                      completion_ids: torch.Tensor, completion_mask: torch.Tensor, features=_logits) -> torch.Tensor:
+    """Logits that predict each completion token, (B, T, V) (with features=_hidden(head): the hidden
+    states, (B, T, H)).
 
     The input is [left-padded prompt | right-padded completion]; the logit predicting completion
     token t sits at position P - 1 + t. Padding after the completion is masked out of attention.
@@ -86,15 +105,14 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     T = completion_ids.shape[1]  # completion tokens
     input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P+T)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1).long()
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=T + 1,
-                use_cache=False)
-    return out.logits[:, :-1, :]  # (B, T, V)
+    z, _ = features(model, T + 1, input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return z[:, :-1, :]  # (B, T, V)
 
 
 def shared_prompt_completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                                     completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                                    group: torch.Tensor) -> torch.Tensor:
+                                    group: torch.Tensor, features=_logits) -> torch.Tensor:
     """`completion_logits` with each distinct prompt run through the model once, (B, T, V).
 
     group: (B,) a prompt id per row; rows with one id hold the same prompt (`Rollout.prompt_index`).
@@ -115,30 +133,37 @@ def shared_prompt_completion_logits(model, prompt_ids: torch.Tensor, prompt_mask
     first, inverse = distinct_rows(group)  # (b,), (B,)
     mask = torch.cat([prompt_mask, completion_mask], 1).long()  # (B, P+T)
     positions = position_ids_from_mask(mask)
-    out = model(input_ids=prompt_ids[first], attention_mask=mask[first, :P], position_ids=positions[first, :P],
-                use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[inverse]  # (B, 1, V)
+    z, out = features(model, 1, input_ids=prompt_ids[first], attention_mask=mask[first, :P],
+                      position_ids=positions[first, :P], use_cache=True)
+    first_logits = z[inverse]  # (B, 1, V)
     if T == 1:
         return first_logits
     cache = repeat_cache_rows(returned_cache(out), inverse)  # (b, ...) -> (B, ...)
-    out = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, P:-1],
-                use_cache=True, **{cache_kwarg(model): cache})
-    return torch.cat([first_logits, out.logits], 1)  # (B, T, V)
+    z, _ = features(model, T - 1, input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                    position_ids=positions[:, P:-1], use_cache=True, **{cache_kwarg(model): cache})
+    return torch.cat([first_logits, z], 1)  # (B, T, V)
 
 
 def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                      temperature: float = 1.0, with_entropy: bool = False, group: torch.Tensor | None = None):
+                      temperature: float = 1.0, with_entropy: bool = False, group: torch.Tensor | None = None,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE):
     """(logp (B, T), entropy (B, T) or None) of the completion tokens under `model`.
 
     group: (B,) prompt ids; given, rows sharing a prompt share its forward
-    (`shared_prompt_completion_logits`), else every row runs whole (`completion_logits`)."""
+    (`shared_prompt_completion_logits`), else every row runs whole (`completion_logits`).
+    chunk_size: tokens per output-layer chunk (`lmpg.chunked_logprobs`); 0 computes the full logits."""
+    found = output_head(model) if chunk_size > 0 else None
+    features = _hidden(found) if found is not None else _logits
     shareable = group is not None and prompt_ids.shape[1] > 0 and completion_ids.shape[1] > 0
     shareable = shareable and cache_support(model).continue_chunk  # recurrent caches: the plain forward
     if shareable and len(torch.unique(group)) < len(group):
-        logits = shared_prompt_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                                 group)
+        z = shared_prompt_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                            group, features)
     else:
-        logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    logp = selective_log_softmax(logits, completion_ids, temperature)
-    entropy = token_entropy(logits.detach(), temperature) if with_entropy else None
+        z = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, features)
+    if found is not None:  # z: (B, T, H) hidden states
+        logp, stats = chunked_token_logprobs(found, z, completion_ids, temperature, with_entropy, chunk_size)
+        return logp, stats["entropy"]
+    logp = selective_log_softmax(z, completion_ids, temperature)
+    entropy = token_entropy(z.detach(), temperature) if with_entropy else None
     return logp, entropy

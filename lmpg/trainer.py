@@ -300,7 +300,7 @@ class PGTrainer:
             batch.logp_old[rows] = batch.sampler_logp[rows].to(batch.logp_old.dtype)
         else:
             batch.logp_old[rows] = batch_logprobs(self.model, batch, rows, self.micro_batch_size, c.temperature,
-                                                  self.share_prompt_forward)
+                                                  self.share_prompt_forward, chunk_size=c.logits_chunk_size)
 
     def fill_logp_ref(self, batch: TrajectoryBatch) -> None:
         """batch.logp_ref under pi_ref (the frozen copy, or the LoRA policy with its adapter off)."""
@@ -310,11 +310,11 @@ class PGTrainer:
         rows = torch.arange(batch.batch_size)
         if self.ref_model is not None:
             batch.logp_ref = batch_logprobs(self.ref_model, batch, rows, self.micro_batch_size, c.temperature,
-                                            self.share_prompt_forward)
+                                            self.share_prompt_forward, chunk_size=c.logits_chunk_size)
             return
         with self.accelerator.unwrap_model(self.model).disable_adapter():
             batch.logp_ref = batch_logprobs(self.model, batch, rows, self.micro_batch_size, c.temperature,
-                                            self.share_prompt_forward)
+                                            self.share_prompt_forward, chunk_size=c.logits_chunk_size)
 
     def compute_advantages(self, batch: TrajectoryBatch) -> dict:
         """Fills batch.adv (`lmpg.advantages.compute_advantages` over the whole batch of all processes)."""

@@ -184,7 +184,8 @@ class PolicyUpdate:
                 micro = micro_batches(rows, self.micro_batch_size)
                 mb_losses = [0.0, 0.0, 0.0]  # loss, pg_loss, kl of this process's share
                 for k, idx in enumerate(micro):
-                    logp, ent = row_logprobs(model, batch, idx, c.temperature, epoch == 0, self.share_prompt)
+                    logp, ent = row_logprobs(model, batch, idx, c.temperature, epoch == 0, self.share_prompt,
+                                             c.logits_chunk_size)
                     if epoch == 0 and mb == 0 and fill_logp_old:
                         batch.logp_old[idx] = logp.detach()  # theta == theta_old: ratio exactly 1
                     mask = loss_mask[idx]
