@@ -6,8 +6,8 @@ where z are the model's logits at the position before token t and tau the sampli
 the policy that sampled the batch is softmax(z / tau), so the ratio pi_theta / pi_old and the KL use
 the same tempered distribution (top-k / top-p truncation is not part of pi; see `rollout`).
 
-By default (`chunk_size` > 0) no (B, T, V) logits exist at all: the model returns its last hidden
-states and `lmpg.chunked_logprobs` projects them through the output layer a chunk of tokens at a time,
+With `chunk_size` > 0 (config `logits_chunk_size`; 0, the default, for now) no (B, T, V) logits exist
+at all: the model returns its last hidden states and `lmpg.chunked_logprobs` projects them through the output layer a chunk of tokens at a time,
 in the forward and again in the backward. A model that cannot be split that way, or chunk_size=0,
 takes the full-logits path: only the completion positions are projected (`logits_to_keep`), and the
 log-softmax is taken a few rows at a time so the (B, T, V) tensor is never copied to fp32 whole. With `group` given, each
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lmpg.chunked_logprobs import DEFAULT_CHUNK_SIZE, chunked_token_logprobs, hidden_states, output_head
+from lmpg.chunked_logprobs import chunked_token_logprobs, hidden_states, output_head
 from lmpg.kvcache import cache_kwarg, cache_support, distinct_rows, repeat_cache_rows, returned_cache
 
 
@@ -146,7 +146,7 @@ def shared_prompt_completion_logits(model, prompt_ids: torch.Tensor, prompt_mask
 
 def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                       temperature: float = 1.0, with_entropy: bool = False, group: torch.Tensor | None = None,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE):
+                      chunk_size: int = 0):
     """(logp (B, T), entropy (B, T) or None) of the completion tokens under `model`.
 
     group: (B,) prompt ids; given, rows sharing a prompt share its forward

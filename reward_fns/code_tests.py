@@ -19,14 +19,14 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lmpg.errors import RewardError
+from lmpg.rewards.types import RewardFn, named_reward
 from reward_fns.sandbox import DEFAULT_LIMITS, SandboxLimits, run_python_tests
 from reward_fns.text import completion_text, reference_column
 
-RewardFn = Callable[..., list[float | None]]
 TEST_COLUMNS = ("tests", "test_list")
 
 _PYTHON_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
@@ -106,14 +106,10 @@ def make_code_tests_reward(
     all_or_nothing: 1.0 only if every case passes, instead of the fraction passed.  name: the
     reward's name in logs. Samples without test cases get None.
     """
-    reward = functools.partial(_code_tests_reward, limits, all_or_nothing)
-    reward.__name__ = name
-    reward.__doc__ = (
-        "1.0 if the completion's code passes all the sample's test cases (run in a sandbox), else 0.0."
-        if all_or_nothing
-        else "The fraction of the sample's test cases the completion's code passes, run in a sandbox."
-    )
-    return reward
+    doc = ("1.0 if the completion's code passes all the sample's test cases (run in a sandbox), else 0.0."
+           if all_or_nothing
+           else "The fraction of the sample's test cases the completion's code passes, run in a sandbox.")
+    return named_reward(functools.partial(_code_tests_reward, limits, all_or_nothing), name, doc)
 
 
 code_tests = make_code_tests_reward()
