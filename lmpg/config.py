@@ -186,6 +186,8 @@ class PGConfig:
     """Log the gradient signal-to-noise ratio from micro-batch gradients of the first epoch (one process; costs two gradient-sized buffers)."""
     progress_bar: bool = True
     """Show a progress bar on a TTY (never under CI or when output is not a terminal)."""
+    sample_groups_per_iteration: int | None = 4
+    """Groups of G completions written to samples.jsonl per iteration, the first prompts' (the same on any number of processes); None: all."""
 
     def __post_init__(self):
         _check_types(self)
@@ -227,6 +229,9 @@ class PGConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.logits_chunk_size < 0:
             raise ConfigError(f"logits_chunk_size={self.logits_chunk_size} must be >= 0 (0: full logits)")
+        if self.sample_groups_per_iteration is not None and self.sample_groups_per_iteration < 0:
+            raise ConfigError(f"sample_groups_per_iteration={self.sample_groups_per_iteration} must be >= 0 "
+                              "(0: no samples.jsonl lines; null: every completion)")
         if self.batch_size % self.group_size:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by group_size={self.group_size}; "
                               f"set batch_size to a multiple of {self.group_size}")

@@ -27,6 +27,7 @@ from lmpg.errors import ConfigError
 from lmpg.modeling import ensure_pad_token, load_model_and_tokenizer
 from lmpg.rollout import eos_token_ids, reward_inputs, sample_completions
 from lmpg.sampler import row_seed
+from lmpg.samples import completion_records
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -84,16 +85,17 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
                      environment=None, tool_format: str = "hermes", max_turns: int = 4) -> list[dict]:
     """n completions per prompt, each scored: one record per completion, the n of a prompt contiguous.
 
-    A record holds prompt_index, prompt, completion, reward (weighted sum over reward functions, None
-    when no function scored it), reward/NAME per function, length (tokens, EOS included) and
-    truncated. `columns` are extra dataset columns (one value per prompt) passed to the reward
-    functions as keyword arguments, e.g. `answer`. `greedy` takes the argmax token at every step
+    A record (`lmpg.samples.completion_records`, the keys of training's samples.jsonl) holds
+    prompt_index, prompt, completion, reward (weighted sum over reward functions, None when no
+    function scored it), length (tokens, EOS included), truncated, reward/NAME per function and the
+    functions' log_extra columns. `columns` are extra dataset columns (one value per prompt) passed
+    to the reward functions as keyword arguments, e.g. `answer`. `greedy` takes the argmax token at every step
     (n must then be 1). Sample j of prompt i draws from its own random stream
     `row_seed(seed, 0, i, j)`: the same completions whatever the batch size, global RNG untouched.
     environment: an environment spec or factory (`lmpg.environments`): each sample is then a
     multi-turn episode (max_new_tokens per turn, at most max_turns turns), scored by the reward
     functions and the environment's own rewards; its record holds `turns` (the messages after the
-    prompt), `tool_calls` and `tool_errors`.
+    prompt), `num_turns`, `tool_calls` and `tool_errors`.
     """
     from lmpg.rewards import RewardScorer
 
@@ -153,18 +155,9 @@ def _episode_records(model, tokenizer, prompts, scorer, n, columns, seed, enviro
             seeds = [row_seed(seed, 0, p, j) for p in positions for j in range(n)]
             episodes = sampler.sample(model, batch, rows, positions, 0, seeds, greedy=gen["top_k"] == 1)
             cols = {k: [v[p] for p in positions] for k, v in columns.items()}
-            token_rewards, scored, scores = score_episodes(scorer, episodes, batch, cols, None, 0)
-            totals = token_rewards.sum(1).tolist()
-            lengths = episodes.completion_mask.sum(1).tolist()
-            for i, ep in enumerate(episodes.episodes):
-                rec = {"prompt_index": start + i // n, "prompt": batch[i // n], "completion": episodes.completions[i],
-                       "reward": float(totals[i]) if bool(scored[i]) else None, "length": int(lengths[i]),
-                       "truncated": bool(episodes.truncated[i]), "turns": ep.messages, "num_turns": ep.turns,
-                       "tool_calls": ep.tool_calls, "tool_errors": ep.tool_errors}
-                for name, values in zip(scores.names, scores.values):
-                    v = values[i]
-                    rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, (list, tuple)) else v
-                records.append(rec)
+            episodes.token_rewards, episodes.scored, scores = score_episodes(scorer, episodes, batch, cols, None, 0)
+            records += completion_records(episodes, batch, scores,
+                                          prompt_index=[start + p for p in episodes.prompt_index])
     finally:
         if scorer is not None:
             scorer.close()
@@ -173,25 +166,14 @@ def _episode_records(model, tokenizer, prompts, scorer, n, columns, seed, enviro
 
 def _score_rollout(rollout, batch_prompts, start, columns, scorer) -> list[dict]:
     """One record per completion of a rollout over `batch_prompts` (dataset rows start, start+1, ...)."""
-    prompt_rows = [start + i for i in rollout.prompt_index]
-    lengths = rollout.completion_mask.sum(1).tolist()
-    records = [{"prompt_index": row, "prompt": batch_prompts[i], "completion": text, "reward": None,
-                "length": int(length), "truncated": bool(trunc)}
-               for row, i, text, length, trunc in zip(prompt_rows, rollout.prompt_index, rollout.completions,
-                                                      lengths, rollout.truncated.tolist())]
-    if scorer is None:
-        return records
-    prompts_rep, completions, completion_ids = reward_inputs(rollout, batch_prompts)
-    cols = {name: [values[row] for row in prompt_rows] for name, values in columns.items()}
-    scores = scorer.score(prompts_rep, completions, completion_ids, step=0, columns=cols)
-    token_rewards, has_reward = scores.to_token_rewards(rollout.completion_mask.cpu())  # (B, T), (B,)
-    totals = token_rewards.sum(1).tolist()
-    for i, rec in enumerate(records):
-        rec["reward"] = float(totals[i]) if bool(has_reward[i]) else None
-        for name, values in zip(scores.names, scores.values):
-            v = values[i]
-            rec[f"reward/{name}"] = float(sum(v)) if isinstance(v, (list, tuple)) else v
-    return records
+    prompt_index = [start + i for i in rollout.prompt_index]
+    scores = None
+    if scorer is not None:
+        prompts_rep, completions, completion_ids = reward_inputs(rollout, batch_prompts)
+        cols = {name: [values[row] for row in prompt_index] for name, values in columns.items()}
+        scores = scorer.score(prompts_rep, completions, completion_ids, step=0, columns=cols)
+        rollout.token_rewards, rollout.scored = scores.to_token_rewards(rollout.completion_mask.cpu())  # (B, T), (B,)
+    return completion_records(rollout, batch_prompts, scores, prompt_index=prompt_index)
 
 
 def summarise(records: list[dict], n: int, k: int = 1, success_threshold: float = 1.0) -> dict:

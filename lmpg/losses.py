@@ -45,7 +45,7 @@ from typing import Literal
 
 import torch
 
-from lmpg.masked import masked_mean, masked_sum
+from lmpg.masked import masked_mean, masked_min_max, masked_sum
 
 RatioLevel = Literal["token", "sequence", "sequence_mean"]
 LossAgg = Literal["token_mean", "sequence_mean", "sequence_sum", "constant"]
@@ -119,8 +119,9 @@ def policy_gradient_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.
               its first counted token, where all tokens share it unless reward-to-go is on).
     completion_mask: (B, T) bool, True where a token counts.
 
-    Returns (loss, stats) with stats: ratio_min/mean/max, clip_frac (fraction of counted tokens,
-    or sequences, whose clipped term was active), pg_loss.
+    Returns (loss, stats) with stats: ratio_min/mean/max (min and max 1.0 where nothing counts, the
+    ratio of an unchanged policy), clip_frac (fraction of counted tokens, or sequences, whose
+    clipped term was active), pg_loss.
     """
     mask = completion_mask.bool()
     logp_old = logp_old.detach()
@@ -128,7 +129,7 @@ def policy_gradient_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.
     if ratio_level == "token":
         objective, clipped = clipped_objective(ratio, adv, clip_eps_low, clip_eps_high)
         loss = aggregate(-objective, mask, loss_agg, loss_constant, num_tokens, num_sequences)
-        r_min, r_max = _min_max(ratio, mask)
+        r_min, r_max = masked_min_max(ratio, mask, empty=1.0)
         r_mean = masked_mean(ratio.detach(), mask)
         clip_frac = masked_mean(clipped.float(), mask)
     else:
@@ -137,7 +138,7 @@ def policy_gradient_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.
         objective, clipped = clipped_objective(ratio, seq_adv, clip_eps_low, clip_eps_high)
         n_seq = float(mask.shape[0] if num_sequences is None else num_sequences)
         loss = -masked_sum(objective, seq_mask) / n_seq
-        r_min, r_max = _min_max(ratio, seq_mask)
+        r_min, r_max = masked_min_max(ratio, seq_mask, empty=1.0)
         r_mean = masked_mean(ratio.detach(), seq_mask)
         clip_frac = masked_mean(clipped.float(), seq_mask)
     stats = {"pg_loss": float(loss.detach()), "ratio_min": r_min, "ratio_mean": float(r_mean),
@@ -154,10 +155,3 @@ def _first_counted(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     first = x.gather(1, idx.unsqueeze(1)).squeeze(1)
     return torch.where(mask.any(1), first, torch.zeros_like(first))
 
-
-def _min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    x = x.detach()
-    if not bool(mask.any()):
-        return 1.0, 1.0
-    v = x[mask]
-    return float(v.min()), float(v.max())

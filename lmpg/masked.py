@@ -22,9 +22,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
 
 
-def masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """(min, max) of the counted entries, (nan, nan) when none is counted."""
+def masked_min_max(x: torch.Tensor, mask: torch.Tensor, empty: float = float("nan")) -> tuple[float, float]:
+    """(min_i x_i, max_i x_i) over the counted entries (m_i True), as floats; (empty, empty) when none
+    is counted."""
     if not bool(mask.any()):
-        return float("nan"), float("nan")
-    values = x[mask]
+        return empty, empty
+    values = x.detach()[mask]
     return float(values.min()), float(values.max())

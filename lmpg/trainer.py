@@ -10,7 +10,8 @@ Each iteration (CS224R lecture 3, "REINFORCE" with the options of lmpg.advantage
    kl_in=reward the KL penalty in the rewards;
 5. `compute_advantages`: A_{i,t} = (ret_{i,t} - b_i) / std_i;
 6. `update`: `lmpg.update.PolicyUpdate`, epochs of minibatch steps on the surrogate loss;
-7. `log`: metrics.jsonl (deterministic figures), timings.jsonl (wall clock), samples.jsonl.
+7. `log`: metrics.jsonl (deterministic figures), timings.jsonl (wall clock), samples.jsonl (the
+   first `sample_groups_per_iteration` groups).
 
 Elsewhere: run directory and resume policy (lmpg.run_dir), checkpoints and weights
 (lmpg.checkpoint), processes (lmpg.distributed), the optimizer (lmpg.optim), the forwards
@@ -49,7 +50,7 @@ from lmpg.optim import make_adamw, make_scheduler
 from lmpg.rewards import RewardScorer
 from lmpg.rollout import eos_token_ids, reward_inputs, sample_completions
 from lmpg.sampler import row_seed
-from lmpg.samples import print_samples, sample_records
+from lmpg.samples import logged_records, print_samples, sample_records
 from lmpg.update import NonFiniteGuard, PolicyUpdate, logp_old_rows_before_update
 
 logger = logging.getLogger("lmpg")
@@ -399,7 +400,7 @@ class PGTrainer:
         if acc.is_main_process:
             self.metrics_log.write(metrics)
             self.timings_log.write({"iteration": self.iteration, **timings})
-            for rec in records:
+            for rec in logged_records(records, c.sample_groups_per_iteration, c.group_size):
                 self.samples_log.write(rec)
             if c.sample_log_every and self.iteration % c.sample_log_every == 0 and c.num_samples_to_show:
                 print_samples(records, self.iteration, c.num_samples_to_show)

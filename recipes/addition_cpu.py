@@ -34,9 +34,11 @@ import torch
 import yaml
 
 from lmpg import ConfigError, PGConfig, PGTrainer
+from lmpg.evaluate import evaluate
 from lmpg.sft import imitation_warm_start
 from lmpg.tasks import addition
 from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+from reward_fns import exact_match
 
 ALPHABET = "0123456789+="
 
@@ -95,12 +97,14 @@ def read_settings(config_path: str | None, overrides: list[str]) -> tuple[Additi
 
 
 def measure(model, tokenizer, problems: list[addition.AdditionProblem], batch_size: int, seed: int) -> dict:
-    """Held-out accuracy of `model`: greedy, and one sample per problem at temperature 1."""
+    """Held-out accuracy of `model` (lmpg.evaluate with the training reward, exact_match): greedy, and
+    one sample per problem at temperature 1 (the expected reward of the policy RL trains)."""
+    n_digits = max(len(str(max(p.a, p.b))) for p in problems)
+    common = dict(max_new_tokens=n_digits + 2, batch_size=batch_size, seed=seed)  # n + 1 digits, then EOS
+    heldout = addition.problem_columns(problems)
     return {
-        "greedy": addition.accuracy(model, tokenizer, problems, greedy=True, batch_size=batch_size),
-        "sampled": addition.accuracy(
-            model, tokenizer, problems, greedy=False, temperature=1.0, batch_size=batch_size, seed=seed
-        ),
+        "greedy": evaluate(model, tokenizer, heldout, exact_match, greedy=True, **common)["accuracy"],
+        "sampled": evaluate(model, tokenizer, heldout, exact_match, temperature=1.0, **common)["accuracy"],
     }
 
 
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. RL with lmpg on the exact-answer reward
     prompts = datasets.Dataset.from_dict(addition.problem_columns(train))
-    trainer = PGTrainer(model, [addition.exact_answer_reward], prompts, config, tokenizer=tokenizer)
+    trainer = PGTrainer(model, [exact_match], prompts, config, tokenizer=tokenizer)
     metrics = trainer.train()
     lap("rl")
 

@@ -2,7 +2,8 @@
 
 A completion is either a string (standard format) or, as TRL's conversational datasets give it, a
 list of messages `[{"role": "assistant", "content": "..."}]`; rewards score the text of the last
-message. Reference columns (`answer`, `solution`, ...) arrive as one value per completion.
+message (`completion_text`, lmpg's one helper, re-exported here). Reference columns (`answer`,
+`solution`, ...) arrive as one value per completion.
 """
 
 from __future__ import annotations
@@ -11,21 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmpg.errors import RewardError
+from lmpg.rewards.types import completion_text
 
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: the string itself, or the `content` of the last message of a list."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], Mapping):
-        content = completion[-1].get("content", "")
-        return content if isinstance(content, str) else str(content)
-    if isinstance(completion, Sequence) and not completion:
-        return ""
-    raise RewardError(
-        f"completion of type {type(completion).__name__} is neither a string nor a list of messages;"
-        " pass completions as str or [{'role': 'assistant', 'content': str}]"
-    )
+__all__ = ["completion_text", "reference_column"]
 
 
 def reference_column(kwargs: Mapping[str, Any], names: Sequence[str], batch_size: int) -> list | None:

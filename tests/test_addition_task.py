@@ -1,15 +1,17 @@
-"""lmpg.tasks.addition: problems, the reversed format, the careless demonstrator, reward, accuracy."""
+"""lmpg.tasks.addition: problems, the reversed format, the careless demonstrator; the recipe's held-out
+accuracy through the library (lmpg.evaluate with reward_fns' exact_match)."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from lmpg.tasks.addition import (
     AdditionProblem,
-    accuracy,
     column_sum,
     demonstrator_accuracy,
     demonstrator_answer,
-    exact_answer_reward,
     has_units_carry,
     make_problems,
     problem_columns,
@@ -86,52 +88,35 @@ def test_problem_columns():
     assert columns == {"prompt": ["123+459=", "18+5="], "answer": ["285", "32"]}
 
 
-def test_exact_answer_reward_on_literal_strings():
+def test_exact_match_reward_scores_reversed_answers(tmp_path):
+    """The recipe's reward is reward_fns' exact_match on the `answer` column of problem_columns."""
+    from reward_fns import exact_match
+
+    columns = problem_columns([AdditionProblem(123, 459)] * 6)
     completions = ["285", " 285\n", "2850", "582", "", "28 5"]
-    rewards = exact_answer_reward(["123+459="] * 6, completions, answer=["285"] * 6, other_column=[0] * 6)
-    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert exact_match(columns["prompt"], completions, answer=columns["answer"]) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    chat = [[{"role": "assistant", "content": "285"}], [{"role": "assistant", "content": "275"}]]
+    assert exact_match(None, chat, answer=["285", "285"]) == [1.0, 0.0]
 
 
-def test_exact_answer_reward_reads_chat_completions():
-    completions = [[{"role": "assistant", "content": "32"}], [{"role": "assistant", "content": "31"}]]
-    assert exact_answer_reward(None, completions, answer=["32", "32"]) == [1.0, 0.0]
+def test_recipe_accuracy_of_a_policy_that_memorised_the_forgetful_demonstrator():
+    """Hand-worked: a policy that memorised the demonstrator's carry-forgetting answers is right
+    exactly on the problems without a units carry, half of these, greedy and sampled alike."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from addition_cpu import ALPHABET, measure
 
-
-class ScriptedModel(torch.nn.Module):
-    """A stand-in policy whose `generate` appends a fixed completion per prompt (then EOS, then pad)."""
-
-    def __init__(self, tokenizer, completion_for_prompt):
-        super().__init__()
-        self.tokenizer, self.completion_for_prompt = tokenizer, completion_for_prompt
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
-        rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            prompt = self.tokenizer.decode([i for i, m in zip(ids, mask) if m])
-            new = self.tokenizer(self.completion_for_prompt[prompt])["input_ids"] + [self.tokenizer.eos_token_id]
-            new = (new + [self.tokenizer.pad_token_id] * max_new_tokens)[:max_new_tokens]
-            rows.append(ids + new)
-        return torch.tensor(rows)
-
-
-def test_accuracy_counts_exact_completions():
-    from lmpg.tiny import make_char_tokenizer
-
-    tokenizer = make_char_tokenizer("0123456789+=")
-    problems = [AdditionProblem(123, 459), AdditionProblem(18, 5), AdditionProblem(99, 1), AdditionProblem(10, 10)]
-    # right, forgot the carry, right with a leading-digit carry (4 new tokens incl. EOS), right
-    scripted = {"123+459=": "285", "18+5=": "31", "99+1=": "001", "10+10=": "02"}
-    model = ScriptedModel(tokenizer, scripted).train()
-    assert accuracy(model, tokenizer, problems, greedy=True, batch_size=3) == 0.75
-    assert model.training  # mode restored
-
-
-def test_accuracy_runs_a_real_model_greedy_and_sampled():
+    from lmpg.sft import imitation_warm_start
     from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
 
-    tokenizer = make_char_tokenizer("0123456789+=")
-    model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2)
-    problems, _ = make_problems(20, 0, n_digits=2, seed=0)
-    greedy = accuracy(model, tokenizer, problems, greedy=True, batch_size=8)
-    sampled = [accuracy(model, tokenizer, problems, greedy=False, batch_size=8, seed=3) for _ in range(2)]
-    assert 0.0 <= greedy <= 1.0 and sampled[0] == sampled[1]
+    tokenizer = make_char_tokenizer(ALPHABET)
+    model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
+    pairs = [(18, 5), (27, 36), (11, 22), (40, 15), (19, 19), (23, 41), (55, 55), (30, 60)]
+    problems = [AdditionProblem(a, b) for a, b in pairs]
+    assert sum(map(has_units_carry, problems)) == 4
+    demonstrations = [demonstrator_answer(p.a, p.b, forgets_carry=True) for p in problems]
+    stats = imitation_warm_start(model, tokenizer, [p.prompt for p in problems], demonstrations, steps=120,
+                                 batch_size=8, lr=1e-2)
+    assert stats["loss_last"] < 0.05
+    model.train()
+    assert measure(model, tokenizer, problems, batch_size=3, seed=0) == {"greedy": 0.5, "sampled": 0.5}
+    assert model.training  # mode restored

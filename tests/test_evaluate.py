@@ -202,3 +202,17 @@ def test_load_policy_missing_path(tmp_path):
 def test_evaluate_empty_dataset(tiny_model, tokenizer):
     with pytest.raises(LmpgError, match="dataset is empty"):
         evaluate(tiny_model, tokenizer, datasets.Dataset.from_dict({"prompt": []}), [target_reward])
+
+
+def test_eval_records_are_the_training_sample_records(tiny_model, tokenizer, target_dataset):
+    """`lmpg eval` and training's samples.jsonl write one record (lmpg.samples.completion_records):
+    the same keys, eval adding prompt_index; a reward's log_extra columns reach both."""
+    def noted(prompts, completions, target, log_extra=None, **kwargs):
+        log_extra("note", [f"t={t}" for t in target])
+        return list(target)
+
+    out = evaluate(tiny_model, tokenizer, target_dataset, [noted], n=2, max_new_tokens=3, return_samples=True)
+    first = out["samples"][0]
+    assert list(first) == ["prompt_index", "prompt", "completion", "reward", "length", "truncated",
+                           "reward/noted", "note"]
+    assert [s["note"] for s in out["samples"]] == ["t=1.0"] * 2 + ["t=0.0"] * 2 + ["t=0.5"] * 2

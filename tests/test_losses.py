@@ -289,3 +289,36 @@ def test_token_entropy_is_the_definition(temperature):
     # uniform logits: log V; one-hot-like logits: ~0
     assert float(token_entropy(torch.zeros(1, 1, 7))[0, 0]) == pytest.approx(math.log(7), abs=1e-6)
     assert float(token_entropy(torch.tensor([[[100.0, 0.0, 0.0]]]))[0, 0]) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# ratio_min / ratio_max through the one masked min/max (lmpg.masked.masked_min_max)
+# ---------------------------------------------------------------------------------------------
+
+def test_masked_min_max_reads_only_counted_entries():
+    from lmpg.masked import masked_min_max
+
+    x = torch.tensor([[0.5, float("nan"), 3.0], [float("inf"), 2.0, -1e9]], requires_grad=True)
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    assert masked_min_max(x, mask) == (0.5, 3.0)  # NaN, inf and -1e9 sit on masked-out entries
+    nothing = torch.zeros_like(mask)
+    lo, hi = masked_min_max(x, nothing)
+    assert math.isnan(lo) and math.isnan(hi)
+    assert masked_min_max(x, nothing, empty=1.0) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("ratio_level", RATIO_LEVELS)
+def test_ratio_min_max_are_of_the_counted_ratios_and_one_where_nothing_counts(ratio_level):
+    """Hand-worked: token ratios exp(0.2) and exp(-0.4) on the counted tokens; the masked-out token
+    (ratio exp(3)) never reaches ratio_max. Sequence ratios of the two rows: exp(0.2 - 0.4) and
+    exp(0.5); row means exp(-0.1) and exp(0.5)."""
+    logp_old = torch.zeros(2, 3, dtype=DT)
+    logp = torch.tensor([[0.2, -0.4, 3.0], [0.5, 0.0, 0.0]], dtype=DT, requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    adv = torch.ones(2, 3, dtype=DT)
+    _, stats = policy_gradient_loss(logp, logp_old, adv, mask, ratio_level=ratio_level)
+    want = {"token": (math.exp(-0.4), math.exp(0.5)), "sequence": (math.exp(-0.2), math.exp(0.5)),
+            "sequence_mean": (math.exp(-0.1), math.exp(0.5))}[ratio_level]
+    assert (stats["ratio_min"], stats["ratio_max"]) == pytest.approx(want, rel=1e-12)
+    _, stats = policy_gradient_loss(logp, logp_old, adv, torch.zeros_like(mask), ratio_level=ratio_level)
+    assert stats["ratio_min"] == stats["ratio_max"] == 1.0

@@ -76,10 +76,12 @@ def test_every_two_process_metric_equals_one_process(two_process_run):
 
 
 def test_two_process_samples_equal_one_process(two_process_run, tmp_path):
-    """samples.jsonl of a 2-process run holds every process's completions, in one process's order."""
+    """samples.jsonl of a 2-process run holds every process's completions, in one process's order:
+    the default sample_groups_per_iteration=4 groups of G=2 of each iteration are prompts 0-3, two on
+    each process (prompt_positions: process 0 holds 0, 1, 4, 5 and process 1 holds 2, 3, 6, 7)."""
     one = _read(run_case(ONE_PROCESS_TWIN, tmp_path) / "samples.jsonl")
     two = _read(two_process_run / "samples.jsonl")
-    assert len(two) == len(one) == 3 * 16
+    assert len(two) == len(one) == 3 * 4 * 2
     for a, b in zip(two, one):
         assert (a["iteration"], a["prompt"], a["completion"], a["reward"]) == \
             (b["iteration"], b["prompt"], b["completion"], b["reward"])

@@ -20,6 +20,12 @@ def test_completion_text_of_strings_and_conversations():
         completion_text(3)
 
 
+def test_completion_text_is_lmpgs_one_helper():
+    from lmpg.rewards.types import completion_text as lmpg_completion_text
+
+    assert completion_text is lmpg_completion_text  # re-exported, not a twin
+
+
 def test_reference_column_takes_the_first_present_and_checks_alignment():
     assert reference_column({"solution": ["s"], "answer": None}, ("answer", "solution"), 1) == ["s"]
     assert reference_column({}, ("answer",), 1) is None

@@ -202,3 +202,25 @@ def test_optimal_baselines_run(tmp_path, tokenizer, prompts_dataset):
 def test_optimal_baselines_reject_what_they_cannot_do(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         small_config(tmp_path, **overrides)
+
+
+def test_samples_jsonl_keeps_the_first_groups_of_each_iteration(tmp_path, tokenizer, prompts_dataset, capsys):
+    """sample_groups_per_iteration=1 keeps each iteration's first prompt's G=4 completions, exactly
+    the lines an unbounded run (None) writes for it; 0 writes none, and the console still shows samples."""
+    from lmpg.tiny import make_tiny_causal_lm
+
+    runs = {}
+    for groups in (None, 1, 0):
+        model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
+        config = small_config(tmp_path / str(groups), sample_groups_per_iteration=groups, sample_log_every=1)
+        PGTrainer(model, [count_a], prompts_dataset, config, tokenizer=tokenizer).train()
+        runs[groups] = read_jsonl(tmp_path / str(groups) / "run" / "samples.jsonl")
+    assert len(runs[None]) == 2 * 8 and len(runs[1]) == 2 * 4 and runs[0] == []
+    assert runs[1] == runs[None][0:4] + runs[None][8:12]
+    assert len({s["prompt"] for s in runs[1][:4]}) == 1  # one whole group
+    assert "[sample it 2]" in capsys.readouterr().out
+
+
+def test_sample_groups_per_iteration_must_not_be_negative(tmp_path):
+    with pytest.raises(ConfigError, match="sample_groups_per_iteration=-1 must be >= 0"):
+        small_config(tmp_path, sample_groups_per_iteration=-1)

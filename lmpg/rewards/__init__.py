@@ -11,7 +11,7 @@
 from lmpg.rewards.calling import RewardState
 from lmpg.rewards.scorer import RewardScorer, RewardScores
 from lmpg.rewards.specs import load_reward_fn
-from lmpg.rewards.types import RewardFn, is_async_reward_fn, named_reward, reward_fn_name
+from lmpg.rewards.types import RewardFn, completion_text, is_async_reward_fn, named_reward, reward_fn_name
 
-__all__ = ["RewardFn", "RewardScorer", "RewardScores", "RewardState", "is_async_reward_fn", "load_reward_fn",
-           "named_reward", "reward_fn_name"]
+__all__ = ["RewardFn", "RewardScorer", "RewardScores", "RewardState", "completion_text", "is_async_reward_fn",
+           "load_reward_fn", "named_reward", "reward_fn_name"]

@@ -16,8 +16,9 @@ column 80% of the time (18 + 5 -> 13 instead of 23). The error is systematic: it
 carry, and forgotten more often than not, so the demonstrator's most likely answer is wrong on every
 problem whose units digits sum to 10 or more (about 45% of them). An imitator learns that mode, so
 greedy decoding of the warm start is wrong wherever the demonstrator's mode is, yet the right answer
-keeps probability ~0.2 under the warm-started policy: a policy-gradient step on `exact_answer_reward`
-finds it by sampling and makes it the mode, which imitation of this demonstrator never can.
+keeps probability ~0.2 under the warm-started policy: a policy-gradient step on the exact-match reward
+(reward_fns' `exact_match` against the `answer` column) finds it by sampling and makes it the mode,
+which imitation of this demonstrator never can.
 
 Why not an always-wrong demonstrator: a deterministic bug (always forget that carry, or carry only
 past 10) is a rule a small transformer learns exactly; after imitation the correct answer to the
@@ -30,8 +31,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-
-import torch
 
 FORGET_PROBABILITY = 0.8
 """How often the demonstrator forgets the carry out of the units column (> 0.5: its mode is wrong)."""
@@ -96,7 +95,8 @@ def make_problems(
 
 
 def problem_columns(problems: list[AdditionProblem]) -> dict[str, list[str]]:
-    """The columns an RL dataset needs: `prompt` and the correct `answer` for the reward."""
+    """The columns an RL or evaluation dataset needs: `prompt`, and the correct `answer` that the
+    `exact_match` reward compares the completion with."""
     return {"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]}
 
 
@@ -158,97 +158,3 @@ def demonstrator_accuracy(
     else:
         right_with_carry = n_carry * (1.0 - forget_probability)
     return (n_plain + right_with_carry) / len(problems)
-
-
-def completion_text(completion: str | list[dict[str, str]]) -> str:
-    """The text of a completion given either as a string or as chat messages (last message's content)."""
-    if isinstance(completion, str):
-        return completion
-    return completion[-1]["content"]
-
-
-def exact_answer_reward(
-    prompts: list, completions: list, answer: list[str], **kwargs
-) -> list[float]:
-    """1.0 where the completion, stripped of surrounding whitespace, is exactly the answer, else 0.0.
-
-    `answer` is the dataset column of correct reversed answers, one per completion. Completions may
-    be strings or chat messages. Extra `kwargs` (other dataset columns) are ignored.
-    """
-    return [
-        float(completion_text(completion).strip() == target.strip())
-        for completion, target in zip(completions, answer, strict=True)
-    ]
-
-
-@torch.no_grad()
-def generate_completions(
-    model,
-    tokenizer,
-    prompts: list[str],
-    greedy: bool = True,
-    temperature: float = 1.0,
-    max_new_tokens: int = 8,
-    batch_size: int = 256,
-    seed: int = 0,
-) -> list[str]:
-    """One completion per prompt, greedy or sampled at `temperature` (no top-k/top-p truncation).
-
-    Sampling is seeded by `seed` in a forked RNG, so the global torch RNG is left as it was and the
-    same call gives the same completions.
-    """
-    was_training = model.training
-    model.eval()
-    completions: list[str] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(
-                prompts[start : start + batch_size],
-                padding=True,
-                padding_side="left",
-                add_special_tokens=False,
-                return_tensors="pt",
-            )
-            sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-            output_ids = model.generate(
-                **batch,
-                do_sample=not greedy,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-            new_ids = output_ids[:, batch["input_ids"].shape[1] :]  # B, T
-            completions += tokenizer.batch_decode(new_ids, skip_special_tokens=True)
-    model.train(was_training)
-    return completions
-
-
-def accuracy(
-    model,
-    tokenizer,
-    problems: list[AdditionProblem],
-    greedy: bool = True,
-    temperature: float = 1.0,
-    batch_size: int = 256,
-    seed: int = 0,
-) -> float:
-    """Fraction of `problems` the model answers exactly, with one greedy or sampled completion each.
-
-    Sampled accuracy (greedy=False, temperature 1) is the expected reward of the policy RL trains;
-    greedy accuracy is what the policy's mode gets right.
-    """
-    n_digits = max(len(str(max(p.a, p.b))) for p in problems)
-    completions = generate_completions(
-        model,
-        tokenizer,
-        [p.prompt for p in problems],
-        greedy=greedy,
-        temperature=temperature,
-        max_new_tokens=n_digits + 2,  # the sum has at most n_digits + 1 digits, then EOS
-        batch_size=batch_size,
-        seed=seed,
-    )
-    rewards = exact_answer_reward(None, completions, [p.answer for p in problems])
-    return sum(rewards) / len(rewards)

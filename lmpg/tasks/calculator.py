@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import random
 
-from lmpg.tasks.addition import AdditionProblem, column_sum, completion_text, has_units_carry, make_problems
+from lmpg.rewards.types import completion_text
+from lmpg.tasks.addition import AdditionProblem, column_sum, has_units_carry, make_problems
 
 TOOL_PROBABILITY = 0.4
 """How often the demonstrator calls the calculator."""
@@ -98,7 +99,6 @@ def sum_reward(prompts: list, completions: list, answer: list[str], **kwargs) ->
     """1.0 where the final answer (the last assistant message) is the sum, else 0.0."""
     out = []
     for completion, target in zip(completions, answer, strict=True):
-        last = [m for m in completion if m["role"] == "assistant"] if isinstance(completion, list) else None
-        text = last[-1]["content"] if last else completion_text(completion)
-        out.append(float(text.strip() == target))
+        said = [m for m in completion if m["role"] == "assistant"] if isinstance(completion, list) else completion
+        out.append(float(completion_text(said).strip() == target))
     return out
