@@ -60,7 +60,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_iteration import make_word_tokenizer, reward_sevens  # noqa: E402
+from workload import reward_sevens  # noqa: E402
+
+from lmpg.tiny import make_word_tokenizer  # noqa: E402
 
 # name: Qwen2Config fields (the published configs of the hub models), vocabulary size
 MODELS = {

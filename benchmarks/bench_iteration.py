@@ -1,12 +1,15 @@
 """Seconds per policy-gradient iteration: lmpg, TRL's GRPOTrainer and a bare-PyTorch floor.
 
-    python benchmarks/bench_iteration.py                        # all implementations on W1, W2, W2-lora
+    python benchmarks/bench_iteration.py                        # default implementations on W1, W2, W2-lora
     python benchmarks/bench_iteration.py --impl lmpg --size W1 --iters 5
     python benchmarks/bench_iteration.py --impl lmpg,floor,trl --interleave   # ratios under shared load
     python benchmarks/bench_iteration.py --sweep --impl lmpg --size W1        # G 4/8/16, T 32/64/128
-    python benchmarks/bench_iteration.py --micro --size W2     # each speed-up's piece, before vs after, alone
     python benchmarks/bench_iteration.py --quick                # smoke test, a few seconds
     python benchmarks/bench_iteration.py --json out.json        # also write every measurement
+    python benchmarks/bench_iteration.py --summarize a.json b.json   # re-table saved results, run nothing
+
+The pieces of the update timed alone (once `--micro` here): benchmarks/bench_components.py. The model,
+tokenizer, prompts and reward: benchmarks/workload.py.
 
 One iteration, the same work for every implementation:
 
@@ -18,54 +21,48 @@ One iteration, the same work for every implementation:
 5. two epochs of one minibatch of 32 completions each: forward, clipped surrogate (eps 0.2, token
    mean), backward, gradient norm clipped at 1.0, AdamW step (lr 1e-5). No KL, no reference model.
 
-Implementations:
+Implementations, each timed through its public interface only (nothing wrapped or patched):
 
 - lmpg: `PGTrainer.step()`, batch_size=32, group_size=4, epochs_per_batch=2, minibatch_size=32,
-  sampler="lmpg", adv_norm="group", defaults otherwise. Variants: lmpg-nosnr (grad_snr=False),
-  lmpg-generate (sampler="generate"), lmpg-sampler-logp (logp_old_source="sampler"), lmpg-fast
-  (grad_snr off, logp_old_source="sampler"), lmpg-bf16 (mixed_precision="bf16", autocast on CPU too).
-  Each speed-up of the library switched back off, to measure it: lmpg-noshare (each row runs its
-  prompt in the update forward), lmpg-sliced (log-softmax chunks by slicing: quadratic backward),
-  lmpg-noprefill (the sampler prefills every row), lmpg-unfused (for-each AdamW), lmpg-before (all
-  four off: lmpg as of commit f4aafdf).
+  sampler="lmpg", adv_norm="group", defaults otherwise. Variants, each a PGConfig switch
+  (`LMPG_VARIANTS`): lmpg-nosnr (grad_snr=False), lmpg-generate (sampler="generate"),
+  lmpg-sampler-logp (logp_old_source="sampler"), lmpg-fast (grad_snr off, logp_old_source="sampler"),
+  lmpg-bf16 (mixed_precision="bf16", autocast on CPU too), lmpg-noshare (shared_prompt_forward=False:
+  each row runs its prompt in the update forward), lmpg-chunked (logits_chunk_size=256: log-probs
+  from the hidden states, no (B, T, V) logits). The phases are the `StepResult.timings` that step()
+  returns (what timings.jsonl holds): sample = time_sample, score = time_score, old_logp = time_logp
+  (the log pi_old and log pi_ref forwards and the advantages), update = time_update.
 - trl: `GRPOTrainer` with num_generations=4, per_device_train_batch_size=32 (so generation_batch_size=32
   and one optimizer step per epoch), num_iterations=2, beta=0, max_completion_length=32, and what lmpg
   does set alike (gradient checkpointing off, fp32, lr, eps, grad clip, loss_type dapo = token mean,
   scale_rewards group, top_k 0). trl-defaults: only the fields that define the work, TRL's defaults for
   the rest (gradient checkpointing on, bf16 autocast, lr 1e-6, linear schedule). TRL's loop is its
-  own: a callback times each iteration (its two optimizer steps, generation included).
+  own: a `TrainerCallback` times each iteration (its two optimizer steps, generation included). TRL
+  has no public per-phase timing (its profiling reports to wandb / mlflow / trackio only), so its
+  phases are not split: the total only.
 - floor: the algorithm written bare in `run_floor`: `model.generate`, one no-grad forward for pi_old,
-  two forward/backward/clip/AdamW steps.
+  two forward/backward/clip/AdamW steps, its phases timed in its own loop.
 
 Modes. Default: each implementation in a fresh subprocess per size (its own peak memory).
 --interleave: the implementations of a size in one subprocess, one iteration of each in turn (TRL's
 iterations drive the rounds; the others run between them, outside its timing), so the load of a
 shared machine falls on all alike: the mode to take ratios in. No memory figures there.
 
-The model: a Llama built from a config (`lmpg.tiny.make_tiny_causal_lm`, seed 0, tied embeddings) on a
-word-level tokenizer built in-process with V = 4096 (4 special tokens + 4092 words), so the (B, T, V)
-log-softmax costs what it costs with a real vocabulary. W1: 3 layers, width 256 (4.2M parameters);
-W2: 7 layers, width 512 (31.5M); W2-lora: W2 with LoRA r=16, alpha=16 on every linear layer (peft,
-the same adapter config in all three).
-
-No early stop for anyone: the output layer gets a frozen bias of -1e4 on the EOS logit (a bias
-parameter of `lm_head`, which TRL's fused log-prob head reads too), so EOS has probability 0 for every
-sampler and every completion is exactly max_new_tokens long.
-
 Reported: seconds per iteration (median over the timed iterations after one warm-up iteration, pooled
-over --repeats), completion tokens per second, the median seconds of each phase (sample, score,
-old_logp, update, other), and memory: `peak_rss_mb` (ru_maxrss of the subprocess: imports, model and
-run) and `iter_peak_delta_mb` (the peak RSS during the iterations, reset through /proc/self/clear_refs
-just before them, minus the RSS then: what training adds to a built model).
+over --repeats), CPU seconds per iteration (process time, all threads: what an iteration costs
+whatever share of the cores other jobs leave it), completion tokens per second, the median wall
+seconds of each phase (sample, score, old_logp, update, other = the rest of the wall time around the
+iteration: prompts, metrics, logs; the floor's also in CPU seconds; none for TRL), and memory:
+`peak_rss_mb` (ru_maxrss of the subprocess: imports, model and run) and `iter_peak_delta_mb` (the
+peak RSS during the iterations, reset through /proc/self/clear_refs just before them, minus the RSS
+then: what training adds to a built model).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -73,226 +70,57 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-# Threads that wait at an OpenMP barrier sleep instead of spinning. On a machine shared with other jobs
-# the default (spin) made iterations 5 to 20 times slower and 3 times as variable: a spinning thread
-# holds a core the descheduled other thread needs. Set before torch loads libgomp; the same for all.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# workload sets the environment the measurements assume (OMP_WAIT_POLICY=PASSIVE, ...) before torch loads
+from workload import (NUM_THREADS, SIZES, Workload, load_average, lora_config, make_model,  # noqa: E402
+                      make_prompts, make_tokenizer, reset_peak_rss, reward_sevens, rss_mb, vm_hwm_mb)
 
 import torch  # noqa: E402
 
-VOCAB_SIZE = 4096
-NUM_THREADS = 2
-EOS_BIAS = -1e4
-SIZES = {
-    # name: (n_layer, n_embd, n_head, lora_r)
-    "quick": (1, 64, 2, 0),
-    "W1": (3, 256, 4, 0),
-    "W2": (7, 512, 8, 0),
-    "W2-lora": (7, 512, 8, 16),
+LMPG_VARIANTS = {
+    "lmpg": {},
+    "lmpg-nosnr": {"grad_snr": False},
+    "lmpg-generate": {"sampler": "generate"},
+    "lmpg-sampler-logp": {"logp_old_source": "sampler"},
+    "lmpg-fast": {"grad_snr": False, "logp_old_source": "sampler"},
+    "lmpg-bf16": {"mixed_precision": "bf16"},  # autocast, as trl-defaults' bf16=True
+    "lmpg-noshare": {"shared_prompt_forward": False},  # every row runs its prompt in the update forward
+    "lmpg-chunked": {"logits_chunk_size": 256},  # no (B, T, V) logits (lmpg/chunked_logprobs.py)
 }
-IMPLS = ("lmpg", "lmpg-nosnr", "lmpg-generate", "lmpg-sampler-logp", "lmpg-fast", "lmpg-bf16", "lmpg-noshare",
-         "lmpg-sliced", "lmpg-noprefill", "lmpg-unfused", "lmpg-before", "floor", "trl", "trl-defaults")
+IMPLS = (*LMPG_VARIANTS, "floor", "trl", "trl-defaults")
 DEFAULT_IMPLS = ("lmpg", "lmpg-fast", "floor", "trl", "trl-defaults")
 PHASES = ("sample", "score", "old_logp", "update", "other")
 
 
-@dataclass
-class Workload:
-    """What one iteration does; every implementation gets the same one."""
-
-    size: str = "W1"
-    num_prompts: int = 8
-    """Prompts per iteration."""
-    group_size: int = 4
-    """G: completions per prompt."""
-    max_new_tokens: int = 32
-    """T: tokens per completion (every completion has exactly T: EOS is suppressed)."""
-    minibatch_size: int | None = None
-    """Completions per optimizer step (default: the whole batch, one step per epoch)."""
-    epochs: int = 2
-    learning_rate: float = 1e-5
-    clip_eps: float = 0.2
-    max_grad_norm: float = 1.0
-    seed: int = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_prompts * self.group_size
-
-    @property
-    def lora_r(self) -> int:
-        return SIZES[self.size][3]
-
-
-# ----------------------------------------------------------------------------- shared inputs
-def make_word_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """A word-level tokenizer with `vocab_size` ids: <pad> <eos> <bos> <unk>, then words w0, w1, ...
-
-    Words are split on whitespace and decoded with spaces between them; no special token is added by
-    encoding. Padding on the left, as a decoder-only sampler wants.
-    """
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from lmpg.tiny import SPECIAL_TOKENS, UNK_TOKEN
-
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for i in range(vocab_size - len(vocab)):
-        vocab[f"w{i}"] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        padding_side="left", model_max_length=1024)
-
-
-def suppress_eos(model, eos_token_id: int, bias: float = EOS_BIAS) -> None:
-    """Give the output layer a frozen bias with `bias` on the EOS logit (0 elsewhere): no sampler
-    ever draws EOS, the loss sees the same policy, and the weight stays tied to the embedding."""
-    head = model.lm_head
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    biased.weight = head.weight
-    b = torch.zeros(head.out_features)
-    b[eos_token_id] = bias
-    biased.bias = torch.nn.Parameter(b, requires_grad=False)
-    model.lm_head = biased
-
-
-def make_model(tokenizer, size: str, seed: int = 0):
-    from lmpg.tiny import make_tiny_causal_lm
-
-    n_layer, n_embd, n_head, _ = SIZES[size]
-    model = make_tiny_causal_lm(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                                max_position_embeddings=256, seed=seed)
-    suppress_eos(model, tokenizer.eos_token_id)
-    return model
-
-
-def lora_config(r: int):
-    from peft import LoraConfig
-
-    return LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-
-
-def make_prompts(n: int = 64, seed: int = 0) -> list[str]:
-    """n prompts of 12 to 20 random words."""
-    rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(VOCAB_SIZE - 4)}" for _ in range(rng.randint(12, 20))) for _ in range(n)]
-
-
-def reward_sevens(prompts, completions, **kwargs) -> list[float]:
-    """Fraction of the completion's words that end in '7' (about 0.1 for a random policy)."""
-    out = []
-    for c in completions:
-        words = c.split()
-        out.append(sum(w.endswith("7") for w in words) / max(len(words), 1))
-    return out
-
-
 # ----------------------------------------------------------------------------- measuring
-class PhaseClock:
-    """Wall-clock and CPU seconds per phase, accumulated by wrapped methods until `lap()`.
-
-    CPU seconds (process time, all threads) are what an iteration costs whatever share of the cores
-    other jobs leave it: on a shared machine they are the steadier figure (wall / CPU ran from 0.55 to
-    1.0 with 2 threads here, as other jobs came and went).
-    """
-
-    def __init__(self):
-        self.wall = defaultdict(float)
-        self.cpu = defaultdict(float)
-
-    def add(self, phase: str, wall: float, cpu: float) -> None:
-        self.wall[phase] += wall
-        self.cpu[phase] += cpu
-
-    def wrap(self, obj, attr: str, phase) -> None:
-        """Time calls of obj.attr into `phase` (a name, or a function of the call's args giving one)."""
-        fn = getattr(obj, attr)
-
-        def timed(*args, **kwargs):
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                name = phase(*args, **kwargs) if callable(phase) else phase
-                self.add(name, time.perf_counter() - t0, time.process_time() - c0)
-
-        setattr(obj, attr, timed)
-
-    def lap(self, total_wall: float, total_cpu: float, rest: str = "other") -> tuple[dict, dict]:
-        """(wall, cpu) seconds of this iteration's phases; what no phase timed goes to `rest`."""
-        out = []
-        for spent, total in ((self.wall, total_wall), (self.cpu, total_cpu)):
-            phases = {p: spent.get(p, 0.0) for p in PHASES if p != "other"}
-            phases["other"] = 0.0
-            phases[rest] += max(total - sum(phases.values()), 0.0)
-            out.append(phases)
-        self.wall.clear()
-        self.cpu.clear()
-        return out[0], out[1]
+def timed(step) -> tuple[float, float, dict | None, dict | None]:
+    """Run one iteration: (wall s, CPU s, wall phases, CPU phases). `step()` returns the seconds of
+    its phases (wall, and CPU or None); what they leave of the measured total is `other`."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    wall_phases, cpu_phases = step()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, with_rest(wall_phases, wall), with_rest(cpu_phases, cpu)
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
+def with_rest(phases: dict | None, total: float) -> dict | None:
+    if phases is None:
+        return None
+    return {**phases, "other": max(total - sum(phases.values()), 0.0)}
 
 
 # ----------------------------------------------------------------------------- 1. lmpg
-def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClock, out_dir: str):
-    from lmpg import PGConfig
-    from lmpg.trainer import PGTrainer
+def run_lmpg(w: Workload, variant: str, out_dir: str):
+    """(model, step): step() runs `PGTrainer.step()` and returns its phases from StepResult.timings."""
     import datasets
 
-    tok = make_word_tokenizer()
-    model = make_model(tok, w.size, w.seed)
-    options = dict(sampler="lmpg", logp_old_source="forward", grad_snr=True)
-    if variant == "lmpg-nosnr":
-        options["grad_snr"] = False
-    elif variant == "lmpg-generate":
-        options["sampler"] = "generate"
-    elif variant == "lmpg-sampler-logp":
-        options["logp_old_source"] = "sampler"
-    elif variant == "lmpg-fast":
-        options.update(grad_snr=False, logp_old_source="sampler")
-    off = WITHOUT.get(variant, set())
-    if "noshare" in off:
-        options["shared_prompt_forward"] = False
-    elif variant == "lmpg-bf16":
-        options["mixed_precision"] = "bf16"  # autocast, as trl-defaults' bf16=True
+    from lmpg import PGConfig, PGTrainer
+
+    tok = make_tokenizer(w)
+    model = make_model(tok, w.model_shape, w.seed)
+    options = {"sampler": "lmpg", "logp_old_source": "forward", "grad_snr": True, **LMPG_VARIANTS[variant]}
     config = PGConfig(
         output_dir=out_dir, seed=w.seed, iterations=10**6, batch_size=w.batch_size, group_size=w.group_size,
         max_new_tokens=w.max_new_tokens, temperature=1.0, epochs_per_batch=w.epochs,
@@ -301,104 +129,29 @@ def run_lmpg(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClo
         clip_eps_low=w.clip_eps, clip_eps_high=w.clip_eps, kl_coef=0.0, lora_r=w.lora_r, lora_alpha=16.0,
         sample_log_every=0, progress_bar=False, **options)
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in make_prompts()])
-    import lmpg.trainer
-
-    with patched(lmpg.trainer, "make_adamw", unfused_adamw, "unfused" in off):
-        trainer = PGTrainer(model, [reward_sevens], dataset, config, tokenizer=tok)
-    if off:
-        without_speedups(trainer, off)
+    trainer = PGTrainer(model, [reward_sevens], dataset, config, tokenizer=tok)
     trainer.prepare_run_dir()
-    clock.wrap(trainer, "sample", "sample")
-    clock.wrap(trainer, "score", "score")
-    clock.wrap(trainer, "fill_logp_old", "old_logp")
-    clock.wrap(trainer, "update", "update")
-    model = trainer.accelerator.unwrap_model(trainer.model)
 
-    def one_iteration():
-        trainer.step()
+    def step():
+        t = trainer.step().timings
+        return {"sample": t["time_sample"], "score": t["time_score"], "old_logp": t["time_logp"],
+                "update": t["time_update"]}, None
 
-    return model, one_iteration
-
-
-# Each of the four speed-ups in the library, switched back off, to measure what it buys
-# (benchmarks/README.md, "each change"). lmpg-before switches all four off: lmpg as of f4aafdf.
-WITHOUT = {
-    "lmpg-noshare": {"noshare"},  # shared_prompt_forward=False: every row runs its prompt in the update
-    "lmpg-sliced": {"sliced"},  # log-softmax chunks by slicing (quadratic backward)
-    "lmpg-noprefill": {"noprefill"},  # the sampler prefills every row, not each distinct prompt once
-    "lmpg-unfused": {"unfused"},  # for-each AdamW instead of fused
-    "lmpg-before": {"noshare", "sliced", "noprefill", "unfused"},
-}
-
-
-def sliced_selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                                 chunk_rows: int = 4) -> torch.Tensor:
-    """lmpg.logprobs.selective_log_softmax before it took its chunks with `split`: autograd gives every
-    slice `logits[s:s + 4]` a backward that writes its chunk's gradient into a zero tensor of the full
-    (B, T, V) shape, and the B/4 of them are summed: O(B^2 T V) work in the backward."""
-    B, T, V = logits.shape
-    out = []
-    for s in range(0, B, chunk_rows):
-        z = logits[s:s + chunk_rows].float() / temperature
-        out.append(z.gather(-1, tokens[s:s + chunk_rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
-    return torch.cat(out, 0) if out else logits.new_zeros(B, T, dtype=torch.float32)
-
-
-def every_row_distinct(rows: torch.Tensor):
-    """A stand-in for lmpg.kvcache.distinct_rows that shares nothing (first = inverse = all rows)."""
-    index = torch.arange(rows.shape[0], device=rows.device)
-    return index, index
-
-
-def unfused_adamw(params, c):
-    return torch.optim.AdamW(params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps,
-                             weight_decay=c.weight_decay)
-
-
-@contextlib.contextmanager
-def patched(obj, name: str, value, on: bool = True):
-    """obj.name = value inside the block (when `on`)."""
-    if not on:
-        yield
-        return
-    original = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, original)
-
-
-def without_speedups(trainer, off: set):
-    """Wrap the trainer's sample and update so the switched-off speed-ups are patched out while they run
-    (the patches are module-level, so they are undone between calls: other implementations run
-    interleaved in the same process)."""
-    import lmpg.logprobs
-    import lmpg.sampler
-
-    def wrap(method):
-        def run(*args, **kwargs):
-            with patched(lmpg.logprobs, "selective_log_softmax", sliced_selective_log_softmax, "sliced" in off), \
-                    patched(lmpg.sampler, "distinct_rows", every_row_distinct, "noprefill" in off):
-                return method(*args, **kwargs)
-        return run
-
-    trainer.sample = wrap(trainer.sample)
-    trainer.fill_logp_old = wrap(trainer.fill_logp_old)
-    trainer.update = wrap(trainer.update)
+    return trainer.accelerator.unwrap_model(trainer.model), step
 
 
 # ----------------------------------------------------------------------------- 2. TRL
-def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClock, out_dir: str, between=None):
-    """TRL's loop runs inside train(): returns (model, runner) where runner["trainer"].train() runs all
-    iterations and a callback records when each iteration starts and ends. `between(k)`, if given, runs
-    after TRL's iteration k, outside its timing (the interleaved mode runs the other implementations there)."""
+def run_trl(w: Workload, variant: str, iters: int, warmup: int, out_dir: str, between=None):
+    """TRL's loop runs inside train(): returns (model, trainer, timer) where trainer.train() runs all
+    iterations and `timer` (a TrainerCallback) records when each iteration starts and ends.
+    `between(k)`, if given, runs after TRL's iteration k, outside its timing (the interleaved mode
+    runs the other implementations there)."""
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    tok = make_word_tokenizer()
-    model = make_model(tok, w.size, w.seed)
+    tok = make_tokenizer(w)
+    model = make_model(tok, w.model_shape, w.seed)
     steps_per_iteration = w.epochs * (w.batch_size // (w.minibatch_size or w.batch_size))
     work = dict(output_dir=out_dir, per_device_train_batch_size=w.minibatch_size or w.batch_size,
                 gradient_accumulation_steps=1, num_generations=w.group_size, num_iterations=w.epochs,
@@ -414,31 +167,13 @@ def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCloc
     args = GRPOConfig(**work)
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in make_prompts()])
     peft_config = lora_config(w.lora_r) if w.lora_r else None
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_sevens], args=args, train_dataset=dataset,
-                          processing_class=tok, peft_config=peft_config)
-
-    iteration_of = lambda: trainer.state.global_step // steps_per_iteration  # noqa: E731
-    clocks = defaultdict(PhaseClock)  # iteration -> its phases
-
-    def wrap(attr, phase):
-        fn = getattr(trainer, attr)
-
-        def timed(*a, **k):
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                name = phase() if callable(phase) else phase
-                clocks[iteration_of()].add(name, time.perf_counter() - t0, time.process_time() - c0)
-        setattr(trainer, attr, timed)
-
-    wrap("_generate", "sample")
-    wrap("_calculate_rewards", "score")
-    wrap("_get_per_token_logps_and_entropies", lambda: "update" if torch.is_grad_enabled() else "old_logp")
 
     class IterationTimer(TrainerCallback):
+        """(wall s, CPU s, None, None) per iteration: from the end of the previous one (or the start of
+        training) to the end of its last optimizer step."""
+
         def __init__(self):
-            self.spans = []  # (wall start, wall end, cpu start, cpu end) per iteration
+            self.record = []
             self._start = None
 
         def _mark_start(self):
@@ -450,26 +185,15 @@ def run_trl(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCloc
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % steps_per_iteration == 0:
                 wall, cpu = time.perf_counter(), time.process_time()
-                self.spans.append((self._start[0], wall, self._start[1], cpu))
+                self.record.append((wall - self._start[0], cpu - self._start[1], None, None))
                 if between is not None:
-                    between(len(self.spans) - 1)
+                    between(len(self.record) - 1)
                 self._mark_start()
 
     timer = IterationTimer()
-    trainer.add_callback(timer)
-    runner = {"trainer": trainer, "timer": timer, "clocks": clocks}
-    return trainer.model, runner
-
-
-def trl_results(runner) -> tuple[list[float], list[float], list[dict], list[dict]]:
-    """Per iteration: wall seconds, CPU seconds, wall phases, CPU phases. TRL's "update" is what is
-    left of the iteration after sampling, scoring and the log pi_old forward: its training forwards,
-    backward, clipping, optimizer and bookkeeping."""
-    spans = runner["timer"].spans
-    seconds = [end - start for start, end, _, _ in spans]
-    cpu_seconds = [end - start for _, _, start, end in spans]
-    laps = [runner["clocks"][k].lap(seconds[k], cpu_seconds[k], rest="update") for k in range(len(spans))]
-    return seconds, cpu_seconds, [w for w, _ in laps], [c for _, c in laps]
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_sevens], args=args, train_dataset=dataset,
+                          processing_class=tok, peft_config=peft_config, callbacks=[timer])
+    return trainer.model, trainer, timer
 
 
 # ----------------------------------------------------------------------------- 3. the floor
@@ -482,9 +206,10 @@ def floor_logprobs(model, input_ids, attention_mask, position_ids, completion_id
     return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseClock, out_dir: str):
-    tok = make_word_tokenizer()
-    model = make_model(tok, w.size, w.seed)
+def run_floor(w: Workload, variant: str, out_dir: str):
+    """(model, step): step() runs one iteration of the bare loop and returns its phases (wall, CPU)."""
+    tok = make_tokenizer(w)
+    model = make_model(tok, w.model_shape, w.seed)
     if w.lora_r:
         from peft import get_peft_model
 
@@ -497,7 +222,7 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
     state = {"next": 0}
     torch.manual_seed(w.seed)
 
-    def one_iteration():
+    def step():
         # 1. sample G completions per prompt from pi_old
         marks = [(time.perf_counter(), time.process_time())]
         start = state["next"] % len(prompts)
@@ -545,114 +270,37 @@ def run_floor(w: Workload, variant: str, iters: int, warmup: int, clock: PhaseCl
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         marks.append((time.perf_counter(), time.process_time()))
-        for phase, (start, end) in zip(("sample", "score", "old_logp", "update"), zip(marks, marks[1:])):
-            clock.add(phase, end[0] - start[0], end[1] - start[1])
+        spans = list(zip(("sample", "score", "old_logp", "update"), zip(marks, marks[1:])))
+        return ({phase: end[0] - start[0] for phase, (start, end) in spans},
+                {phase: end[1] - start[1] for phase, (start, end) in spans})
 
-    return model, one_iteration
-
-
-# ----------------------------------------------------------------------------- components
-def _cpu_median(fn, repeats: int) -> float:
-    """Median CPU seconds of fn() over `repeats` calls, after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        c0 = time.process_time()
-        fn()
-        times.append(time.process_time() - c0)
-    return statistics.median(times)
-
-
-def run_micro(size: str = "W2", repeats: int = 7, threads: int = NUM_THREADS) -> dict:
-    """CPU seconds of the pieces behind the library's speed-ups, before and after, each alone, on `size`'s model and an
-    iteration's shapes (B = 32 rows of 8 prompts, T = 32): the evidence for gains too small to resolve
-    in whole iterations on a shared machine."""
-    from lmpg.diagnostics import GradientMoments
-    from lmpg.logprobs import completion_logits, selective_log_softmax, shared_prompt_completion_logits
-    from lmpg.rollout import sample_completions
-
-    torch.set_num_threads(threads)
-    tok = make_word_tokenizer()
-    model = make_model(tok, size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = {"size": size, "threads": threads, "repeats": repeats}
-
-    # 1. one AdamW step: for-each (before) vs fused (lmpg now)
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    for name, kw in (("adamw_step_s", {}), ("adamw_fused_step_s", {"fused": True})):
-        opt = torch.optim.AdamW(params, lr=1e-9, **kw)
-        out[name] = _cpu_median(opt.step, repeats)
-
-    # 2. GradientMoments on one micro-batch, as the update runs it (grad_snr=True; the result is NaN
-    # with one micro-batch): gradients unset before the backward, set after it
-    grads = [p.grad for p in params]
-
-    def moments():
-        m = GradientMoments(params)
-        for p in params:
-            p.grad = None
-        m.before_backward()
-        for p, g in zip(params, grads):
-            p.grad = g
-        m.after_backward(scale=1.0)
-        m.result()
-    out["grad_snr_moments_s"] = _cpu_median(moments, repeats)
-
-    # 3. selective log-softmax forward + backward on (B, T, V) logits: sliced chunks (before) vs split
-    for B in (32, 64, 128):
-        logits = torch.randn(B, 32, VOCAB_SIZE)
-        tokens = torch.randint(0, VOCAB_SIZE, (B, 32))
-        for name, fn in (("sliced", sliced_selective_log_softmax), ("split", selective_log_softmax)):
-            def fwd_bwd(fn=fn):
-                z = logits.clone().requires_grad_()
-                fn(z, tokens).sum().backward()
-            out[f"log_softmax_{name}_B{B}_s"] = _cpu_median(fwd_bwd, repeats)
-
-    # 4. a rollout of 8 prompts x 4 samples, then the training forward + backward: plain vs shared prompt
-    roll = sample_completions(model, tok, make_prompts()[:8], 4, max_new_tokens=32, seeds=list(range(32)))
-    group = torch.as_tensor(roll.prompt_index)
-    args = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
-    for name, logits_fn in (("plain", lambda: completion_logits(model, *args)),
-                            ("shared_prompt", lambda: shared_prompt_completion_logits(model, *args, group))):
-        def fwd_bwd(logits_fn=logits_fn):
-            selective_log_softmax(logits_fn(), roll.completion_ids).sum().backward()
-            model.zero_grad(set_to_none=True)
-        out[f"train_fwd_bwd_{name}_s"] = _cpu_median(fwd_bwd, max(repeats // 2, 3))
-
-    # 5. the sampler: every row prefilled (before) vs each distinct prompt once (whole sampling)
-    import lmpg.sampler
-
-    for name, share in (("every_row_prefill", False), ("shared_prefill", True)):
-        def sample(share=share):
-            with patched(lmpg.sampler, "distinct_rows", every_row_distinct, not share):
-                lmpg.sampler.sample_tokens(model, roll.prompt_ids, roll.prompt_mask, list(range(32)), max_new_tokens=32,
-                                           eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
-        out[f"sample_{name}_s"] = _cpu_median(sample, max(repeats // 2, 3))
-    return out
+    return model, step
 
 
 # ----------------------------------------------------------------------------- runs
-BUILDERS = {"lmpg": lambda: run_lmpg, "floor": lambda: run_floor, "trl": lambda: run_trl}
-
-
 def _builder(impl: str):
-    return BUILDERS[impl.split("-")[0]]()
+    return {"lmpg": run_lmpg, "floor": run_floor}[impl.split("-")[0]]
 
 
-def _result(impl: str, w: Workload, mode: str, warmup: int, seconds, cpu_seconds, phases, phases_cpu, model,
-            **extra) -> dict:
-    """One implementation's measurements (the first `warmup` iterations dropped)."""
+def _result(impl: str, w: Workload, mode: str, warmup: int, record: list[tuple], model, **extra) -> dict:
+    """One implementation's measurements from its per-iteration (wall s, CPU s, wall phases, CPU
+    phases), the first `warmup` iterations dropped."""
     import transformers
 
-    seconds, cpu_seconds = seconds[warmup:], cpu_seconds[warmup:]
-    phases, phases_cpu = phases[warmup:], phases_cpu[warmup:]
+    record = record[warmup:]
+    seconds, cpu_seconds = [r[0] for r in record], [r[1] for r in record]
     s = statistics.median(seconds)
     try:
         import trl
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
+
+    def median_phases(column: int) -> dict | None:
+        if any(r[column] is None for r in record):
+            return None
+        return {p: statistics.median(r[column][p] for r in record) for p in PHASES}
+
     return {
         "impl": impl, "size": w.size, "mode": mode, "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "workload": asdict(w),
@@ -660,8 +308,7 @@ def _result(impl: str, w: Workload, mode: str, warmup: int, seconds, cpu_seconds
         "s_per_iter": s, "s_per_iter_min": min(seconds), "s_per_iter_all": seconds,
         "cpu_s_per_iter": statistics.median(cpu_seconds), "cpu_s_per_iter_all": cpu_seconds,
         "tokens_per_s": w.batch_size * w.max_new_tokens / s,
-        "phases": {p: statistics.median(ph[p] for ph in phases) for p in PHASES},
-        "phases_cpu": {p: statistics.median(ph[p] for ph in phases_cpu) for p in PHASES},
+        "phases": median_phases(2), "phases_cpu": median_phases(3),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "load_after": load_average(),
@@ -674,30 +321,25 @@ def run_worker(impl: str, w: Workload, iters: int, warmup: int = 1, threads: int
     """Build `impl` on workload `w`, run warmup + iters iterations, return the measurements with
     memory (meaningful when this is the only implementation the process ran)."""
     torch.set_num_threads(threads)
-    clock = PhaseClock()
     load_before = load_average()
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_iteration_") as out_dir:
-        model, runner = _builder(impl)(w, impl, iters, warmup, clock, os.path.join(out_dir, "run"))
+        run_dir = os.path.join(out_dir, "run")
+        if impl.startswith("trl"):
+            model, trainer, timer = run_trl(w, impl, iters, warmup, run_dir)
+        else:
+            model, step = _builder(impl)(w, impl, run_dir)
         setup_s = time.perf_counter() - t_setup
         base_rss = rss_mb()
         peak_reset = reset_peak_rss()
         if impl.startswith("trl"):
-            runner["trainer"].train()
-            seconds, cpu_seconds, phases, phases_cpu = trl_results(runner)
+            trainer.train()
+            record = timer.record
         else:
-            seconds, cpu_seconds, phases, phases_cpu = [], [], [], []
-            for _ in range(warmup + iters):
-                t0, c0 = time.perf_counter(), time.process_time()
-                runner()
-                seconds.append(time.perf_counter() - t0)
-                cpu_seconds.append(time.process_time() - c0)
-                wall, cpu = clock.lap(seconds[-1], cpu_seconds[-1])
-                phases.append(wall)
-                phases_cpu.append(cpu)
+            record = [timed(step) for _ in range(warmup + iters)]
         iter_peak = vm_hwm_mb() if peak_reset else float("nan")
     _reset_accelerate()
-    return _result(impl, w, "separate", warmup, seconds, cpu_seconds, phases, phases_cpu, model,
+    return _result(impl, w, "separate", warmup, record, model,
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base_rss_mb=base_rss,
                    iter_peak_mb=iter_peak, iter_peak_delta_mb=iter_peak - base_rss, setup_s=setup_s,
                    load_before=load_before)
@@ -713,34 +355,27 @@ def run_interleaved(impls: list[str], w: Workload, iters: int, warmup: int = 1, 
     if len(trl_impls) > 1 or "trl-defaults" in trl_impls:
         raise ValueError("the interleaved mode takes at most one TRL run, 'trl' (trl-defaults changes the "
                          "process-wide accelerate state to bf16)")
-    record = {i: ([], [], [], []) for i in impls}  # wall s, CPU s, wall phases, CPU phases
+    records = {i: [] for i in impls}
+    models = {}
     with tempfile.TemporaryDirectory(prefix="bench_iteration_") as out_dir:
-        built = {}
+        steps = {}
         for i in local:
-            clock = PhaseClock()
-            built[i] = (clock, *_builder(i)(w, i, iters, warmup, clock, os.path.join(out_dir, i)))
+            models[i], steps[i] = _builder(i)(w, i, os.path.join(out_dir, i))
 
         def one_round(k: int):
             for i in local[k % len(local):] + local[:k % len(local)]:
-                clock, _, step = built[i]
-                t0, c0 = time.perf_counter(), time.process_time()
-                step()
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                wall_phases, cpu_phases = clock.lap(wall, cpu)
-                for column, value in zip(record[i], (wall, cpu, wall_phases, cpu_phases)):
-                    column.append(value)
+                records[i].append(timed(steps[i]))
 
         if trl_impls:
-            model, runner = run_trl(w, "trl", iters, warmup, PhaseClock(), os.path.join(out_dir, "trl"),
-                                    between=one_round if local else None)
-            runner["trainer"].train()
-            record["trl"] = trl_results(runner)
-            built["trl"] = (None, model, None)
+            models["trl"], trainer, timer = run_trl(w, "trl", iters, warmup, os.path.join(out_dir, "trl"),
+                                                    between=one_round if local else None)
+            trainer.train()
+            records["trl"] = timer.record
         else:
             for k in range(warmup + iters):
                 one_round(k)
     _reset_accelerate()
-    return [_result(i, w, "interleaved", warmup, *record[i], built[i][1]) for i in impls]
+    return [_result(i, w, "interleaved", warmup, records[i], models[i]) for i in impls]
 
 
 def _reset_accelerate() -> None:
@@ -786,14 +421,18 @@ def summarize(results: list[dict]) -> list[dict]:
     for (impl, mode, size, G, T, mb), rs in groups.items():
         pooled = lambda key: statistics.median(x for r in rs for x in r[key])  # noqa: E731
         med = lambda key: statistics.median(r[key] for r in rs) if key in rs[0] else None  # noqa: E731
+
+        def phases(key):
+            if any(r.get(key) is None for r in rs):
+                return None
+            return {p: statistics.median(r[key][p] for r in rs) for p in PHASES}
+
         s_iter = pooled("s_per_iter_all")
         rows.append({"impl": impl, "mode": mode, "size": size, "G": G, "T": T, "minibatch": mb,
                      "repeats": len(rs), "iters": sum(r["iters"] for r in rs),
                      "s_per_iter": s_iter, "cpu_s_per_iter": pooled("cpu_s_per_iter_all"),
                      "tokens_per_s": rs[0]["workload"]["num_prompts"] * G * T / s_iter,
-                     "phases": {p: statistics.median(r["phases"][p] for r in rs) for p in PHASES},
-                     "phases_cpu": {p: statistics.median(r["phases_cpu"][p] for r in rs) for p in PHASES}
-                     if "phases_cpu" in rs[0] else None,
+                     "phases": phases("phases"), "phases_cpu": phases("phases_cpu"),
                      "peak_rss_mb": med("peak_rss_mb"), "iter_peak_delta_mb": med("iter_peak_delta_mb"),
                      "params": rs[0]["params"], "trainable_params": rs[0]["trainable_params"],
                      "load": statistics.median(r["load_after"] for r in rs)})
@@ -807,17 +446,18 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per row: wall and CPU seconds, phases (CPU seconds where measured), memory, ratios."""
+    """One line per row: wall and CPU seconds, wall seconds per phase (- where not split), memory, ratios."""
     head = ("| mode | size | impl | G | T | mb | iters | s/iter | CPU s/iter | tokens/s | sample | score | "
             "old_logp | update | other | peak RSS MB | iter peak +MB | /floor | /floor CPU | /trl | /trl CPU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731
     for r in rows:
-        ph = r["phases_cpu"] or r["phases"]
+        ph = r["phases"] or {}
+        phase_cells = " | ".join(fmt(ph.get(p), ".4f" if p == "score" else ".3f") for p in PHASES)
         lines.append(
             f"| {r['mode']} | {r['size']} | {r['impl']} | {r['G']} | {r['T']} | {r['minibatch'] or r['G'] * 8} | "
             f"{r['iters']} | {r['s_per_iter']:.3f} | {r['cpu_s_per_iter']:.3f} | {r['tokens_per_s']:.0f} | "
-            f"{ph['sample']:.3f} | {ph['score']:.4f} | {ph['old_logp']:.3f} | {ph['update']:.3f} | {ph['other']:.3f} | "
+            f"{phase_cells} | "
             f"{fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['iter_peak_delta_mb'], '.0f')} | {fmt(r['vs_floor'], '.2f')} | "
             f"{fmt(r['vs_floor_cpu'], '.2f')} | {fmt(r['vs_trl'], '.2f')} | {fmt(r['vs_trl_cpu'], '.2f')} |")
     return "\n".join(lines)
@@ -844,8 +484,6 @@ def main(argv=None):
                     help="smoke test: tiny model, T=8, 1 thread, 1 timed iteration, in this process "
                          "(floor and lmpg unless --impl)")
     ap.add_argument("--json", default=None, help="write the raw results and the summary here")
-    ap.add_argument("--micro", action="store_true",
-                    help="time each speed-up's component before and after, alone (CPU seconds), on each --size")
     ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
                     help="print the table of results saved by --json (several files are pooled); run nothing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -861,20 +499,14 @@ def main(argv=None):
     sizes = args.size.split(",")
     for name in impls:
         if name not in IMPLS:
-            ap.error(f"unknown --impl {name}; choose from all, {', '.join(IMPLS)}")
+            ap.error(f"unknown --impl {name}; choose from all, {', '.join(IMPLS)} (the variants that patched "
+                     "the library, lmpg-sliced, -noprefill, -unfused, -before, are gone: benchmarks/README.md)")
     for name in sizes:
         if name not in SIZES:
             ap.error(f"unknown --size {name}; choose from {', '.join(SIZES)}")
     if not have_trl() and any(i.startswith("trl") for i in impls):
         print("TRL is not installed (pip install trl): skipping trl, trl-defaults", file=sys.stderr)
         impls = [i for i in impls if not i.startswith("trl")]
-
-    if args.micro:
-        results = [run_micro(size, threads=args.threads) for size in sizes]
-        print(json.dumps(results, indent=1))
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
-        return results
 
     if args.worker:
         w = Workload(size=sizes[0], group_size=args.group_size, max_new_tokens=args.max_new_tokens,

@@ -44,7 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/README.md,
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_iteration as bi  # noqa: E402
+import workload  # noqa: E402  (the iteration benchmarks' model, prompts, reward, memory probes)
 
 SIZES = {"quick": (1, 64, 2), "W2": (7, 512, 8), "M": (12, 768, 12)}  # layers, width, heads (V = 4096)
 MODES = ("full", "lora", "full-kl", "lora-kl", "full-gc", "lora-gc")
@@ -54,6 +54,8 @@ MMAP_THRESHOLD = 65536  # bytes; see the module docstring
 
 def build(size: str, model_name: str | None):
     """(model, tokenizer): `model_name` from the hub / a path, else a Llama of `size` from a config."""
+    from lmpg.tiny import suppress_eos
+
     if model_name:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,13 +64,13 @@ def build(size: str, model_name: str | None):
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32)
     else:
-        from lmpg.tiny import make_tiny_causal_lm
+        from lmpg.tiny import make_tiny_causal_lm, make_word_tokenizer
 
-        tok = bi.make_word_tokenizer()
+        tok = make_word_tokenizer(workload.VOCAB_SIZE)
         n_layer, n_embd, n_head = SIZES[size]
         model = make_tiny_causal_lm(tok, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                                     max_position_embeddings=256, seed=0)
-    bi.suppress_eos(model, tok.eos_token_id)
+    suppress_eos(model, tok.eos_token_id)
     return model, tok
 
 
@@ -78,7 +80,7 @@ def worker(size: str, model_name: str | None, mode: str, iters: int, mixed_preci
 
     from lmpg import PGConfig, PGTrainer
 
-    torch.set_num_threads(bi.NUM_THREADS)
+    torch.set_num_threads(workload.NUM_THREADS)
     cuda = torch.cuda.is_available()
     model, tok = build(size, model_name)
     params = sum(p.numel() for p in model.parameters())
@@ -88,10 +90,10 @@ def worker(size: str, model_name: str | None, mode: str, iters: int, mixed_preci
         base = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = bi.rss_mb()
-        if not bi.reset_peak_rss():
+        base = workload.rss_mb()
+        if not workload.reset_peak_rss():
             raise SystemExit("cannot reset the peak RSS mark (/proc/self/clear_refs); run on Linux")
-    w = bi.Workload()
+    w = workload.Workload()
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as out_dir:
         config = PGConfig(
             output_dir=os.path.join(out_dir, "run"), seed=0, iterations=10**6, batch_size=w.batch_size,
@@ -100,8 +102,8 @@ def worker(size: str, model_name: str | None, mode: str, iters: int, mixed_preci
             kl_coef=0.05 if mode.endswith("-kl") else 0.0, lora_r=16 if mode.startswith("lora") else 0,
             lora_alpha=16.0, gradient_checkpointing=mode.endswith("-gc"), mixed_precision=mixed_precision,
             sample_log_every=0, progress_bar=False, grad_snr=False)
-        dataset = datasets.Dataset.from_list([{"prompt": p} for p in bi.make_prompts()])
-        trainer = PGTrainer(model, [bi.reward_sevens], dataset, config, tokenizer=tok)
+        dataset = datasets.Dataset.from_list([{"prompt": p} for p in workload.make_prompts()])
+        trainer = PGTrainer(model, [workload.reward_sevens], dataset, config, tokenizer=tok)
         trainer.prepare_run_dir()
         for _ in range(iters):
             trainer.step()
@@ -109,7 +111,7 @@ def worker(size: str, model_name: str | None, mode: str, iters: int, mixed_preci
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = bi.vm_hwm_mb()
+        peak = workload.vm_hwm_mb()
     return {"model": model_name or size, "mode": mode, "device": "cuda" if cuda else "cpu",
             "mixed_precision": mixed_precision, "iters": iters, "params": params, "trainable_params": trainable,
             "base_mb": base, "peak_mb": peak, "peak_over_base_mb": peak - base,

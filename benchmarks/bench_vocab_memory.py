@@ -12,8 +12,10 @@ benchmarks/bench_iteration.py's with 4 prompts x G=4 completions of exactly 32 t
 suppressed), two epochs of one minibatch, AdamW, no KL.
 
 Implementations (each in a fresh process, one after another, the order rotated every round):
-- lmpg: the library's defaults (log-probs from the hidden states in chunks of logits_chunk_size);
-- lmpg-full: the same with the full (B, T, V) logits (logits_chunk_size=0: lmpg before issue 16);
+- lmpg: log-probs from the hidden states in chunks of logits_chunk_size=256 (bench_iteration.py's
+  lmpg-chunked);
+- lmpg-full: the same with the full (B, T, V) logits (logits_chunk_size=0, the library's default for
+  now; lmpg before issue 16);
 - trl: TRL's GRPOTrainer set up as in bench_iteration.py ("trl" there);
 - floor: bench_iteration.py's bare loop (full logits).
 
@@ -34,64 +36,29 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/README.md, "the machine"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_iteration as bi  # noqa: E402
+import bench_iteration  # noqa: E402
+from workload import ModelShape, Workload  # noqa: E402
 
 SHAPES = {
-    # name: hidden, layers, heads, kv heads, intermediate, vocabulary
-    "0.5B": (896, 24, 14, 2, 4864, 151_936),
-    "1.5B": (1536, 28, 12, 2, 8960, 151_936),
-    "quick": (64, 2, 4, 2, 128, 4096),
+    # Qwen2 configs: layers, hidden, heads, KV heads, intermediate, vocabulary
+    "0.5B": ModelShape(24, 896, 14, arch="qwen2", n_kv_head=2, intermediate=4864, vocab_size=151_936),
+    "1.5B": ModelShape(28, 1536, 12, arch="qwen2", n_kv_head=2, intermediate=8960, vocab_size=151_936),
+    "quick": ModelShape(2, 64, 4, arch="qwen2", n_kv_head=2, intermediate=128, vocab_size=4096),
 }
 IMPLS = ("lmpg", "lmpg-full", "trl", "floor")
+# this script's names -> bench_iteration's: lmpg here is the chunked log-probs (a PGConfig switch there)
+BENCH_IMPL = {"lmpg": "lmpg-chunked", "lmpg-full": "lmpg", "trl": "trl", "floor": "floor"}
 MMAP_THRESHOLD = 65536
 
 
-def use_shape(shape: str) -> None:
-    """Make bench_iteration build a Qwen2 of `shape` on a word tokenizer of its vocabulary."""
-    import torch
-    import transformers
-
-    hidden, layers, heads, kv_heads, inter, vocab = SHAPES[shape]
-    make_tokenizer = bi.make_word_tokenizer
-
-    def make_word_tokenizer(vocab_size: int = vocab):
-        return make_tokenizer(vocab)
-
-    def make_model(tok, size, seed=0):
-        config = transformers.Qwen2Config(
-            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads, intermediate_size=inter, max_position_embeddings=2048,
-            tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        model = transformers.Qwen2ForCausalLM(config)
-        torch.random.set_rng_state(state)
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.do_sample = True
-        bi.suppress_eos(model, tok.eos_token_id)
-        return model
-
-    bi.make_word_tokenizer = make_word_tokenizer
-    bi.make_model = make_model
-    bi.SIZES[shape] = (layers, hidden, heads, 0)
-
-
 def worker(impl: str, shape: str, num_prompts: int, T: int, iters: int, warmup: int) -> dict:
-    use_shape(shape)
-    if impl == "lmpg-full":
-        import lmpg.logprobs
-
-        lmpg.logprobs.output_head = lambda model: None  # every forward takes the full-logits path
-    w = bi.Workload(size=shape, num_prompts=num_prompts, group_size=4, max_new_tokens=T)
-    r = bi.run_worker(impl.replace("-full", ""), w, iters, warmup=warmup)
+    w = Workload(size=shape, num_prompts=num_prompts, group_size=4, max_new_tokens=T, shape=SHAPES[shape])
+    r = bench_iteration.run_worker(BENCH_IMPL[impl], w, iters, warmup=warmup)
     r["impl"] = impl
     return r
 

@@ -1,10 +1,15 @@
-"""Tiny causal LMs and character tokenizers built in-process, for tests and CPU recipes.
+"""Tiny causal LMs and character / word tokenizers built in-process, for tests, CPU recipes and benchmarks.
 
-Nothing here downloads anything: the tokenizer is assembled from an alphabet with the `tokenizers`
-library and the model is initialised at random from a config, so recipes and tests run offline.
+Nothing here downloads anything: the tokenizer is assembled from an alphabet (or a numbered word
+list) with the `tokenizers` library and the model is initialised at random from a config, so
+recipes and tests run offline.
 
     tokenizer = make_char_tokenizer("0123456789+=")
     model = make_tiny_causal_lm(tokenizer, n_layer=2, n_embd=128, n_head=4, seed=0)
+
+    tokenizer = make_word_tokenizer(4096)       # a real vocabulary's size, words w0 ... w4091
+    model = make_tiny_causal_lm(tokenizer, n_layer=3, n_embd=256, n_head=4, max_position_embeddings=256)
+    suppress_eos(model, tokenizer.eos_token_id)  # every completion runs to max_new_tokens
 """
 
 from __future__ import annotations
@@ -109,3 +114,45 @@ def make_tiny_causal_lm(
         max_new_tokens=16,
     )
     return model
+
+
+def make_word_tokenizer(vocab_size: int = 4096, model_max_length: int = 1024) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer with `vocab_size` ids: `<pad>` `<eos>` `<bos>` `<unk>`, then words w0, w1, ...
+
+    Text is split on whitespace, each word one token (`w17` is id 21; a word outside the vocabulary
+    is `<unk>`), and decoded with spaces between words. No special token is inserted by encoding;
+    padding is on the left. With a vocabulary of a real model's size, the (B, T, V) log-softmax of a
+    tiny model costs what it costs there (the benchmarks use V = 4096).
+    """
+    from tokenizers import pre_tokenizers
+
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} leaves no room for words after the "
+                         f"{len(SPECIAL_TOKENS)} special tokens; pass at least {len(SPECIAL_TOKENS) + 1}")
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=BOS_TOKEN,
+        unk_token=UNK_TOKEN, padding_side="left", model_max_length=model_max_length)
+
+
+def suppress_eos(model, eos_token_id: int, bias: float = -1e4) -> None:
+    """Give `model.lm_head` a frozen bias of `bias` on the EOS logit (0 elsewhere), in place.
+
+    No sampler then draws EOS, so every completion is exactly max_new_tokens long (the benchmarks'
+    fixed workload); the loss sees the same policy (the bias is part of the head), and the weight stays
+    tied to the input embedding. The bias is a parameter with requires_grad=False, so it is counted
+    in `model.parameters()` but never trained. The global torch RNG is left as it was.
+    """
+    head = model.lm_head
+    # built on the meta device: no random init to draw (both parameters are replaced below)
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, device="meta")
+    biased.weight = head.weight
+    b = torch.zeros(head.out_features)
+    b[eos_token_id] = bias
+    biased.bias = torch.nn.Parameter(b, requires_grad=False)
+    model.lm_head = biased

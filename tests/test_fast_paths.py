@@ -11,10 +11,6 @@
 - fused AdamW takes the for-each AdamW's step.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -22,19 +18,29 @@ from lmpg import PGConfig, PGTrainer
 from lmpg.kvcache import distinct_rows
 from lmpg.logprobs import completion_logits, selective_log_softmax, shared_prompt_completion_logits
 from lmpg.rollout import sample_completions
+from lmpg.tiny import make_tiny_causal_lm, make_word_tokenizer, suppress_eos
 
 from conftest import count_a
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_iteration.py"
+
+def quick_model(tok):
+    """The benchmarks' quick model (benchmarks/workload.py): 1 layer, width 64, EOS suppressed."""
+    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=64, n_head=2, max_position_embeddings=256, seed=0)
+    suppress_eos(model, tok.eos_token_id)
+    return model
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_iteration", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_iteration", module)
-    spec.loader.exec_module(module)
-    return module
+def sliced_selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                                 chunk_rows: int = 4) -> torch.Tensor:
+    """lmpg.logprobs.selective_log_softmax before it took its chunks with `split` (the reference the
+    split version must match): autograd gives every slice `logits[s:s + 4]` a backward that writes its
+    chunk's gradient into a zero tensor of the full (B, T, V) shape, O(B^2 T V) work in all."""
+    B, T, V = logits.shape
+    out = []
+    for s in range(0, B, chunk_rows):
+        z = logits[s:s + chunk_rows].float() / temperature
+        out.append(z.gather(-1, tokens[s:s + chunk_rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    return torch.cat(out, 0) if out else logits.new_zeros(B, T, dtype=torch.float32)
 
 
 def run_config(tmp_path, name, **kw):
@@ -73,13 +79,13 @@ def _ranks_of_sampled_tokens(model, roll):
 
 
 @pytest.mark.parametrize("sampler", ["lmpg", "generate"])
-def test_both_samplers_give_valid_untruncated_rollouts(bench, sampler):
+def test_both_samplers_give_valid_untruncated_rollouts(sampler):
     """Shapes, masks, padding and decoded text are consistent, and with top_k=0 the sampled tokens are
     spread over the whole vocabulary, even when the model's generation_config asks for top-k / top-p
     (transformers' own default is top_k=50)."""
     from lmpg.tiny import make_tiny_causal_lm
 
-    tok = bench.make_word_tokenizer(256)
+    tok = make_word_tokenizer(256)
     model = make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, seed=0)
     model.generation_config.top_k, model.generation_config.top_p = 20, 0.5
     torch.manual_seed(0)
@@ -98,16 +104,16 @@ def test_both_samplers_give_valid_untruncated_rollouts(bench, sampler):
     assert ranks.max() >= 100 and (ranks >= 20).float().mean() > 0.6, ranks
 
 
-def test_eos_suppression_keeps_every_completion_full_length(bench):
-    tok = bench.make_word_tokenizer(256)
-    model = bench.make_model(tok, "quick")
+def test_eos_suppression_keeps_every_completion_full_length():
+    tok = make_word_tokenizer(256)
+    model = quick_model(tok)
     roll = sample_completions(model, tok, ["w1 w2"], 16, max_new_tokens=20, seeds=list(range(16)))
     assert roll.completion_mask.all() and roll.truncated.all()
 
 
-def _tiny_rollout(bench):
-    tok = bench.make_word_tokenizer(256)
-    model = bench.make_model(tok, "quick")
+def _tiny_rollout():
+    tok = make_word_tokenizer(256)
+    model = quick_model(tok)
     prompts = ["w1 w2 w3 w4 w5", "w6", "w7 w8 w9"]  # different lengths: left padding to share
     roll = sample_completions(model, tok, prompts, 3, max_new_tokens=7, seeds=list(range(9)))
     # an early EOS in one row, as a real model would emit: the mask ends there, padding follows
@@ -117,8 +123,8 @@ def _tiny_rollout(bench):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_forward_equals_the_plain_forward(bench, lora):
-    model, roll = _tiny_rollout(bench)
+def test_shared_prompt_forward_equals_the_plain_forward(lora):
+    model, roll = _tiny_rollout()
     if lora:  # adapters with nonzero B, so they change the outputs
         from peft import LoraConfig, get_peft_model
 
@@ -172,14 +178,14 @@ def test_distinct_rows():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_split_log_softmax_equals_the_definition_and_the_sliced_one(bench, temperature):
+def test_split_log_softmax_equals_the_definition_and_the_sliced_one(temperature):
     torch.manual_seed(0)
     logits = torch.randn(10, 5, 33, requires_grad=True)  # B not a multiple of the 4-row chunks
     tokens = torch.randint(0, 33, (10, 5))
     weights = torch.randn(10, 5)
     split = selective_log_softmax(logits, tokens, temperature)
     (grad_split,) = torch.autograd.grad((split * weights).sum(), logits)
-    sliced = bench.sliced_selective_log_softmax(logits, tokens, temperature)
+    sliced = sliced_selective_log_softmax(logits, tokens, temperature)
     (grad_sliced,) = torch.autograd.grad((sliced * weights).sum(), logits)
     reference = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     (grad_reference,) = torch.autograd.grad((reference * weights).sum(), logits)
@@ -189,11 +195,11 @@ def test_split_log_softmax_equals_the_definition_and_the_sliced_one(bench, tempe
     torch.testing.assert_close(grad_split, grad_sliced, atol=1e-6, rtol=0)
 
 
-def test_shared_prefill_sampler_draws_what_a_row_by_row_prefill_draws(bench):
+def test_shared_prefill_sampler_draws_what_a_row_by_row_prefill_draws():
     from lmpg.sampler import sample_tokens
 
-    tok = bench.make_word_tokenizer(256)
-    model = bench.make_model(tok, "quick")
+    tok = make_word_tokenizer(256)
+    model = quick_model(tok)
     roll = sample_completions(model, tok, ["w1 w2 w3 w4 w5", "w6", "w7 w8 w9"], 3, max_new_tokens=1, seeds=[0] * 9)
     kw = dict(max_new_tokens=10, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, temperature=0.7)
     seeds = list(range(9))
@@ -205,14 +211,15 @@ def test_shared_prefill_sampler_draws_what_a_row_by_row_prefill_draws(bench):
         torch.testing.assert_close(shared_logp[i, :T], logp[0], atol=1e-5, rtol=0)
 
 
-def test_fused_adamw_takes_the_same_step(bench):
+def test_fused_adamw_takes_the_same_step():
     from lmpg.trainer import make_adamw
 
     torch.manual_seed(0)
     params = [torch.randn(50, 7, requires_grad=True), torch.randn(13, requires_grad=True)]
     copies = [p.detach().clone().requires_grad_() for p in params]
     config = PGConfig(learning_rate=1e-2, weight_decay=0.1)
-    plain = bench.unfused_adamw(params, config)
+    plain = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                              eps=config.adam_eps, weight_decay=config.weight_decay)  # for-each, as before
     fused = make_adamw(copies, config)
     assert fused.defaults["fused"] and not plain.defaults["fused"]
     for _ in range(3):

@@ -88,13 +88,33 @@ def test_kl_to_reference_starts_at_zero(tmp_path, tiny_model, tokenizer, prompts
 
 
 def test_per_token_rewards_with_reward_to_go(tmp_path, tiny_model, tokenizer, prompts_dataset):
-    def per_token_a(prompts, completions, completion_ids, **kw):
-        a = tokenizer.convert_tokens_to_ids("a")
-        return [[1.0 if t == a else 0.0 for t in ids] for ids in completion_ids]
+    """With no baseline and no normalisation the advantage is the return itself: with reward_to_go
+    and gamma = 0.5, A_t = sum_{t' >= t} 0.5^(t' - t) r_t', worked out here token by token from the
+    per-token rewards the function returned."""
+    a = tokenizer.convert_tokens_to_ids("a")
+    returned = []
 
-    config = small_config(tmp_path, reward_to_go=True, gamma=0.9, iterations=2)
-    metrics = PGTrainer(tiny_model, [per_token_a], prompts_dataset, config, tokenizer=tokenizer).train()
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    def per_token(prompts, completions, completion_ids, **kw):
+        rewards = [[1.0 if t == a else 0.1 * (k + 1) for k, t in enumerate(ids)] for ids in completion_ids]
+        returned.extend(rewards)
+        return rewards
+
+    config = small_config(tmp_path, reward_to_go=True, gamma=0.5, baseline="none", adv_norm="none")
+    trainer = PGTrainer(tiny_model, [per_token], prompts_dataset, config, tokenizer=tokenizer)
+    trainer.prepare_run_dir()
+    batch = trainer.step().batch
+    B, T = batch.adv.shape
+    expected = torch.zeros(B, T)
+    for i, rewards in enumerate(returned):  # the rewards of row i, one per token, from its first token on
+        assert batch.token_rewards[i, :len(rewards)].tolist() == pytest.approx(rewards)
+        ret = 0.0
+        for t in reversed(range(len(rewards))):
+            ret = rewards[t] + 0.5 * ret
+            expected[i, t] = ret
+    assert len(returned) == B and batch.completion_mask.sum(1).tolist() == [len(r) for r in returned]
+    m = batch.loss_mask
+    torch.testing.assert_close(batch.adv[m], expected[m], atol=1e-6, rtol=1e-6)
+    assert not torch.equal(batch.adv[m], batch.token_rewards[m])  # the discounted tail is in it
 
 
 def test_same_seed_same_metrics(tmp_path, tokenizer, prompts_dataset):
