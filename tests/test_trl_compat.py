@@ -224,3 +224,17 @@ def test_environment_factory_must_be_importable_by_name():
     with pytest.raises(ConfigError, match="dict of several environments"):
         environment_spec({"a": Local})
     assert environment_spec(PGConfig) == "lmpg.config:PGConfig"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_every_trl_loss_type_maps_or_is_refused_in_one_line(tmp_path, loss_type):
+    """The loss types TRL 1.16's GRPOTrainer._compute_loss knows; the guide's defaults checked on GRPOConfig."""
+    args = grpo_config(tmp_path, max_steps=4, loss_type=loss_type)
+    assert (args.multi_objective_aggregation, grpo_config(tmp_path).loss_type) == ("sum_then_normalize", "dapo")
+    if loss_type in ("cispo", "sapo", "luspo", "vespo"):
+        with pytest.raises(ConfigError, match=f"loss_type='{loss_type}'") as error:
+            PGConfig.from_trl(args)
+        assert "\n" not in str(error.value)
+    else:
+        assert PGConfig.from_trl(args).loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean",
+                                                    "dr_grpo": "constant", "dapo": "token_mean"}[loss_type]
