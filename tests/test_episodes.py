@@ -1,5 +1,6 @@
 """Batched multi-turn episodes, token-in/token-out: the sampled tokens are the trained tokens."""
 
+import json
 import random
 
 import pytest
@@ -240,3 +241,28 @@ def test_evaluate_and_cli_sample_run_episodes(tmp_path, tiny_model, tokenizer, c
     assert main(["sample", str(tmp_path / "model"), "1+1=", "--n", "2", "--max-new-tokens", "4",
                  "--environment", f"{game}:CountingGame"]) == 0
     assert "assistant:" in capsys.readouterr().out
+    (tmp_path / "data.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "2+2="}\n')
+    assert main(["eval", str(tmp_path / "model"), str(tmp_path / "data.jsonl"), "--n", "2", "--max-new-tokens", "4",
+                 "--environment", f"{game}:CountingGame", "--max-turns", "3", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert 1 <= evaluated["turns_mean"] <= 2 and evaluated["samples_per_prompt"] == 2
+
+
+def test_cli_trains_with_an_environment_from_yaml(tmp_path, tiny_model, tokenizer):
+    """`environment: file.py:Class` in a YAML config, as a CLI user writes it; no reward functions."""
+    import yaml
+
+    from lmpg.cli import main
+
+    game = tmp_path / "game.py"
+    game.write_text(GAME_FILE)
+    tiny_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}="}) + "\n" for i in range(4)))
+    config = {"model": str(tmp_path / "model"), "dataset": str(tmp_path / "data.jsonl"),
+              "environment": f"{game}:CountingGame", "max_turns": 3, "output_dir": str(tmp_path / "run"),
+              "iterations": 1, "batch_size": 8, "group_size": 2, "max_new_tokens": 4, "progress_bar": False}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "config.yaml")]) == 0
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 1 <= metrics["turns_mean"] <= metrics["turns_max"] <= 2 and "tool_calls_per_episode" in metrics
