@@ -136,6 +136,28 @@ def test_environment_tokens_and_padding_never_contribute(char_setup):
     assert bool((grad[~batch.action_mask] == 0).all()) and bool((grad[batch.action_mask] != 0).any())
 
 
+@pytest.mark.parametrize("ratio_level", ["sequence", "sequence_mean"])
+def test_sequence_level_ratios_use_action_tokens_only(char_setup, ratio_level):
+    """The update's loss takes batch.loss_mask (action tokens of scored rows, lmpg.update): the log-probs
+    at the environment's tokens change neither the sequence ratio nor the loss."""
+    from lmpg.losses import importance_ratio
+
+    model, tok = char_setup
+    batch = run(model, tok)
+    env_tokens = batch.completion_mask & ~batch.action_mask
+    assert env_tokens.any()
+    old = batch.sampler_logp
+    new = old + 0.05 * batch.action_mask.float()
+    noisy = new + 3.0 * env_tokens.float()  # what an environment token's log-prob would add
+    adv = torch.ones_like(old)
+    torch.testing.assert_close(importance_ratio(noisy, old, batch.loss_mask, ratio_level),
+                               importance_ratio(new, old, batch.loss_mask, ratio_level), rtol=0, atol=0)
+    losses = [policy_gradient_loss(lp, old, adv, batch.loss_mask, ratio_level=ratio_level)[0] for lp in (new, noisy)]
+    assert torch.equal(*losses)
+    assert not torch.equal(importance_ratio(noisy, old, batch.completion_mask, ratio_level),
+                           importance_ratio(new, old, batch.completion_mask, ratio_level))
+
+
 class RandomStart:
     """reset draws its task from Python's random, as TRL's documentation writes it."""
 
