@@ -5,8 +5,9 @@ Two shapes, one per-episode adapter (`EpisodeEnv`):
 1. TRL-shaped, as TRL's `GRPOTrainer(environment_factory=...)` takes it: a class with
    `reset(**row) -> str | None` (the first observation, appended to the prompt, or None) whose public
    methods are tools (schemas from their type hints and docstrings, `lmpg.tools`), and optionally
-   `get_reward() -> float`, scored once the episode ends. After each turn the model's tool calls are
-   parsed and run; their results are the observation; a turn without a tool call ends the episode.
+   `get_reward() -> float` (sync or async), scored once the episode ends. After each turn the
+   model's tool calls are parsed and run; their results are the observation; a turn without a tool
+   call ends the episode.
 2. A step API for games and simulated users: `step(action_text)` returning
    `(observation, reward, done)`, or gymnasium's `(observation, reward, terminated, truncated, info)`;
    `reset(**row)` as above, or gymnasium's `reset(seed=None, options=None) -> (observation, info)`
@@ -21,6 +22,7 @@ RNG seeded from it (and their states restored after), so an environment that dra
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmpg.errors import ConfigError
+from lmpg.rewards.executors import in_daemon_thread
 from lmpg.tools import call_tool, environment_tools, parse_tool_calls, tool_schemas
 
 
@@ -173,11 +176,15 @@ class EpisodeEnv:
                           tool_errors=sum(r.error for r in results))
 
     def final_reward(self) -> float | None:
-        """get_reward() of an environment that scores itself, once the episode ended; else None."""
+        """get_reward() of an environment that scores itself, once the episode ended; else None.
+        As in TRL, get_reward may be async (an LLM judge): it is then run to completion in an event
+        loop of its own thread (so that it works under a running loop too, as in a notebook)."""
         get_reward = getattr(self.instance, "get_reward", None)
         if not callable(get_reward):
             return None
         value = get_reward()
+        if inspect.iscoroutine(value):
+            value = in_daemon_thread(asyncio.run, value).result()
         return None if value is None else float(value)
 
     def close(self) -> None:

@@ -341,11 +341,15 @@ class PGTrainer:
         """The figures of one iteration, each over the whole batch of all processes."""
         acc, mask = self.accelerator, batch.completion_mask
         if acc.num_processes > 1:  # rows of every process, in one process's order
+            from lmpg.rewards.scorer import metric_means, pool_metric_values
+
             rows = prompts.global_rows(self.config.group_size)
+            logged = pool_metric_values(distributed.gather_objects(acc, [scores.metric_values]))  # log_metric's values
             scores = dataclasses.replace(
                 scores, values=[distributed.in_global_order(acc, v, rows) for v in scores.values],
                 error_counts={k: sum(d.get(k, 0) for d in distributed.gather_objects(acc, [scores.error_counts]))
-                              for k in scores.error_counts})
+                              for k in scores.error_counts},
+                metrics=metric_means(logged), metric_values=logged)
             adv_stats = {**adv_stats, **advantage_stats(distributed.in_global_order(acc, batch.adv, rows),
                                                         distributed.in_global_order(acc, batch.loss_mask, rows),
                                                         distributed.in_global_order(acc, batch.scored, rows))}

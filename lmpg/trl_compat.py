@@ -36,7 +36,11 @@ UNSUPPORTED = {
     "min_p": ((None,), "temperature, top_p and top_k only"),
     "repetition_penalty": ((1.0,), "temperature, top_p and top_k only"),
     "generation_kwargs": ((None, {}), "temperature, top_p and top_k only"),
-    "max_tool_calling_iterations": ((None,), "no tool calling"),
+    "chat_template_kwargs": ((None, {}), "lmpg renders the chat template with its defaults"),
+    "model_init_kwargs": ((None, {}), "load the model yourself and pass it to PGTrainer"),
+    "trust_remote_code": ((False,), "load the model yourself and pass it to PGTrainer"),
+    "cast_lm_head_to_fp32": ((False,), "no equivalent"),
+    "shuffle_dataset": ((True,), "lmpg always draws prompts in a seeded shuffled order"),
     "use_transformers_paged": ((False,), "lmpg's own KV-cache sampler"),
     "use_transformers_continuous_batching": ((False,), "lmpg's own KV-cache sampler"),
     "torch_compile": ((False,), "no equivalent"),
@@ -85,6 +89,7 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         output_dir=args.output_dir, seed=args.seed, group_size=args.num_generations, batch_size=batch,
         minibatch_size=minibatch, micro_batch_size=args.per_device_train_batch_size,
         epochs_per_batch=args.num_iterations, iterations=iterations, max_new_tokens=args.max_completion_length,
+        max_episode_tokens=args.max_completion_length,  # TRL's cap on a multi-turn completion, tool results included
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
         clip_eps_low=args.epsilon, clip_eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
         kl_coef=args.beta, kl_in="loss", kl_estimator="k3", loss_agg=loss_agg,
@@ -104,18 +109,50 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
     )
     if getattr(args, "max_prompt_length", None):  # older TRL
         fields["max_prompt_length"] = args.max_prompt_length
+    if getattr(args, "max_tool_calling_iterations", None) is not None:  # N rounds of tool calls, then the answer
+        fields["max_turns"] = args.max_tool_calling_iterations + 1
     return fields
 
 
-def GRPOTrainer(model, reward_funcs, args=None, train_dataset=None, processing_class=None,  # noqa: N802
-                peft_config=None, **unsupported):
+def environment_spec(factory: Any) -> str:
+    """The `environment` spec ('module:Class') of TRL's `environment_factory`: a class or function
+    defined at the top level of a module, the running script included (`__main__`), which every
+    process of a run imports again, so that the config stays plain text (config.yaml, resume)."""
+    import importlib
+
+    if isinstance(factory, str):
+        return factory
+    if isinstance(factory, dict):
+        raise ConfigError("environment_factory as a dict of several environments has no lmpg equivalent; "
+                          "run one environment class per run")
+    module, name = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
+    try:
+        found = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        found = None
+    if found is not factory:
+        raise ConfigError(f"environment_factory {factory!r} is not a class or function at the top level of a module;"
+                          " define it there, or set PGConfig(environment='file.py:Class')")
+    return f"{module}:{name}"
+
+
+def GRPOTrainer(model, reward_funcs=None, args=None, train_dataset=None, processing_class=None,  # noqa: N802
+                peft_config=None, environment_factory=None, **unsupported):
     """A PGTrainer built from TRL GRPOTrainer's arguments: `args` a GRPOConfig (converted with
-    PGConfig.from_trl) or a PGConfig; processing_class the tokenizer."""
+    PGConfig.from_trl) or a PGConfig; processing_class the tokenizer; environment_factory an
+    environment class (`environment_spec`). As in TRL, an environment may own the data: without a
+    train_dataset every prompt is an empty user message that the environment's reset() fills."""
+    import dataclasses
+
     from lmpg.config import PGConfig
     from lmpg.trainer import PGTrainer
 
     given = [name for name, value in unsupported.items() if value is not None]
     if given:
         raise ConfigError(f"GRPOTrainer argument(s) {', '.join(given)} have no lmpg equivalent; leave them out")
-    config = args if isinstance(args, PGConfig) or args is None else PGConfig.from_trl(args)
+    config = args if isinstance(args, PGConfig) else PGConfig() if args is None else PGConfig.from_trl(args)
+    if environment_factory is not None:
+        config = dataclasses.replace(config, environment=environment_spec(environment_factory))
+        if train_dataset is None:  # TRL 1.16's prompt when the environment owns the data
+            train_dataset = [{"prompt": [{"role": "user", "content": ""}]}] * config.prompts_per_iteration
     return PGTrainer(model, reward_funcs, train_dataset, config, tokenizer=processing_class, peft_config=peft_config)

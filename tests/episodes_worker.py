@@ -28,6 +28,14 @@ class Game:
         return ("a" if hit else "b"), float(hit), hit or self.turn == 3
 
 
+def env_steps(completions, environments, log_metric, **kwargs):
+    """Reads each episode's own environment (TRL's `environments`) and logs its steps, one value per
+    episode, so that the logged mean covers the batch only if every process's values are pooled."""
+    for env in environments:
+        log_metric("env_steps", env.turn)
+    return [0.0] * len(completions)
+
+
 def main(output_dir: str, resume: str, iterations: int) -> None:
     torch.set_num_threads(1)
     tokenizer = make_char_tokenizer("0123456789+=ab ")
@@ -37,7 +45,7 @@ def main(output_dir: str, resume: str, iterations: int) -> None:
                       learning_rate=3e-3, epochs_per_batch=2, minibatch_size=4, save_every=1, keep_last=2,
                       resume=resume, sample_log_every=0, progress_bar=False, environment="episodes_worker:Game",
                       max_turns=3, reward_to_go=True, gamma=0.9, baseline="batch_mean", seed=5, grad_snr=False)
-    PGTrainer(model, None, ds, config, tokenizer=tokenizer).train()
+    PGTrainer(model, [env_steps], ds, config, tokenizer=tokenizer).train()
 
 
 if __name__ == "__main__":

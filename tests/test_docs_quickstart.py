@@ -1,4 +1,4 @@
-"""The quickstart's reward function works on every prompt format the quickstart advertises."""
+"""The docs' reward function (quickstart.md, README's "Use it") works on every prompt format the quickstart advertises."""
 
 import json
 from pathlib import Path
@@ -8,14 +8,17 @@ import pytest
 from lmpg.data import load_prompt_dataset
 from lmpg.rewards import RewardScorer
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "docs" / "quickstart.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "docs" / "quickstart.md", ROOT / "README.md"]  # the quickstart's my_rewards.py, README's "Use it"
 
 
-def quickstart_correct():
-    text = QUICKSTART.read_text()
-    block = next(b.split("```", 1)[0] for b in text.split("```python\n")[1:] if b.startswith("def correct("))
+def docs_correct(doc: Path):
+    """The `correct` reward as written in `doc`: its python block starting at `def correct(`, up to the
+    first blank line (README's block goes on to train a hub model)."""
+    block = next(b for b in doc.read_text().split("```python\n")[1:] if "def correct(" in b)
+    function = block[block.index("def correct("):].split("```", 1)[0].split("\n\n", 1)[0]
     namespace = {}
-    exec(block, namespace)
+    exec(function, namespace)
     return namespace["correct"]
 
 
@@ -37,15 +40,32 @@ def write(path: Path, fmt: str, chat: bool) -> Path:
     return path
 
 
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
 @pytest.mark.parametrize("fmt, chat", [("jsonl", False), ("jsonl", True), ("json", False), ("json", True),
                                        ("csv", False), ("parquet", False), ("parquet", True)])
-def test_quickstart_correct_scores_every_advertised_format(tmp_path, fmt, chat):
+def test_the_docs_correct_scores_every_advertised_format(tmp_path, doc, fmt, chat):
     dataset = load_prompt_dataset(str(write(tmp_path / f"train.{fmt}", fmt, chat)), "train", "prompt")
     if fmt == "csv":
         assert isinstance(dataset[0]["answer"], int)
     prompts, answers = dataset["prompt"], dataset["answer"]
     right = [[{"role": "assistant", "content": " 46"}], [{"role": "assistant", "content": "16"}]] if chat \
         else [" 46", "16"]
-    with RewardScorer([quickstart_correct()]) as scorer:
+    with RewardScorer([docs_correct(doc)]) as scorer:
         scores = scorer.score(prompts, right, [[1], [1]], columns={"answer": answers})
     assert scores.values == [[1.0, 0.0]]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_the_docs_correct_on_the_completions_lmpg_gives_for_chat_prompts(tmp_path, doc, tiny_model, tokenizer):
+    """Chat prompts as lmpg itself samples them (completions are message lists): the docs' `correct`
+    gives 1.0 where the greedy completion is the answer."""
+    from lmpg.evaluate import evaluate
+
+    chat = [{"prompt": [{"role": "user", "content": "12+34="}], "answer": "46"}]
+    first = evaluate(tiny_model, tokenizer, chat, [docs_correct(doc)], n=1, greedy=True, max_new_tokens=3,
+                     return_samples=True)
+    assert first["accuracy"] == 0.0
+    completion = first["samples"][0]["completion"]
+    chat[0]["answer"] = completion
+    again = evaluate(tiny_model, tokenizer, chat, [docs_correct(doc)], n=1, greedy=True, max_new_tokens=3)
+    assert again["accuracy"] == 1.0, completion

@@ -105,3 +105,111 @@ def test_gymnasium_signatures_and_spec_loading(tmp_path):
     f.write_text("class E:\n    def reset(self, **row):\n        return None\n")
     assert load_environment(f"{f}:E")().reset() is None
     assert load_environment("test_environments:Gym") is Gym
+
+
+class IncrementFromData:  # TRL 1.16 docs, "Providing an external dataset": the row's columns reach reset
+    def reset(self, target, **kwargs) -> None:  # the row's `target` column arrives as a keyword argument
+        self.counter = 0
+        self.target = target
+
+    def get_reward(self) -> float:
+        return float(self.counter == self.target)
+
+    def increment(self, step: int) -> int:  # the docs elide this docstring ("see the full docstring above")
+        """
+        Increment the internal counter.
+
+        Args:
+            step: Value to add to the counter.
+
+        Returns:
+            The updated counter value.
+        """
+        self.counter += step
+        return self.counter
+
+
+class AsyncJudged(IncrementFromData):
+    async def get_reward(self) -> float:  # TRL: get_reward may be async (an LLM judge)
+        return float(self.target)
+
+
+class Recorder:
+    """A step-API environment that records the actions it was sent."""
+
+    def reset(self, **row):
+        self.actions = []
+        return None
+
+    def step(self, action):
+        self.actions.append(action)
+        return "b", None, len(self.actions) == 2
+
+
+def trainer_step(tmp_path, environment, data, reward_fns=None, **overrides):
+    """One PGTrainer iteration over episodes of `environment` on a tiny model; (trainer, StepResult)."""
+    import datasets
+
+    from conftest import small_config
+    from lmpg import PGTrainer
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    tok = make_char_tokenizer("0123456789abcdefghijklmnopqrstuvwxyzI .=+")
+    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, seed=0)
+    config = small_config(tmp_path, environment=environment, iterations=1, batch_size=8, group_size=2,
+                          max_new_tokens=4, max_turns=2, **overrides)
+    trainer = PGTrainer(model, reward_fns, datasets.Dataset.from_list(data), config, tokenizer=tok)
+    trainer.prepare_run_dir()
+    return trainer, trainer.step()
+
+
+def test_trl_documented_environments_run_unchanged_in_a_trainer(tmp_path):
+    """IncrementEnv as TRL's docs write it: the environment self-samples its task, reset's text
+    joins the (empty) chat prompt, get_reward scores each episode from the environment's state."""
+    chat = [{"role": "user", "content": ""}]  # what TRL 1.16 uses when the environment owns the data
+    trainer, result = trainer_step(tmp_path / "self", "test_environments:IncrementEnv", [{"prompt": chat}] * 4)
+    batch = result.batch
+    for i, ep in enumerate(batch.episodes):
+        env = ep.environment
+        assert type(env).__name__ == "IncrementEnv" and 1 <= env.target <= 6
+        prompt = trainer.tokenizer.decode(batch.prompt_ids[i][batch.prompt_mask[i]])
+        assert prompt == f"Increment the counter by {env.target}."  # reset's text is the user message
+        assert float(batch.token_rewards[i].sum()) == float(env.counter == env.target)
+    assert len({id(ep.environment) for ep in batch.episodes}) == len(batch.episodes)  # one instance per episode
+    # the docs' dataset variant: reset(target, **kwargs) gets the row's columns; target 0 is reached at once
+    data = [{"prompt": [{"role": "user", "content": f"Increment the counter to {t}."}], "target": t} for t in range(4)]
+    _, result = trainer_step(tmp_path / "data", "test_environments:IncrementFromData", data)
+    rewards = result.batch.token_rewards.sum(1).tolist()
+    targets = [ep.environment.target for ep in result.batch.episodes]
+    assert sorted(set(targets)) == [0, 1, 2, 3]
+    assert rewards == [float(ep.environment.counter == t) for ep, t in zip(result.batch.episodes, targets)]
+    assert rewards.count(1.0) >= 2  # the target-0 group scores without a tool call
+    assert result.metrics["reward_mean"] == sum(rewards) / len(rewards)
+
+
+def test_async_get_reward_is_awaited():
+    env = EpisodeEnv(AsyncJudged())
+    env.reset({"target": 3}, seed=0)
+    assert env.final_reward() == 3.0
+
+
+def test_reward_functions_get_each_episodes_own_environment(tmp_path):
+    """As TRL passes them: `environments`, one instance per completion, in the completions' order."""
+    received = []
+
+    def action_chars(completions, environments, **kwargs):
+        received.append(list(environments))
+        return [float(sum(len(a) for a in env.actions)) for env in environments]
+
+    _, result = trainer_step(tmp_path, "test_environments:Recorder", [{"prompt": "ab"}, {"prompt": "ba"}],
+                             [action_chars])
+    batch, (environments,) = result.batch, received
+    assert len(environments) == len(batch.episodes) == 8
+    for env, ep in zip(environments, batch.episodes):
+        assert env is ep.environment
+        said = [m["content"] for m in ep.messages if m["role"] == "assistant"]
+        assert env.actions == said[:len(env.actions)] and len(env.actions) >= len(said) - 1  # its own episode's turns
+    values = [float(sum(len(a) for a in env.actions)) for env in environments]
+    assert len(set(values)) > 1  # the episodes differ, so a mix-up would show
+    assert result.metrics["reward/action_chars"] == sum(values) / len(values)
+    assert result.batch.token_rewards.sum(1).tolist() == values

@@ -1,5 +1,6 @@
 """Batched multi-turn episodes, token-in/token-out: the sampled tokens are the trained tokens."""
 
+import json
 import random
 
 import pytest
@@ -135,6 +136,28 @@ def test_environment_tokens_and_padding_never_contribute(char_setup):
     assert bool((grad[~batch.action_mask] == 0).all()) and bool((grad[batch.action_mask] != 0).any())
 
 
+@pytest.mark.parametrize("ratio_level", ["sequence", "sequence_mean"])
+def test_sequence_level_ratios_use_action_tokens_only(char_setup, ratio_level):
+    """The update's loss takes batch.loss_mask (action tokens of scored rows, lmpg.update): the log-probs
+    at the environment's tokens change neither the sequence ratio nor the loss."""
+    from lmpg.losses import importance_ratio
+
+    model, tok = char_setup
+    batch = run(model, tok)
+    env_tokens = batch.completion_mask & ~batch.action_mask
+    assert env_tokens.any()
+    old = batch.sampler_logp
+    new = old + 0.05 * batch.action_mask.float()
+    noisy = new + 3.0 * env_tokens.float()  # what an environment token's log-prob would add
+    adv = torch.ones_like(old)
+    torch.testing.assert_close(importance_ratio(noisy, old, batch.loss_mask, ratio_level),
+                               importance_ratio(new, old, batch.loss_mask, ratio_level), rtol=0, atol=0)
+    losses = [policy_gradient_loss(lp, old, adv, batch.loss_mask, ratio_level=ratio_level)[0] for lp in (new, noisy)]
+    assert torch.equal(*losses)
+    assert not torch.equal(importance_ratio(noisy, old, batch.completion_mask, ratio_level),
+                           importance_ratio(new, old, batch.completion_mask, ratio_level))
+
+
 class RandomStart:
     """reset draws its task from Python's random, as TRL's documentation writes it."""
 
@@ -240,3 +263,28 @@ def test_evaluate_and_cli_sample_run_episodes(tmp_path, tiny_model, tokenizer, c
     assert main(["sample", str(tmp_path / "model"), "1+1=", "--n", "2", "--max-new-tokens", "4",
                  "--environment", f"{game}:CountingGame"]) == 0
     assert "assistant:" in capsys.readouterr().out
+    (tmp_path / "data.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "2+2="}\n')
+    assert main(["eval", str(tmp_path / "model"), str(tmp_path / "data.jsonl"), "--n", "2", "--max-new-tokens", "4",
+                 "--environment", f"{game}:CountingGame", "--max-turns", "3", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert 1 <= evaluated["turns_mean"] <= 2 and evaluated["samples_per_prompt"] == 2
+
+
+def test_cli_trains_with_an_environment_from_yaml(tmp_path, tiny_model, tokenizer):
+    """`environment: file.py:Class` in a YAML config, as a CLI user writes it; no reward functions."""
+    import yaml
+
+    from lmpg.cli import main
+
+    game = tmp_path / "game.py"
+    game.write_text(GAME_FILE)
+    tiny_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}="}) + "\n" for i in range(4)))
+    config = {"model": str(tmp_path / "model"), "dataset": str(tmp_path / "data.jsonl"),
+              "environment": f"{game}:CountingGame", "max_turns": 3, "output_dir": str(tmp_path / "run"),
+              "iterations": 1, "batch_size": 8, "group_size": 2, "max_new_tokens": 4, "progress_bar": False}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "config.yaml")]) == 0
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 1 <= metrics["turns_mean"] <= metrics["turns_max"] <= 2 and "tool_calls_per_episode" in metrics

@@ -62,7 +62,8 @@ def test_two_processes_match_one_with_an_environment(tmp_path):
     m1, m2 = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
               for d in ("one", "two"))
     for a, b in zip(m1, m2):
-        for key in ("reward_mean", "turns_mean", "tool_calls_per_episode", "completion_len_mean"):
+        for key in ("reward_mean", "turns_mean", "tool_calls_per_episode", "completion_len_mean",
+                    "env_steps"):  # env_steps: a reward function's log_metric, one value per episode of the batch
             assert a[key] == b[key], key
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:

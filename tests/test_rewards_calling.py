@@ -6,6 +6,7 @@ import pytest
 from lmpg.errors import RewardError
 from lmpg.rewards import RewardScorer
 from lmpg.rewards.calling import call_plan
+from lmpg.rewards.scorer import metric_means, pool_metric_values
 
 
 def score(fn, columns=None, **kwargs):
@@ -58,3 +59,20 @@ def test_log_extra_and_log_metric_are_gathered_across_slices():
     with RewardScorer([logs], executor="thread", max_workers=2) as scorer:
         scores = scorer.score(["p1", "p2"], ["a", "bb"], [[1], [2, 2]])
     assert scores.extras == {"length": [1, 2]} and scores.metrics == {"calls": 1.0}
+
+
+def test_log_metric_mean_is_over_every_value_however_the_batch_is_split():
+    def per_sample(completions, log_metric, **kwargs):
+        for c in completions:
+            log_metric("length", len(c))
+        return [0.0] * len(completions)
+
+    completions = ["a", "bb", "ccc", "dddd", "eeeee"]
+    with RewardScorer([per_sample]) as serial, RewardScorer([per_sample], executor="thread", max_workers=3) as sliced:
+        one, three = (s.score(["p"] * 5, completions, [[1]] * 5) for s in (serial, sliced))
+    assert one.metrics == three.metrics == {"length": 3.0}
+    assert one.metric_values == three.metric_values == {"length": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    # processes pool their values (lmpg.trainer); fsum makes the mean independent of their order
+    halves = [{"x": [1e16, 1.0]}, {"x": [-1e16, 1.0], "y": [2.0]}]
+    assert pool_metric_values(halves) == {"x": [1e16, 1.0, -1e16, 1.0], "y": [2.0]}
+    assert metric_means(pool_metric_values(halves)) == {"x": 0.5, "y": 2.0}  # a plain left-to-right sum gives 0.25

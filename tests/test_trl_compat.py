@@ -31,7 +31,7 @@ def test_the_migration_guides_side_by_side_run_converts_to_its_pgconfig(tmp_path
                         micro_batch_size=8, epochs_per_batch=1, max_new_tokens=256, learning_rate=1e-6,
                         kl_coef=0.0, clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token_mean",
                         baseline="group_mean", adv_norm="group", temperature=1.0, iterations=500, seed=42,
-                        log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0)
+                        log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0, max_episode_tokens=256)
     assert config == expected
 
 
@@ -63,8 +63,26 @@ def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
     for fragment in ("loss_type='vespo'", "multi_objective_aggregation='normalize_then_sum'", "entropy_coef=0.1",
                      "mask_truncated_completions=True"):
         assert fragment in message
+    args = grpo_config(tmp_path, max_steps=10, chat_template_kwargs={"enable_thinking": False},
+                       model_init_kwargs={"dtype": "bfloat16"}, shuffle_dataset=False)
+    with pytest.raises(ConfigError) as error:
+        PGConfig.from_trl(args)
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in ("chat_template_kwargs={'enable_thinking': False}", "model_init_kwargs={'dtype': 'bfloat16'}",
+                     "shuffle_dataset=False"):
+        assert fragment in message
     with pytest.raises(ConfigError, match="max_steps unset"):
         PGConfig.from_trl(grpo_config(tmp_path))
+
+
+def test_tool_calling_iterations_become_turns(tmp_path):
+    """TRL's max_tool_calling_iterations N: N rounds of tool calls after the first turn, so N + 1 turns;
+    max_completion_length caps the whole multi-turn completion, tool results included."""
+    config = PGConfig.from_trl(grpo_config(tmp_path, max_steps=4, max_tool_calling_iterations=2,
+                                           max_completion_length=64))
+    assert (config.max_turns, config.max_new_tokens, config.max_episode_tokens) == (3, 64, 64)
+    assert PGConfig.from_trl(grpo_config(tmp_path, max_steps=4)).max_turns == PGConfig().max_turns
 
 
 def migration_script() -> str:
@@ -88,3 +106,135 @@ def test_the_ported_trl_script_in_the_migration_guide_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "grpo_out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [1, 2]
+
+
+def test_migration_guides_unscored_sample_claim_holds_in_trls_own_code(tmp_path):
+    """docs/trl_migration.md, "Unscored samples": TRL 1.16 leaves a sample every reward function scored
+    None out of the group mean and std and zeroes its advantage (it does not count it as reward 0),
+    and its tokens still count in the loss normaliser. Checked by running TRL's own
+    `_generate_and_score_completions` on a tiny model, beside lmpg's advantages for the same rewards."""
+    import datasets
+    import torch
+
+    from lmpg.advantages import compute_advantages
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    rewards = [None, 1.0, 3.0, 0.0, 2.0, None, None, 5.0]  # two groups of G = 4
+
+    def by_position(completions, **kwargs):
+        return list(rewards)
+
+    tok = make_char_tokenizer("0123456789+=ab ")
+    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, seed=0)
+    args = grpo_config(tmp_path, num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+                       max_steps=1, beta=0.0, use_cpu=True, save_strategy="no", scale_rewards="group")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[by_position], args=args, processing_class=tok,
+                                  train_dataset=datasets.Dataset.from_list([{"prompt": "1+1="}, {"prompt": "2+2="}]))
+        out = trainer._generate_and_score_completions([{"prompt": "1+1="}] * 4 + [{"prompt": "2+2="}] * 4)
+    trl_adv = out["advantages"]
+    scored = torch.tensor([r is not None for r in rewards])
+    assert trl_adv[~scored].eq(0).all()
+    as_zero = torch.tensor([0.0 if r is None else r for r in rewards]).view(2, 4)  # what the old doc claimed
+    old_claim = (as_zero - as_zero.mean(1, keepdim=True)) / (as_zero.std(1, keepdim=True) + 1e-4)
+    assert not torch.allclose(trl_adv, old_claim.flatten(), atol=1e-3)
+    # lmpg on the same rewards: same signs and ordering, larger by sqrt(n / (n - 1)) (population std over n scored)
+    token_rewards = torch.tensor([[0.0 if r is None else r] for r in rewards])
+    lmpg_adv, _ = compute_advantages(token_rewards, torch.ones(8, 1, dtype=torch.bool), 4, "group_mean", "group",
+                                     sample_mask=scored)
+    n = scored.view(2, 4).sum(1).repeat_interleave(4).float()
+    torch.testing.assert_close(lmpg_adv[:, 0] * torch.sqrt((n - 1) / n), trl_adv, rtol=0, atol=2e-4)
+    assert lmpg_adv[~scored].eq(0).all()
+    # TRL's loss normaliser still counts the unscored samples' tokens (lmpg drops them)
+    assert int(out["num_items_in_batch"]) == int(out["completion_mask"].sum())
+
+
+TRL_ENVIRONMENT_SCRIPT = """
+import random
+
+from trl import GRPOConfig
+
+from lmpg.trl_compat import GRPOTrainer  # under TRL: from trl import GRPOTrainer
+
+
+class IncrementEnv:  # TRL 1.16's documentation (grpo_trainer.md, environment_factory), verbatim
+    # Reserved methods
+    def reset(self, **kwargs) -> str | None:  # required; called at the start of each rollout
+        self.counter = 0
+        self.target = random.randint(1, 6)  # self-sample the task
+        return f"Increment the counter by {self.target}."  # returned string becomes the prompt
+
+    def get_reward(self) -> float:  # optional: the environment scores itself from its own state
+        return float(self.counter == self.target)
+
+    # Public methods (exposed as tools)
+    def increment(self, step: int) -> int:
+        \"\"\"
+        Increment the internal counter.
+
+        Args:
+            step: Value to add to the counter.
+
+        Returns:
+            The updated counter value.
+        \"\"\"
+        self.counter += step
+        return self.counter
+
+
+if __name__ == "__main__":
+    trainer = GRPOTrainer(
+        model=MODEL,
+        args=GRPOConfig(max_steps=2, output_dir="env_out", num_generations=2, per_device_train_batch_size=4,
+                        max_completion_length=8, max_tool_calling_iterations=1, bf16=False, report_to="none"),
+        environment_factory=IncrementEnv,
+    )
+    trainer.train()
+"""
+
+
+def test_a_trl_environment_factory_script_ports_by_its_import(tmp_path):
+    """TRL's documented environment_factory run, with no train_dataset (the environment owns the data)."""
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    tokenizer = make_char_tokenizer("0123456789abcdefghijklmnopqrstuvwxyzI .")
+    make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "train_env.py").write_text(TRL_ENVIRONMENT_SCRIPT.replace("MODEL", repr(str(tmp_path / "model"))))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CI": "1"}
+    result = subprocess.run([sys.executable, "train_env.py"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "env_out"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2] and all(1 <= m["turns_max"] <= 2 for m in metrics)
+    assert "environment: __main__:IncrementEnv" in (run / "config.yaml").read_text()
+
+
+def test_environment_factory_must_be_importable_by_name():
+    from lmpg.trl_compat import environment_spec
+
+    class Local:
+        def reset(self, **kwargs):
+            return None
+
+    with pytest.raises(ConfigError, match="not a class or function at the top level of a module"):
+        environment_spec(Local)
+    with pytest.raises(ConfigError, match="dict of several environments"):
+        environment_spec({"a": Local})
+    assert environment_spec(PGConfig) == "lmpg.config:PGConfig"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_every_trl_loss_type_maps_or_is_refused_in_one_line(tmp_path, loss_type):
+    """The loss types TRL 1.16's GRPOTrainer._compute_loss knows; the guide's defaults checked on GRPOConfig."""
+    args = grpo_config(tmp_path, max_steps=4, loss_type=loss_type)
+    assert (args.multi_objective_aggregation, grpo_config(tmp_path).loss_type) == ("sum_then_normalize", "dapo")
+    if loss_type in ("cispo", "sapo", "luspo", "vespo"):
+        with pytest.raises(ConfigError, match=f"loss_type='{loss_type}'") as error:
+            PGConfig.from_trl(args)
+        assert "\n" not in str(error.value)
+    else:
+        assert PGConfig.from_trl(args).loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean",
+                                                    "dr_grpo": "constant", "dapo": "token_mean"}[loss_type]

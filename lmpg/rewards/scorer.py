@@ -53,6 +53,8 @@ class RewardScores:
     """Columns the functions gave `log_extra`, one value per completion (for samples.jsonl)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Per name given to `log_metric`, the mean of its values over the batch (for metrics.jsonl)."""
+    metric_values: dict[str, list[float]] = field(default_factory=dict)
+    """Per name given to `log_metric`, every value given, so that processes can pool them (`metric_means`)."""
 
     def means(self) -> dict[str, float]:
         """Per function, the mean reward over samples that have one (a per-token list counts as its
@@ -68,6 +70,21 @@ class RewardScores:
         """(token_rewards (B, T), has_reward (B,)): the weighted per-token rewards of
         `lmpg.rewards.placement.token_rewards` on completion_mask (B, T) bool."""
         return token_rewards(self.names, self.values, self.weights, completion_mask)
+
+
+def pool_metric_values(logs: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per name, the values given to `log_metric` in all of `logs` (one per call, or one per process), in order."""
+    pooled: dict[str, list[float]] = {}
+    for log in logs:
+        for name, values in log.items():
+            pooled.setdefault(name, []).extend(values)
+    return pooled
+
+
+def metric_means(values: dict[str, list[float]]) -> dict[str, float]:
+    """Per name, the mean of its values: sum / count, the sum by `math.fsum` so that the order the
+    values come in (how the batch was split over calls or processes) does not round it differently."""
+    return {name: math.fsum(v) / len(v) for name, v in values.items() if v}
 
 
 def _unique_names(names: list[str]) -> list[str]:
@@ -273,7 +290,7 @@ class RewardScorer:
         return calls
 
     def _collect(self, calls: list[list[CallResult]], completion_ids: list, batch_size: int) -> RewardScores:
-        values, error_counts, seconds, extras, logged = [], {}, {}, {}, {}
+        values, error_counts, seconds, extras, logged = [], {}, {}, {}, []
         for name, fn_calls in zip(self.names, calls):
             row: list = []
             error_counts[name] = 0
@@ -286,8 +303,7 @@ class RewardScorer:
                 error_counts[name] += checked.n_errors
                 for column, column_values in call.extras.items():
                     fn_extras.setdefault(column, []).extend(column_values)
-                for metric, metric_values in call.metrics.items():
-                    logged.setdefault(metric, []).extend(metric_values)
+                logged.append(call.metrics)
             for column, column_values in fn_extras.items():
                 if len(column_values) != batch_size:
                     raise RewardError(f"reward function '{name}' gave log_extra('{column}', ...) {len(column_values)}"
@@ -295,6 +311,7 @@ class RewardScorer:
                 extras[column] = column_values
             values.append(row if fn_calls else [None] * batch_size)
             seconds[name] = max((c.ended for c in fn_calls), default=0.0) - min((c.began for c in fn_calls), default=0.0)
-        metrics = {name: sum(v) / len(v) for name, v in logged.items() if v}
+        metric_values = pool_metric_values(logged)
         return RewardScores(names=list(self.names), values=values, weights=list(self.weights),
-                            error_counts=error_counts, seconds=seconds, extras=extras, metrics=metrics)
+                            error_counts=error_counts, seconds=seconds, extras=extras,
+                            metrics=metric_means(metric_values), metric_values=metric_values)
