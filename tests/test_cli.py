@@ -291,6 +291,12 @@ def test_sample_prints_completions_with_rewards(capsys, trained_run, workspace):
     assert code == 0 and len([line for line in out.splitlines() if line.startswith("[")]) == 1
 
 
+def test_sample_an_empty_prompt_starts_from_bos(capsys, workspace):
+    code, out, err = run_cli(capsys, ["sample", workspace / "model", "", "--n", "2", "--max-new-tokens", "4"])
+    assert code == 0, err
+    assert out.startswith("prompt: ''\n") and "[1]" in out and "Traceback" not in err
+
+
 def test_sample_passes_the_prompts_columns_to_the_rewards(capsys, workspace):
     (workspace / "correct.py").write_text(
         "def correct(completions, answer, **kwargs):\n"
