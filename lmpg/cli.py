@@ -219,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_status(call, prog: str = "lmpg") -> int:
+    """`call()`'s exit status, with a user error (LmpgError) printed as one line `PROG: error: ...` on
+    stderr and status 2, and Ctrl-C as status 130; anything else is a bug and keeps its traceback.
+    Recipes run their main() through it too."""
+    try:
+        return call()
+    except LmpgError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -230,14 +244,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return args.func(args)
-    except LmpgError as e:
-        print(f"lmpg: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lmpg: interrupted", file=sys.stderr)
-        return 130
+    return exit_status(lambda: args.func(args))
 
 
 if __name__ == "__main__":
