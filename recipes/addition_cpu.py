@@ -31,10 +31,10 @@ from pathlib import Path
 
 import datasets
 import torch
-import yaml
 
 from lmpg import PGConfig, PGTrainer
 from lmpg.cli import exit_status
+from lmpg.config import split_settings
 from lmpg.run_dir import prepare_recipe_dir
 from lmpg.sft import imitation_warm_start
 from lmpg.tasks import addition
@@ -84,16 +84,7 @@ FAST_OVERRIDES = [
 
 def read_settings(config_path: str | None, overrides: list[str]) -> tuple[AdditionRecipe, PGConfig]:
     """Split `key=value` overrides between AdditionRecipe and PGConfig (read from `config_path`)."""
-    recipe_fields = {f.name: f for f in dataclasses.fields(AdditionRecipe)}
-    recipe_values, config_overrides = {}, []
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if key.strip() in recipe_fields:
-            default = recipe_fields[key.strip()].default
-            recipe_values[key.strip()] = type(default)(yaml.safe_load(raw))
-        else:
-            config_overrides.append(item)
-    return AdditionRecipe(**recipe_values), PGConfig.from_yaml(config_path, config_overrides)
+    return split_settings(AdditionRecipe, config_path, overrides)
 
 
 def measure(model, tokenizer, problems: list[addition.AdditionProblem], batch_size: int, seed: int) -> dict:

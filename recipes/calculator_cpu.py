@@ -27,10 +27,10 @@ from pathlib import Path
 
 import datasets
 import torch
-import yaml
 
-from lmpg import PGConfig, PGTrainer
+from lmpg import PGTrainer
 from lmpg.cli import exit_status
+from lmpg.config import split_settings
 from lmpg.environments import EpisodeEnv
 from lmpg.episodes import ChatBridge, EpisodeLimits, reward_completions, render_episode_prompt, sample_episodes
 from lmpg.run_dir import prepare_recipe_dir
@@ -71,15 +71,8 @@ FAST_OVERRIDES = ["n_digits=2", "n_train=2000", "n_heldout=200", "sft_steps=400"
 
 
 def read_settings(config_path, overrides):
-    fields = {f.name: f for f in dataclasses.fields(CalculatorRecipe)}
-    values, rest = {}, []
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if key.strip() in fields:
-            values[key.strip()] = type(fields[key.strip()].default)(yaml.safe_load(raw))
-        else:
-            rest.append(item)
-    return CalculatorRecipe(**values), PGConfig.from_yaml(config_path, rest)
+    """Split `key=value` overrides between CalculatorRecipe and PGConfig (read from `config_path`)."""
+    return split_settings(CalculatorRecipe, config_path, overrides)
 
 
 def demonstration_tokens(tokenizer, problems, episodes):

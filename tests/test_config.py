@@ -168,3 +168,23 @@ def _field_doc_source_lines() -> list[str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             out += lines[nxt.lineno - 1:nxt.end_lineno]
     return out
+
+
+# ------------------------------------------------------------------------ a script's own settings
+def test_split_settings_builds_the_scripts_settings_and_the_config(tmp_path):
+    from dataclasses import dataclass
+
+    from lmpg.config import split_settings
+
+    @dataclass
+    class Settings:
+        n_digits: int = 3
+        rate: float = 0.5
+
+    path = tmp_path / "c.yaml"
+    path.write_text("iterations: 7\n")
+    settings, config = split_settings(Settings, path, ["n_digits=2", "batch_size=8", "rate=1e-3"])
+    assert settings == Settings(2, 1e-3) and (config.iterations, config.batch_size) == (7, 8)
+    with pytest.raises(ConfigError, match=r"n_digits='two' is not a valid int; e.g. n_digits=3") as err:
+        split_settings(Settings, None, ["n_digits=two"])
+    assert "\n" not in str(err.value)
