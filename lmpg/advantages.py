@@ -22,7 +22,7 @@ prompt, T completion tokens. `completion_mask` (B, T) is True where a token coun
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -30,9 +30,9 @@ from lmpg.masked import masked_mean
 
 Baseline = Literal["none", "batch_mean", "group_mean", "leave_one_out", "optimal", "optimal_token"]
 AdvNorm = Literal["none", "group", "batch"]
-BASELINES = ("none", "batch_mean", "group_mean", "leave_one_out", "optimal", "optimal_token")
+BASELINES = get_args(Baseline)
 WEIGHTED_BASELINES = ("optimal", "optimal_token")  # need each token's grad_sq_norm from the sampler
-ADV_NORMS = ("none", "group", "batch")
+ADV_NORMS = get_args(AdvNorm)
 
 
 def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.Tensor,

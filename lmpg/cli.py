@@ -15,6 +15,7 @@ import argparse
 import functools
 import json
 import math
+import shutil
 import sys
 import textwrap
 
@@ -22,14 +23,21 @@ from lmpg.errors import ConfigError, LmpgError
 
 
 def _config_help() -> str:
-    from lmpg.config import PGConfig, field_docs
+    """Every PGConfig field with its default, its allowed values (choice fields) and its docstring,
+    wrapped to the terminal (at most 100 columns)."""
+    from lmpg.config import PGConfig, choices, field_docs
 
-    docs = field_docs()
+    width = min(shutil.get_terminal_size().columns, 100)
+    allowed = choices()
     defaults = PGConfig().to_dict()
+    indent = " " * 6
     lines = ["config fields (YAML keys or key=value overrides):"]
-    for name, doc in docs.items():
+    for name, doc in field_docs().items():
         lines.append(f"  {name} = {defaults[name]!r}")
-        lines.extend(textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      "))
+        if name in allowed:
+            lines.extend(textwrap.wrap("one of: " + ", ".join(allowed[name]), width, initial_indent=indent,
+                                       subsequent_indent=indent))
+        lines.extend(textwrap.wrap(doc, width, initial_indent=indent, subsequent_indent=indent))
     return "\n".join(lines)
 
 
@@ -143,6 +151,9 @@ def cmd_plot(args) -> int:
 
 
 def _add_generation_args(p: argparse.ArgumentParser, n_help: str) -> None:
+    from lmpg.rewards.scorer import ON_ERROR
+    from lmpg.tools import TOOL_FORMATS
+
     p.add_argument("--reward", action="append", default=[], metavar="SPEC",
                    help="reward function: 'pkg.mod:fn', 'path/file.py:fn' or a built-in name (repeatable)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
@@ -155,10 +166,10 @@ def _add_generation_args(p: argparse.ArgumentParser, n_help: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--environment", default=None, metavar="SPEC",
                    help="run multi-turn episodes with this environment: 'pkg.module:Class' or 'file.py:Class'")
-    p.add_argument("--tool-format", choices=("hermes", "simple"), default="hermes",
+    p.add_argument("--tool-format", choices=TOOL_FORMATS, default="hermes",
                    help="how the policy writes tool calls (default hermes: <tool_call>{json}</tool_call>)")
     p.add_argument("--max-turns", type=int, default=4, help="policy turns per episode (default 4)")
-    p.add_argument("--on-error", choices=("raise", "none"), default="raise",
+    p.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="a reward function that raises: stop (raise, default) or score the sample None")
 
 
@@ -208,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_status(call, prog: str = "lmpg") -> int:
+    """`call()`'s exit status, with a user error (LmpgError) printed as one line `PROG: error: ...` on
+    stderr and status 2, and Ctrl-C as status 130; anything else is a bug and keeps its traceback.
+    Recipes run their main() through it too."""
+    try:
+        return call()
+    except LmpgError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -219,14 +244,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return args.func(args)
-    except LmpgError as e:
-        print(f"lmpg: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lmpg: interrupted", file=sys.stderr)
-        return 130
+    return exit_status(lambda: args.func(args))
 
 
 if __name__ == "__main__":

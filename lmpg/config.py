@@ -15,14 +15,24 @@ import textwrap
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from lmpg.advantages import ADV_NORMS, BASELINES, WEIGHTED_BASELINES
+from lmpg.advantages import WEIGHTED_BASELINES, AdvNorm, Baseline
 from lmpg.errors import ConfigError
-from lmpg.kl import KL_ESTIMATORS
-from lmpg.losses import LOSS_AGGS, RATIO_LEVELS
+from lmpg.kl import KlEstimator, KlIn
+from lmpg.losses import SEQUENCE_RATIO_LEVELS, LossAgg, RatioLevel
+from lmpg.rewards.executors import RewardExecutor
+from lmpg.rewards.scorer import OnError
+from lmpg.tools import ToolFormat
+
+# The choices with no module of their own; a choice field's allowed values are its Literal's
+# arguments (`choices`), so adding a value to a Literal is the only edit a new choice needs.
+Sampler = Literal["lmpg", "generate"]
+LogpOldSource = Literal["forward", "sampler"]
+LrScheduler = Literal["constant", "linear", "cosine"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
 @dataclass
@@ -44,16 +54,20 @@ class PGConfig:
     """Reward functions for the CLI: 'package.module:function', 'path/file.py:function' or a built-in name."""
     reward_weights: list | None = None
     """One weight per reward function (default 1.0 each); the return is the weighted sum."""
-    reward_on_error: str = "raise"
-    """What a reward function that raises or returns NaN/inf/wrong length does: 'raise' stops the run, 'none' treats the sample as unscored (counted in the metrics)."""
-    reward_executor: str = "serial"
-    """How sync reward functions run: 'serial', 'thread' or 'process' (a pool, batch split in chunks). Async functions always run concurrently."""
+    reward_on_error: OnError = "raise"
+    """What a reward function that raises or returns NaN/inf/wrong length does: 'raise' stops the run, 'none'
+    treats the sample as unscored (counted in the metrics)."""
+    reward_executor: RewardExecutor = "serial"
+    """How sync reward functions run: 'serial', 'thread' or 'process' (a pool, batch split in chunks). Async
+    functions always run concurrently."""
     reward_workers: int | None = None
     """Pool size for reward_executor thread/process (default: number of CPUs)."""
     reward_timeout: float | None = None
-    """Seconds one reward call may take (any executor); a call past it is abandoned and counts as an error of its function (see reward_on_error). None: no limit."""
+    """Seconds one reward call may take (any executor); a call past it is abandoned and counts as an error of
+    its function (see reward_on_error). None: no limit."""
     reward_memory_mb: int | None = None
-    """With reward_executor: process, cap on each worker's data memory in MiB (an allocation past it raises MemoryError in the call). None: no cap."""
+    """With reward_executor: process, cap on each worker's data memory in MiB (an allocation past it raises
+    MemoryError in the call). None: no cap."""
 
     # --- sampling ---
     iterations: int = 100
@@ -72,20 +86,26 @@ class PGConfig:
     """Nucleus sampling threshold (1.0 = off). Truncation makes sampling slightly off-policy."""
     top_k: int = 0
     """Top-k sampling (0 = off). Truncation makes sampling slightly off-policy."""
-    sampler: str = "lmpg"
-    """'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number of processes and after a resume); 'generate': transformers' generate."""
+    sampler: Sampler = "lmpg"
+    """'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number of processes and
+    after a resume); 'generate': transformers' generate."""
 
     # --- environment (multi-turn episodes, lmpg.episodes) ---
     environment: str | None = None
-    """Multi-turn episodes: 'package.module:Class' or 'path/file.py:Class', one instance per episode (TRL-shaped: reset(**row) and tools as public methods, optional get_reward(); or step(action_text) -> (observation, reward, done)). None: one completion per prompt."""
-    tool_format: str = "hermes"
-    """How the policy writes tool calls: 'hermes' (<tool_call>{json}</tool_call>, Qwen / Hermes templates) or 'simple' (name(arg, arg), for tiny models)."""
+    """Multi-turn episodes: 'package.module:Class' or 'path/file.py:Class', one instance per episode
+    (TRL-shaped: reset(**row) and tools as public methods, optional get_reward(); or step(action_text) ->
+    (observation, reward, done)). None: one completion per prompt."""
+    tool_format: ToolFormat = "hermes"
+    """How the policy writes tool calls: 'hermes' (<tool_call>{json}</tool_call>, Qwen / Hermes templates) or
+    'simple' (name(arg, arg), for tiny models)."""
     tool_timeout: float = 10.0
     """Seconds a tool call may run before it becomes an error observation."""
     max_turns: int = 4
-    """Policy turns per episode (max_new_tokens is the limit per turn); an episode that hits it is truncated."""
+    """Policy turns per episode (max_new_tokens is the limit per turn); an episode that hits it is
+    truncated."""
     max_episode_tokens: int | None = None
-    """Tokens after the prompt per episode, policy's and environment's (default 2 * max_turns * max_new_tokens)."""
+    """Tokens after the prompt per episode, policy's and environment's (default 2 * max_turns *
+    max_new_tokens)."""
     cache_across_turns: bool = True
     """Keep the KV cache between turns (only the environment's new tokens are prefilled)."""
 
@@ -94,10 +114,12 @@ class PGConfig:
     """Passes over each sampled batch (> 1 reuses the batch with importance ratios pi_theta/pi_old)."""
     minibatch_size: int | None = None
     """Completions per optimizer step (default: batch_size, one step per epoch). Must divide batch_size."""
-    logp_old_source: str = "forward"
-    """Where log pi_old comes from for rows after the first minibatch: 'forward' (a no-grad forward pass, exact) or 'sampler' (the sampler's own log-probs: no extra pass, equal up to float rounding)."""
+    logp_old_source: LogpOldSource = "forward"
+    """Where log pi_old comes from for rows after the first minibatch: 'forward' (a no-grad forward pass,
+    exact) or 'sampler' (the sampler's own log-probs: no extra pass, equal up to float rounding)."""
     micro_batch_size: int | None = None
-    """Completions per forward/backward on one process (gradient accumulation); default: the whole minibatch share."""
+    """Completions per forward/backward on one process (gradient accumulation); default: the whole minibatch
+    share."""
     learning_rate: float = 1e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -110,35 +132,40 @@ class PGConfig:
     """AdamW epsilon."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient's global norm to this (None = no clipping)."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: LrScheduler = "constant"
     """Learning-rate schedule over optimizer steps: constant, linear or cosine (after warmup)."""
     warmup_steps: int = 0
     """Optimizer steps of linear learning-rate warmup."""
 
     # --- estimator ---
-    baseline: str = "group_mean"
-    """Baseline b subtracted from the return: none, batch_mean, group_mean (per prompt), leave_one_out (RLOO), optimal (the variance-minimising b* = E[w R] / E[w], w the squared norm of grad log p(tau) estimated from the sampler's logits, leave-one-out in the group) or optimal_token (its per-token form)."""
-    adv_norm: str = "none"
+    baseline: Baseline = "group_mean"
+    """Baseline b subtracted from the return: none, batch_mean, group_mean (per prompt), leave_one_out (RLOO),
+    optimal (the variance-minimising b* = E[w R] / E[w], w the squared norm of grad log p(tau) estimated from
+    the sampler's logits, leave-one-out in the group) or optimal_token (its per-token form)."""
+    adv_norm: AdvNorm = "none"
     """Divide advantages by the std of (return - baseline): none, group or batch (GRPO uses group)."""
     reward_to_go: bool = False
     """Credit each token only with rewards at or after it (for per-token rewards)."""
     gamma: float = 1.0
     """Discount for the return / reward-to-go: ret_t = sum_{t'>=t} gamma^(t'-t) r_t'."""
-    ratio_level: str = "token"
-    """Importance ratio: token (PPO/GRPO), sequence (product of token ratios) or sequence_mean (its length-normalised form, GSPO)."""
+    ratio_level: RatioLevel = "token"
+    """Importance ratio: token (PPO/GRPO), sequence (product of token ratios) or sequence_mean (its
+    length-normalised form, GSPO). The sequence levels give one policy loss per sequence, averaged over
+    sequences: loss_agg then aggregates only the KL term."""
     clip_eps_low: float | None = 0.2
     """PPO clipping: ratio floor 1 - clip_eps_low (None with clip_eps_high None = no clipping)."""
     clip_eps_high: float | None = 0.2
     """PPO clipping: ratio ceiling 1 + clip_eps_high (DAPO raises it, e.g. 0.28)."""
-    loss_agg: str = "token_mean"
-    """Loss aggregation: token_mean, sequence_mean, sequence_sum or constant (see lmpg.losses)."""
+    loss_agg: LossAgg = "token_mean"
+    """Loss aggregation: token_mean, sequence_mean, sequence_sum or constant (see lmpg.losses). With
+    ratio_level sequence or sequence_mean it aggregates only the KL term (token_mean or sequence_mean)."""
     loss_constant: float | None = None
     """Normaliser per sequence for loss_agg=constant (default: max_new_tokens)."""
     kl_coef: float = 0.0
     """beta: weight of the KL penalty to the reference policy (0 = off, no reference model kept)."""
-    kl_estimator: str = "k3"
+    kl_estimator: KlEstimator = "k3"
     """KL estimator: k1, k2 or k3 (see lmpg.kl)."""
-    kl_in: str = "loss"
+    kl_in: KlIn = "loss"
     """Where the KL penalty goes: 'loss' (GRPO) or 'reward' (subtracted per token from the rewards)."""
     adv_eps: float = 1e-6
     """Added to the std before dividing advantages by it."""
@@ -147,12 +174,14 @@ class PGConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     shared_prompt_forward: bool = True
-    """Run each distinct prompt once in the log-prob forward and share its KV cache among its group's completions (same numbers up to float rounding; used with one process or DDP, not with FSDP / DeepSpeed or gradient checkpointing)."""
+    """Run each distinct prompt once in the log-prob forward and share its KV cache among its group's
+    completions (same numbers up to float rounding; used with one process or DDP, not with FSDP / DeepSpeed or
+    gradient checkpointing)."""
     logits_chunk_size: int = 0
     """Tokens per output-layer chunk when computing log-probs from the last hidden states, so no
     (B, T, V) logits are held (lmpg.chunked_logprobs); 0 = the full logits (default for now: the chunked
     path moves floats by rounding and is not yet the default)."""
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     """Accelerate mixed precision: no, bf16 or fp16 (bf16 also on CPU)."""
     lora_r: int = 0
     """LoRA rank (0 = full fine-tuning)."""
@@ -182,8 +211,10 @@ class PGConfig:
     """Stop after this many consecutive updates skipped for a non-finite loss or gradient."""
     report_to: list = field(default_factory=list)
     """Extra trackers through accelerate: tensorboard, wandb, trackio."""
-    grad_snr: bool = True
-    """Log the gradient signal-to-noise ratio from micro-batch gradients of the first epoch (one process; costs two gradient-sized buffers)."""
+    grad_snr: bool | None = None
+    """Log the gradient signal-to-noise ratio from micro-batch gradients of the first epoch (costs two
+    gradient-sized buffers). One process only: None (auto) logs it with one process and not with several;
+    true with several processes is refused."""
     progress_bar: bool = True
     """Show a progress bar on a TTY (never under CI or when output is not a terminal)."""
     sample_groups_per_iteration: int | None = 4
@@ -210,15 +241,18 @@ class PGConfig:
     def resolved_loss_constant(self) -> float:
         return float(self.loss_constant or self.max_new_tokens)
 
+    def grad_snr_on(self, num_processes: int) -> bool:
+        """Whether the update measures grad_snr: as set, or with one process when left None (auto)."""
+        return self.grad_snr if self.grad_snr is not None else num_processes == 1
+
+    def check_processes(self, num_processes: int) -> None:
+        """Refuse (ConfigError) what this config cannot do on `num_processes` processes."""
+        if self.grad_snr and num_processes > 1:
+            raise ConfigError(f"grad_snr=true needs one process (each process sees only its share of the "
+                              f"micro-batch gradients), not {num_processes}; set grad_snr=null (auto) or false")
+
     def _validate(self):
-        choices = {"baseline": BASELINES, "adv_norm": ADV_NORMS, "ratio_level": RATIO_LEVELS,
-                   "loss_agg": LOSS_AGGS, "kl_estimator": KL_ESTIMATORS, "kl_in": ("loss", "reward"),
-                   "reward_on_error": ("raise", "none"), "sampler": ("lmpg", "generate"),
-                   "logp_old_source": ("forward", "sampler"), "tool_format": ("hermes", "simple"),
-                   "reward_executor": ("serial", "thread", "process"),
-                   "lr_scheduler": ("constant", "linear", "cosine"),
-                   "mixed_precision": ("no", "bf16", "fp16")}
-        for name, allowed in choices.items():
+        for name, allowed in choices().items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not valid; set it to one of {', '.join(allowed)}")
@@ -257,6 +291,10 @@ class PGConfig:
         if self.loss_constant is not None and self.loss_agg != "constant":
             raise ConfigError(f"loss_constant={self.loss_constant} only applies to loss_agg=constant; "
                               f"set loss_agg=constant or drop loss_constant")
+        if self.ratio_level in SEQUENCE_RATIO_LEVELS and self.loss_agg in ("sequence_sum", "constant"):
+            raise ConfigError(f"loss_agg={self.loss_agg} does not apply with ratio_level={self.ratio_level} (its policy "
+                              "loss is one term per sequence, averaged over sequences; loss_agg only aggregates "
+                              "the KL term there); set loss_agg=token_mean or sequence_mean")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0 (sampling only; use greedy eval for argmax)")
         if not 0 < self.top_p <= 1:
@@ -344,21 +382,50 @@ class PGConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def split_settings(settings_cls, config_path: str | Path | None, overrides: list[str]) -> tuple[Any, PGConfig]:
+    """(settings, config) for a script with settings of its own beside PGConfig's (a recipe): the
+    `key=value` overrides that name a field of the dataclass `settings_cls` build it, read as its
+    defaults' types; the rest, over the YAML at config_path, build the PGConfig. A value that does
+    not convert is a one-line ConfigError."""
+    own = {f.name: f.default for f in fields(settings_cls)}
+    values, rest = {}, []
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key not in own:
+            rest.append(item)
+            continue
+        try:
+            values[key] = type(own[key])(yaml.safe_load(raw))
+        except (TypeError, ValueError, yaml.YAMLError):
+            raise ConfigError(f"{key}={raw!r} is not a valid {type(own[key]).__name__}; e.g. {key}={own[key]}") from None
+    return settings_cls(**values), PGConfig.from_yaml(config_path, rest)
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each choice field: the arguments of the `Literal` it is annotated with."""
+    return {name: typing.get_args(hint) for name, hint in typing.get_type_hints(PGConfig).items()
+            if typing.get_origin(hint) is Literal}
+
+
 def field_docs() -> dict[str, str]:
-    """The docstring under each PGConfig field, read from this module's source."""
+    """The docstring under each PGConfig field, read from this module's source, as one line (the
+    source wraps it; the reader wraps it again for its own width)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(PGConfig)))
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
 def _is_plain_str_field(name: str) -> bool:
+    """Whether a `key=value` override of this field is kept as typed: a string or a choice field."""
     hint = typing.get_type_hints(PGConfig).get(name)
-    return hint is str or (typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
-                           and str in typing.get_args(hint) and list not in typing.get_args(hint))
+    return hint is str or typing.get_origin(hint) is Literal or (
+        typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+        and str in typing.get_args(hint) and list not in typing.get_args(hint))
 
 
 def _check_types(config: PGConfig) -> None:
@@ -386,7 +453,8 @@ def _check_types(config: PGConfig) -> None:
             if math.isnan(value):
                 raise ConfigError(f"{f.name} is NaN; give a number")
             continue
-        ok = any(t is Any or (isinstance(t, type) and isinstance(value, t) and not (t is int and isinstance(value, bool)))
+        # a choice field takes any value here; _validate names the allowed ones
+        ok = any(t is Any or typing.get_origin(t) is Literal or (isinstance(t, type) and isinstance(value, t) and not (t is int and isinstance(value, bool)))
                  or (typing.get_origin(t) is list and isinstance(value, list)) for t in allowed)
         if list in allowed and isinstance(value, str) and f.name in ("rewards", "report_to"):
             setattr(config, f.name, [value])

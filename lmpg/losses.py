@@ -30,7 +30,8 @@ Aggregation (`loss_agg`) of token losses l_{i,t} over the counted tokens (comple
 - sequence_mean: L = (1/N) sum_i (sum_t l_{i,t} / sum_t m_{i,t})    (GRPO: every sequence weighs the same)
 - sequence_sum:  L = (1/N) sum_i sum_t l_{i,t}                      (the textbook estimator, unbiased)
 - constant:      L = sum_{i,t} l_{i,t} / (N * loss_constant)         (Dr. GRPO, arXiv 2503.20783)
-The sequence ratio levels produce one loss per sequence; they are averaged over sequences.
+The sequence ratio levels produce one loss per sequence; they are averaged over sequences, whatever
+`loss_agg` says (it then aggregates only the KL term added in lmpg.update.surrogate_loss).
 
 To split a batch over micro-batches or processes and still get the whole batch's gradient, pass the
 whole batch's `num_tokens` and `num_sequences`: each part then returns its share of the sum, and the
@@ -41,7 +42,7 @@ Shapes: B sequences, T completion tokens. All per-token inputs are (B, T).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -49,8 +50,11 @@ from lmpg.masked import masked_mean, masked_min_max, masked_sum
 
 RatioLevel = Literal["token", "sequence", "sequence_mean"]
 LossAgg = Literal["token_mean", "sequence_mean", "sequence_sum", "constant"]
-RATIO_LEVELS = ("token", "sequence", "sequence_mean")
-LOSS_AGGS = ("token_mean", "sequence_mean", "sequence_sum", "constant")
+RATIO_LEVELS = get_args(RatioLevel)
+LOSS_AGGS = get_args(LossAgg)
+# every level but token gives one loss per sequence (averaged over sequences), so loss_agg reaches
+# only the KL term there
+SEQUENCE_RATIO_LEVELS = tuple(level for level in RATIO_LEVELS if level != "token")
 
 
 def importance_ratio(logp: torch.Tensor, logp_old: torch.Tensor, completion_mask: torch.Tensor,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lmpg.batch import TrajectoryBatch
+from lmpg.errors import ConfigError
 
 
 def reward_inputs(batch: TrajectoryBatch, prompts: list) -> tuple[list, list, list[list[int]]]:
@@ -59,8 +60,18 @@ def eos_token_ids(tokenizer, model=None) -> list[int]:
 
 def encode_prompts(tokenizer, prompt_texts: list[str], max_prompt_length: int, add_special_tokens: bool,
                    device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Left-padded (prompt_ids, prompt_mask, number truncated); long prompts keep their last tokens."""
+    """Left-padded (prompt_ids, prompt_mask, number truncated); long prompts keep their last tokens.
+
+    A prompt that encodes to no tokens (the empty string) starts from the tokenizer's BOS token, as
+    an unconditional sample does; with no BOS token it is refused (ConfigError)."""
     encoded = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in prompt_texts]
+    for i, e in enumerate(encoded):
+        if not e:
+            if tokenizer.bos_token_id is None:
+                raise ConfigError(f"prompt {i} of the batch ({prompt_texts[i]!r}) encodes to no tokens and the "
+                                  "tokenizer has no BOS token to start from; give it some text or set "
+                                  "tokenizer.bos_token")
+            encoded[i] = [tokenizer.bos_token_id]
     truncated = sum(len(e) > max_prompt_length for e in encoded)
     encoded = [e[-max_prompt_length:] for e in encoded]
     P = max(len(e) for e in encoded)

@@ -74,6 +74,9 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, se
     float rounding of the prefill logits.
     """
     B = prompt_ids.shape[0]
+    if not bool(prompt_mask.any(1).all()):  # the first step would attend to nothing
+        raise ValueError("every row needs at least one prompt token; start an empty prompt from BOS "
+                         "(lmpg.rollout.encode_prompts does)")
     device = prompt_ids.device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     eos = torch.tensor(eos_ids, device=device)

@@ -26,11 +26,12 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 from lmpg.errors import ConfigError
 
-TOOL_FORMATS = ("hermes", "simple")
+ToolFormat = Literal["hermes", "simple"]
+TOOL_FORMATS = get_args(ToolFormat)
 RESERVED_METHODS = ("reset", "step", "get_reward", "close")
 """Methods of an environment class that are never tools."""
 

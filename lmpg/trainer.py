@@ -114,6 +114,7 @@ class PGTrainer:
         self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision, cpu=distributed.no_accelerator(),
                                              log_with=c.report_to or None, project_dir=c.output_dir)
         n_proc = acc.num_processes
+        c.check_processes(n_proc)
         if c.prompts_per_iteration % n_proc:
             raise ConfigError(f"{c.prompts_per_iteration} prompts per iteration (batch_size/group_size) do not split "
                               f"over {n_proc} processes; make batch_size a multiple of {c.group_size * n_proc}")

@@ -65,6 +65,10 @@ def _lacking(args: Any) -> list[str]:
         problems.append(f"lr_scheduler_type={scheduler!r} (lr_scheduler: constant, linear or cosine)")
     if str(_value(args.optim)) not in OPTIMIZERS:
         problems.append(f"optim={_value(args.optim)!r} (AdamW only)")
+    level, loss_type = getattr(args, "importance_sampling_level", "token"), _value(args.loss_type)
+    if level == "sequence" and loss_type != "grpo":  # TRL aggregates the sequence ratio's loss per token
+        problems.append(f"importance_sampling_level='sequence' with loss_type={loss_type!r} (lmpg averages "
+                        "sequence-level losses over sequences, as loss_type='grpo' does)")
     if args.max_steps is None or args.max_steps <= 0:
         problems.append("max_steps unset (lmpg counts sampled batches: set max_steps)")
     return problems

@@ -165,7 +165,7 @@ class PolicyUpdate:
                      EntropyRecorder(batch.completion_ids.shape, batch.completion_ids.device)]
         # the SNR needs >= 2 gradient estimates in the first epoch; with fewer it would only cost time
         first_epoch_micro = n_minibatches * -(-self.minibatch_size // self.micro_batch_size)
-        if c.grad_snr and self.accelerator.num_processes == 1 and first_epoch_micro >= 2:
+        if c.grad_snr_on(self.accelerator.num_processes) and first_epoch_micro >= 2:
             observers.append(GradientSNR(self.params))
         return observers
 

@@ -31,10 +31,12 @@ from pathlib import Path
 
 import datasets
 import torch
-import yaml
 
-from lmpg import ConfigError, PGConfig, PGTrainer
+from lmpg import PGConfig, PGTrainer
+from lmpg.cli import exit_status
+from lmpg.config import split_settings
 from lmpg.evaluate import evaluate
+from lmpg.run_dir import prepare_recipe_dir
 from lmpg.sft import imitation_warm_start
 from lmpg.tasks import addition
 from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
@@ -84,16 +86,7 @@ FAST_OVERRIDES = [
 
 def read_settings(config_path: str | None, overrides: list[str]) -> tuple[AdditionRecipe, PGConfig]:
     """Split `key=value` overrides between AdditionRecipe and PGConfig (read from `config_path`)."""
-    recipe_fields = {f.name: f for f in dataclasses.fields(AdditionRecipe)}
-    recipe_values, config_overrides = {}, []
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if key.strip() in recipe_fields:
-            default = recipe_fields[key.strip()].default
-            recipe_values[key.strip()] = type(default)(yaml.safe_load(raw))
-        else:
-            config_overrides.append(item)
-    return AdditionRecipe(**recipe_values), PGConfig.from_yaml(config_path, config_overrides)
+    return split_settings(AdditionRecipe, config_path, overrides)
 
 
 def measure(model, tokenizer, problems: list[addition.AdditionProblem], batch_size: int, seed: int) -> dict:
@@ -122,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("config", nargs="?", default=str(Path(__file__).with_suffix(".yaml")),
                         help="YAML of PGConfig fields (default: recipes/addition_cpu.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value, a PGConfig or AdditionRecipe field")
-    parser.add_argument("--output-dir", default=None, help="run directory (overrides output_dir)")
+    parser.add_argument("--output-dir", default=None,
+                        help="run directory, new or empty (default: output_dir of the YAML, with _fast for --fast, "
+                             "where a second run replaces the first)")
     parser.add_argument("--fast", action="store_true", help="a < 1 minute smoke run (2-digit sums)")
     args = parser.parse_args(argv)
     if "=" in args.config:  # no YAML given: the first positional is an override
@@ -131,10 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = (FAST_OVERRIDES if args.fast else []) + args.overrides
     overrides += [f"output_dir={args.output_dir}"] if args.output_dir else []
     recipe, config = read_settings(args.config, overrides)
+    # the recipe's own directory (runs/addition_cpu, or runs/addition_cpu_fast with --fast) is replaced
+    # on a second run; a directory the user named is never touched
+    chosen = bool(args.output_dir) or args.config != parser.get_default("config") or any(
+        item.partition("=")[0].strip() == "output_dir" for item in args.overrides)
+    config = prepare_recipe_dir(config, chosen=chosen, fast=args.fast, marker="accuracy.json")
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite_output_dir:
-        raise ConfigError(f"output_dir {output_dir} is not empty; pass --output-dir to a new directory "
-                          "or set overwrite_output_dir=true")
     torch.set_num_threads(recipe.num_threads)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -200,4 +197,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(exit_status(lambda: 0 if main() else 1, prog="addition_cpu.py"))

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import datasets
 import torch
-import yaml
 
-from lmpg import ConfigError, PGConfig, PGTrainer
+from lmpg import PGTrainer
+from lmpg.cli import exit_status
+from lmpg.config import split_settings
 from lmpg.environments import EpisodeEnv
 from lmpg.episodes import ChatBridge, EpisodeLimits, reward_completions, render_episode_prompt, sample_episodes
+from lmpg.run_dir import prepare_recipe_dir
 from lmpg.sampler import row_seed
 from lmpg.sft import imitate_tokens
 from lmpg.tasks import calculator
@@ -69,15 +71,8 @@ FAST_OVERRIDES = ["n_digits=2", "n_train=2000", "n_heldout=200", "sft_steps=400"
 
 
 def read_settings(config_path, overrides):
-    fields = {f.name: f for f in dataclasses.fields(CalculatorRecipe)}
-    values, rest = {}, []
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if key.strip() in fields:
-            values[key.strip()] = type(fields[key.strip()].default)(yaml.safe_load(raw))
-        else:
-            rest.append(item)
-    return CalculatorRecipe(**values), PGConfig.from_yaml(config_path, rest)
+    """Split `key=value` overrides between CalculatorRecipe and PGConfig (read from `config_path`)."""
+    return split_settings(CalculatorRecipe, config_path, overrides)
 
 
 def demonstration_tokens(tokenizer, problems, episodes):
@@ -140,7 +135,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=str(Path(__file__).with_suffix(".yaml")))
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--output-dir", default=None,
+                        help="run directory, new or empty (default: output_dir of the YAML, with _fast for --fast, "
+                             "where a second run replaces the first)")
     parser.add_argument("--fast", action="store_true")
     args = parser.parse_args(argv)
     if "=" in args.config:
@@ -149,9 +146,12 @@ def main(argv=None) -> dict:
     overrides = (FAST_OVERRIDES if args.fast else []) + args.overrides
     overrides += [f"output_dir={args.output_dir}"] if args.output_dir else []
     recipe, config = read_settings(args.config, overrides)
+    # the recipe's own directory (runs/calculator_cpu, or runs/calculator_cpu_fast with --fast) is
+    # replaced on a second run; a directory the user named is never touched
+    chosen = bool(args.output_dir) or args.config != parser.get_default("config") or any(
+        item.partition("=")[0].strip() == "output_dir" for item in args.overrides)
+    config = prepare_recipe_dir(config, chosen=chosen, fast=args.fast, marker="success.json")
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite_output_dir:
-        raise ConfigError(f"output_dir {output_dir} is not empty; pass --output-dir to a new directory")
     torch.set_num_threads(recipe.num_threads)
     seconds, clock = {}, [time.perf_counter()]
 
@@ -206,4 +206,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(exit_status(lambda: 0 if main() else 1, prog="calculator_cpu.py"))

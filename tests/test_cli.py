@@ -85,6 +85,28 @@ def test_train_help_shows_every_field_with_its_default(capsys):
     assert "Completions per iteration" in out  # batch_size's doc
 
 
+@pytest.mark.parametrize("columns", [300, 72])
+def test_train_help_wraps_the_field_docs_to_the_terminal(capsys, monkeypatch, columns):
+    """The field docstrings are wrapped in the source; --help joins and wraps them again to the terminal's
+    width, at most 100 columns, and lists each choice field's allowed values."""
+    from lmpg.config import choices
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= min(columns, 100)
+    lines = out.splitlines()
+    fields = lines[lines.index("config fields (YAML keys or key=value overrides):"):]
+    # docstrings wrapped over source lines read on as one paragraph (no source indentation inside)
+    assert not [line for line in fields if "  " in line.strip()]
+    assert "processes and after a resume); 'generate'" in " ".join(out.split())
+    for name, allowed in choices().items():
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"  {name} = "))
+        assert " ".join(lines[at + 1].split()).startswith("one of: " + allowed[0]), name
+        assert "one of: " + ", ".join(allowed) in " ".join(" ".join(lines[at + 1:at + 3]).split()), name
+
+
 @pytest.mark.parametrize("command", ["eval", "sample", "plot"])
 def test_subcommand_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
@@ -267,6 +289,12 @@ def test_sample_prints_completions_with_rewards(capsys, trained_run, workspace):
     assert len(headers) == 3 and all("reward 1.0000" in h for h in headers)
     code, out, _ = run_cli(capsys, ["sample", workspace / "model", "3+3=", "--greedy", "--max-new-tokens", "5"])
     assert code == 0 and len([line for line in out.splitlines() if line.startswith("[")]) == 1
+
+
+def test_sample_an_empty_prompt_starts_from_bos(capsys, workspace):
+    code, out, err = run_cli(capsys, ["sample", workspace / "model", "", "--n", "2", "--max-new-tokens", "4"])
+    assert code == 0, err
+    assert out.startswith("prompt: ''\n") and "[1]" in out and "Traceback" not in err
 
 
 def test_sample_passes_the_prompts_columns_to_the_rewards(capsys, workspace):

@@ -21,3 +21,170 @@ def test_silent_combinations_are_refused_in_one_line(values, match):
 def test_valid_combinations_pass():
     PGConfig(baseline="batch_mean", group_size=1, batch_size=4)
     PGConfig(loss_agg="constant", loss_constant=8.0)
+
+
+# ----------------------------------------------------------------------------- choices from Literals
+CHOICE_FIELDS = {"baseline", "adv_norm", "ratio_level", "loss_agg", "kl_estimator", "kl_in", "reward_on_error",
+                 "sampler", "logp_old_source", "tool_format", "reward_executor", "lr_scheduler", "mixed_precision"}
+
+
+def test_every_choice_field_is_a_literal_and_its_choices_are_the_literals_values():
+    import typing
+
+    from lmpg.config import choices
+
+    hints = typing.get_type_hints(PGConfig)
+    assert set(choices()) == CHOICE_FIELDS
+    for name, allowed in choices().items():
+        assert typing.get_origin(hints[name]) is typing.Literal
+        assert allowed == typing.get_args(hints[name])
+
+
+def test_the_maths_modules_tuples_are_their_literals():
+    """One fact, written once: each tuple of names is read from the Literal that declares it."""
+    from typing import get_args
+
+    from lmpg import advantages, kl, losses, tools
+    from lmpg.rewards import executors, scorer
+
+    assert losses.RATIO_LEVELS == get_args(losses.RatioLevel) == ("token", "sequence", "sequence_mean")
+    assert losses.LOSS_AGGS == get_args(losses.LossAgg) == ("token_mean", "sequence_mean", "sequence_sum", "constant")
+    assert advantages.BASELINES == get_args(advantages.Baseline)
+    assert set(advantages.WEIGHTED_BASELINES) <= set(advantages.BASELINES)
+    assert advantages.ADV_NORMS == get_args(advantages.AdvNorm)
+    assert kl.KL_ESTIMATORS == get_args(kl.KlEstimator)
+    assert tools.TOOL_FORMATS == get_args(tools.ToolFormat)
+    assert executors.EXECUTORS == get_args(executors.RewardExecutor)
+    assert scorer.ON_ERROR == get_args(scorer.OnError)
+
+
+def test_every_choice_is_accepted_and_anything_else_refused_in_one_line():
+    from lmpg.config import choices
+
+    for name, allowed in choices().items():
+        for value in allowed:
+            assert getattr(PGConfig(**{name: value}), name) == value
+        with pytest.raises(ConfigError) as err:
+            PGConfig(**{name: "bogus"})
+        assert str(err.value) == f"{name}='bogus' is not valid; set it to one of {', '.join(allowed)}"
+    with pytest.raises(ConfigError, match="baseline=3 is not valid; set it to one of none, "):
+        PGConfig(baseline=3)
+
+
+def test_choice_overrides_keep_the_string_as_typed(tmp_path):
+    """YAML 1.1 reads `no` as False; a choice field keeps the text given on the command line or in a file."""
+    assert PGConfig.from_yaml(None, ["mixed_precision=no", "kl_in=reward"]).mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\nloss_agg: sequence_mean\n")
+    config = PGConfig.from_yaml(path)
+    assert (config.mixed_precision, config.loss_agg) == ("no", "sequence_mean")
+
+
+# ------------------------------------------------------------------------------ grad_snr, processes
+def test_grad_snr_auto_is_on_with_one_process_only():
+    config = PGConfig()
+    assert config.grad_snr is None
+    assert config.grad_snr_on(1) and not config.grad_snr_on(2)
+    assert PGConfig(grad_snr=True).grad_snr_on(1) and not PGConfig(grad_snr=False).grad_snr_on(1)
+    for grad_snr in (None, False):
+        PGConfig(grad_snr=grad_snr).check_processes(4)
+    PGConfig(grad_snr=True).check_processes(1)
+
+
+def test_grad_snr_true_with_several_processes_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="grad_snr=true needs one process .* not 2; set grad_snr=null") as err:
+        PGConfig(grad_snr=True).check_processes(2)
+    assert "\n" not in str(err.value)
+
+
+def test_the_trainer_checks_the_config_against_its_processes(monkeypatch, tmp_path):
+    """PGTrainer refuses grad_snr=true as soon as it knows it runs on 2 processes (faked here: the check
+    comes before the model or the data are touched)."""
+    from accelerate import Accelerator
+
+    from lmpg import PGTrainer
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(ConfigError, match="grad_snr=true needs one process"):
+        PGTrainer(None, [lambda prompts, completions, **kw: [0.0] * len(completions)], [{"prompt": "1+1="}],
+                  PGConfig(grad_snr=True, output_dir=str(tmp_path / "run")))
+
+
+# ------------------------------------------------------------- loss_agg under sequence-level ratios
+@pytest.mark.parametrize("ratio_level", ["sequence", "sequence_mean"])
+@pytest.mark.parametrize("loss_agg", ["sequence_sum", "constant"])
+def test_loss_agg_the_sequence_ratio_ignores_is_refused(ratio_level, loss_agg):
+    with pytest.raises(ConfigError, match=f"loss_agg={loss_agg} does not apply with ratio_level={ratio_level} "
+                                          r"\(.*loss_agg only aggregates the KL term") as err:
+        PGConfig(ratio_level=ratio_level, loss_agg=loss_agg, kl_coef=0.1)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("ratio_level", ["sequence", "sequence_mean"])
+@pytest.mark.parametrize("loss_agg", ["token_mean", "sequence_mean"])
+def test_loss_agg_of_the_kl_term_under_sequence_ratios_passes(ratio_level, loss_agg):
+    PGConfig(ratio_level=ratio_level, loss_agg=loss_agg, kl_coef=0.1)
+
+
+def test_the_recorded_fixture_configs_stay_valid():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    try:
+        from record_metrics import BASE, CASES
+    finally:
+        sys.path.pop(0)
+    for name, case in CASES.items():
+        PGConfig(**{**BASE, **case})
+    assert PGConfig(**{**BASE, **CASES["two_processes"]}).grad_snr is None  # auto: off on 2, on on 1
+
+
+# ------------------------------------------------------------------------------ field docstrings
+def test_field_docs_are_one_paragraph_and_the_source_wraps_them():
+    from lmpg.config import field_docs
+
+    docs = field_docs()
+    for name, doc in docs.items():
+        assert doc and "\n" not in doc and "  " not in doc, name
+    # a docstring wrapped over source lines reads back as one line with single spaces
+    assert docs["sampler"] == ("'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number "
+                               "of processes and after a resume); 'generate': transformers' generate.")
+    doc_lines = _field_doc_source_lines()
+    assert len(doc_lines) > len(docs) and max(len(line) for line in doc_lines) <= 110
+
+
+def _field_doc_source_lines() -> list[str]:
+    """The source lines of the docstrings under PGConfig's fields."""
+    import ast
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(PGConfig))
+    lines = source.splitlines()
+    body = ast.parse(source).body[0].body
+    out = []
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            out += lines[nxt.lineno - 1:nxt.end_lineno]
+    return out
+
+
+# ------------------------------------------------------------------------ a script's own settings
+def test_split_settings_builds_the_scripts_settings_and_the_config(tmp_path):
+    from dataclasses import dataclass
+
+    from lmpg.config import split_settings
+
+    @dataclass
+    class Settings:
+        n_digits: int = 3
+        rate: float = 0.5
+
+    path = tmp_path / "c.yaml"
+    path.write_text("iterations: 7\n")
+    settings, config = split_settings(Settings, path, ["n_digits=2", "batch_size=8", "rate=1e-3"])
+    assert settings == Settings(2, 1e-3) and (config.iterations, config.batch_size) == (7, 8)
+    with pytest.raises(ConfigError, match=r"n_digits='two' is not a valid int; e.g. n_digits=3") as err:
+        split_settings(Settings, None, ["n_digits=two"])
+    assert "\n" not in str(err.value)

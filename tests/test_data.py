@@ -79,3 +79,19 @@ def test_lmpg_trains_without_datasets_and_math_verify(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained without datasets and math_verify" in done.stdout
+
+
+def test_an_empty_prompt_in_the_dataset_trains_from_bos(tmp_path, tiny_model, tokenizer):
+    """A row whose prompt is "" is sampled from BOS (lmpg.rollout.encode_prompts), not a 0-sized tensor."""
+    import json
+
+    from conftest import count_a, small_config
+    from lmpg import PGTrainer
+
+    rows = [{"prompt": ""}, {"prompt": "1+1="}]
+    metrics = PGTrainer(tiny_model, [count_a], rows, small_config(tmp_path, iterations=1, sample_log_every=1,
+                                                                   num_samples_to_show=8),
+                        tokenizer=tokenizer).train()
+    assert len(metrics) == 1 and metrics[0]["completion_len_mean"] > 0
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert "" in {s["prompt"] for s in samples}

@@ -106,3 +106,34 @@ def test_sampler_grad_sq_norm_is_the_squared_logit_gradient(tiny_model, tokenize
     plain = sample_completions(tiny_model, tokenizer, ["1+1=", "123+456="], 3, max_new_tokens=6, temperature=tau,
                                seeds=list(range(6)))
     assert torch.equal(plain.completion_ids, roll.completion_ids) and plain.grad_sq_norm is None
+
+
+# ------------------------------------------------------------------------------------ empty prompt
+def test_an_empty_prompt_starts_from_bos(tiny_model, tokenizer):
+    """"" samples what the prompt holding only BOS samples (lmpg.tiny's tokenizer inserts no BOS itself)."""
+    assert tokenizer("")["input_ids"] == [] and tokenizer.bos_token_id is not None
+    roll = sample_completions(tiny_model, tokenizer, ["", "12+34="], 2, max_new_tokens=6, seeds=[1, 2, 3, 4])
+    assert roll.prompt_ids[0][roll.prompt_mask[0]].tolist() == [tokenizer.bos_token_id]
+    from_bos = sample_completions(tiny_model, tokenizer, [tokenizer.bos_token], 2, max_new_tokens=6, seeds=[1, 2])
+    assert torch.equal(roll.completion_ids[:2, :from_bos.completion_ids.shape[1]], from_bos.completion_ids)
+    assert roll.completions[:2] == from_bos.completions and bool(roll.completion_mask[:2].any())
+
+
+def test_an_empty_prompt_without_bos_is_refused_in_one_line(tiny_model, tokenizer):
+    from lmpg.errors import ConfigError
+
+    tokenizer.bos_token = None
+    assert tokenizer.bos_token_id is None
+    with pytest.raises(ConfigError, match=r"prompt 1 of the batch \(''\) encodes to no tokens and the tokenizer "
+                                          "has no BOS token") as err:
+        sample_completions(tiny_model, tokenizer, ["1+1=", ""], 2, max_new_tokens=4, seeds=[1, 2, 3, 4])
+    assert "\n" not in str(err.value)
+
+
+def test_the_sampler_refuses_a_row_with_no_prompt_token(tiny_model):
+    from lmpg.sampler import sample_tokens
+
+    ids = torch.tensor([[0, 0], [5, 6]])
+    mask = torch.tensor([[False, False], [True, True]])
+    with pytest.raises(ValueError, match="every row needs at least one prompt token"):
+        sample_tokens(tiny_model, ids, mask, [1, 2], max_new_tokens=3, eos_ids=[1], pad_id=0)

@@ -38,7 +38,7 @@ def test_the_migration_guides_side_by_side_run_converts_to_its_pgconfig(tmp_path
 def test_fields_map_one_by_one(tmp_path):
     args = grpo_config(tmp_path, num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                        steps_per_generation=4, num_iterations=2, max_steps=40, loss_type="dr_grpo",
-                       scale_rewards="none", importance_sampling_level="sequence", beta=0.04, top_p=0.9, top_k=20,
+                       scale_rewards="none", importance_sampling_level="token", beta=0.04, top_p=0.9, top_k=20,
                        reward_weights=[1.0, 0.5], lr_scheduler_type="cosine", warmup_steps=0.1, seed=3,
                        max_completion_length=32, adam_epsilon=1e-6, save_total_limit=5, logging_steps=1)
     config = PGConfig.from_trl(args, rewards=["a", "b"])
@@ -46,11 +46,16 @@ def test_fields_map_one_by_one(tmp_path):
     assert (config.batch_size, config.minibatch_size, config.micro_batch_size) == (16, 8, 4)
     assert (config.epochs_per_batch, config.iterations, config.warmup_steps) == (2, 10, 4)
     assert (config.loss_agg, config.loss_constant, config.adv_norm, config.ratio_level) == \
-        ("constant", 32, "none", "sequence_mean")
+        ("constant", 32, "none", "token")
     assert (config.kl_coef, config.kl_in, config.kl_estimator) == (0.04, "loss", "k3")
     assert (config.top_p, config.top_k, config.lr_scheduler, config.seed) == (0.9, 20, "cosine", 3)
     assert (config.reward_weights, config.adam_eps, config.keep_last, config.log_every) == ([1.0, 0.5], 1e-6, 5, 1)
     assert config.gradient_checkpointing  # TRL's default is on
+    # GSPO: lmpg averages one loss per sequence over sequences, which is TRL's sequence level with grpo only
+    gspo = PGConfig.from_trl(grpo_config(tmp_path, max_steps=10, loss_type="grpo", importance_sampling_level="sequence"))
+    assert (gspo.ratio_level, gspo.loss_agg) == ("sequence_mean", "sequence_mean")
+    with pytest.raises(ConfigError, match="importance_sampling_level='sequence' with loss_type='dr_grpo'"):
+        PGConfig.from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
 
 
 def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):

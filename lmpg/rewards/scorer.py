@@ -7,11 +7,10 @@ import math
 import numbers
 import os
 import pickle
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -31,7 +30,8 @@ from lmpg.rewards.placement import token_rewards
 from lmpg.rewards.specs import load_reward_fn, one_line
 from lmpg.rewards.types import is_async_reward_fn, reward_fn_name
 
-ON_ERROR = ("raise", "none")
+OnError = Literal["raise", "none"]  # a reward function that raises: stop the run, or score the sample None
+ON_ERROR = get_args(OnError)
 
 
 @dataclass
