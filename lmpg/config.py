@@ -218,7 +218,8 @@ class PGConfig:
     progress_bar: bool = True
     """Show a progress bar on a TTY (never under CI or when output is not a terminal)."""
     sample_groups_per_iteration: int | None = 4
-    """Groups of G completions written to samples.jsonl per iteration, the first prompts' (the same on any number of processes); None: all."""
+    """Groups of G completions written to samples.jsonl per iteration, the first prompts' (the same on any
+    number of processes); None: all."""
 
     def __post_init__(self):
         _check_types(self)
