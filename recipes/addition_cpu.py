@@ -21,7 +21,6 @@ out, so after RL the policy beats the demonstrator it learned from (see lmpg/tas
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -32,11 +31,10 @@ from pathlib import Path
 import datasets
 import torch
 
-from lmpg import PGConfig, PGTrainer
+from lmpg import PGTrainer
 from lmpg.cli import exit_status
-from lmpg.config import split_settings
 from lmpg.evaluate import evaluate
-from lmpg.run_dir import prepare_recipe_dir
+from lmpg.recipe import recipe_settings
 from lmpg.sft import imitation_warm_start
 from lmpg.tasks import addition
 from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
@@ -84,11 +82,6 @@ FAST_OVERRIDES = [
 ]
 
 
-def read_settings(config_path: str | None, overrides: list[str]) -> tuple[AdditionRecipe, PGConfig]:
-    """Split `key=value` overrides between AdditionRecipe and PGConfig (read from `config_path`)."""
-    return split_settings(AdditionRecipe, config_path, overrides)
-
-
 def measure(model, tokenizer, problems: list[addition.AdditionProblem], batch_size: int, seed: int) -> dict:
     """Held-out accuracy of `model` (lmpg.evaluate with the training reward, exact_match): greedy, and
     one sample per problem at temperature 1 (the expected reward of the policy RL trains)."""
@@ -111,26 +104,9 @@ def format_report(accuracy: dict, seconds: dict, n_heldout: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=str(Path(__file__).with_suffix(".yaml")),
-                        help="YAML of PGConfig fields (default: recipes/addition_cpu.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value, a PGConfig or AdditionRecipe field")
-    parser.add_argument("--output-dir", default=None,
-                        help="run directory, new or empty (default: output_dir of the YAML, with _fast for --fast, "
-                             "where a second run replaces the first)")
-    parser.add_argument("--fast", action="store_true", help="a < 1 minute smoke run (2-digit sums)")
-    args = parser.parse_args(argv)
-    if "=" in args.config:  # no YAML given: the first positional is an override
-        args.overrides.insert(0, args.config)
-        args.config = parser.get_default("config")
-    overrides = (FAST_OVERRIDES if args.fast else []) + args.overrides
-    overrides += [f"output_dir={args.output_dir}"] if args.output_dir else []
-    recipe, config = read_settings(args.config, overrides)
-    # the recipe's own directory (runs/addition_cpu, or runs/addition_cpu_fast with --fast) is replaced
-    # on a second run; a directory the user named is never touched
-    chosen = bool(args.output_dir) or args.config != parser.get_default("config") or any(
-        item.partition("=")[0].strip() == "output_dir" for item in args.overrides)
-    config = prepare_recipe_dir(config, chosen=chosen, fast=args.fast, marker="accuracy.json")
+    recipe, config = recipe_settings(argv, description=__doc__, settings_cls=AdditionRecipe,
+                                     default_config=Path(__file__).with_suffix(".yaml"),
+                                     fast_overrides=FAST_OVERRIDES, marker="accuracy.json")
     output_dir = Path(config.output_dir)
     torch.set_num_threads(recipe.num_threads)
     seconds: dict[str, float] = {}

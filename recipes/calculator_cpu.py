@@ -17,7 +17,6 @@ CalculatorRecipe below. --fast is a ~1 minute smoke run for tests.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -30,10 +29,9 @@ import torch
 
 from lmpg import PGTrainer
 from lmpg.cli import exit_status
-from lmpg.config import split_settings
 from lmpg.environments import EpisodeEnv
 from lmpg.episodes import ChatBridge, EpisodeLimits, reward_completions, render_episode_prompt, sample_episodes
-from lmpg.run_dir import prepare_recipe_dir
+from lmpg.recipe import recipe_settings
 from lmpg.sampler import row_seed
 from lmpg.sft import imitate_tokens
 from lmpg.tasks import calculator
@@ -68,11 +66,6 @@ class CalculatorRecipe:
 
 FAST_OVERRIDES = ["n_digits=2", "n_train=2000", "n_heldout=200", "sft_steps=400", "iterations=20",
                   "batch_size=64", "max_new_tokens=11", "log_every=5"]
-
-
-def read_settings(config_path, overrides):
-    """Split `key=value` overrides between CalculatorRecipe and PGConfig (read from `config_path`)."""
-    return split_settings(CalculatorRecipe, config_path, overrides)
 
 
 def demonstration_tokens(tokenizer, problems, episodes):
@@ -132,25 +125,9 @@ def format_report(table: dict, seconds: dict, n: int) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=str(Path(__file__).with_suffix(".yaml")))
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--output-dir", default=None,
-                        help="run directory, new or empty (default: output_dir of the YAML, with _fast for --fast, "
-                             "where a second run replaces the first)")
-    parser.add_argument("--fast", action="store_true")
-    args = parser.parse_args(argv)
-    if "=" in args.config:
-        args.overrides.insert(0, args.config)
-        args.config = parser.get_default("config")
-    overrides = (FAST_OVERRIDES if args.fast else []) + args.overrides
-    overrides += [f"output_dir={args.output_dir}"] if args.output_dir else []
-    recipe, config = read_settings(args.config, overrides)
-    # the recipe's own directory (runs/calculator_cpu, or runs/calculator_cpu_fast with --fast) is
-    # replaced on a second run; a directory the user named is never touched
-    chosen = bool(args.output_dir) or args.config != parser.get_default("config") or any(
-        item.partition("=")[0].strip() == "output_dir" for item in args.overrides)
-    config = prepare_recipe_dir(config, chosen=chosen, fast=args.fast, marker="success.json")
+    recipe, config = recipe_settings(argv, description=__doc__, settings_cls=CalculatorRecipe,
+                                     default_config=Path(__file__).with_suffix(".yaml"),
+                                     fast_overrides=FAST_OVERRIDES, marker="success.json")
     output_dir = Path(config.output_dir)
     torch.set_num_threads(recipe.num_threads)
     seconds, clock = {}, [time.perf_counter()]

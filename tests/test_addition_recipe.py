@@ -114,12 +114,14 @@ def test_an_empty_or_new_directory_is_used_as_it_is(tmp_path):
 
 
 # --------------------------------------------------------------------- user errors from the command line
-@pytest.mark.parametrize("recipe,error", [("addition_cpu.py", "named_dir"), ("calculator_cpu.py", "bad_field"), ("calculator_cpu.py", "bad_recipe_field")])
+@pytest.mark.parametrize("recipe,error", [("addition_cpu.py", "named_dir"), ("calculator_cpu.py", "bad_field"),
+                                          ("calculator_cpu.py", "bad_recipe_field"), ("addition_cpu.py", "too_few_sums")])
 def test_a_user_error_in_a_recipe_is_one_line_with_status_2(tmp_path, recipe, error):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     args = {"named_dir": ["--output-dir", str(tmp_path / "mine")], "bad_field": ["baseline=best"],
-            "bad_recipe_field": ["n_digits=two"]}[error]
+            "bad_recipe_field": ["n_digits=two"], "too_few_sums": ["n_digits=1", "n_train=40",
+                                                                    "--output-dir", str(tmp_path / "new")]}[error]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "recipes" / recipe)] + args, cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -128,4 +130,4 @@ def test_a_user_error_in_a_recipe_is_one_line_with_status_2(tmp_path, recipe, er
     lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{recipe}: error: ")]
     assert len(lines) == 1, proc.stderr
     assert {"named_dir": "already holds files", "bad_field": "baseline='best' is not valid",
-            "bad_recipe_field": "n_digits='two' is not a valid int"}[error] in lines[0]
+            "bad_recipe_field": "n_digits='two' is not a valid int", "too_few_sums": "lower n_train"}[error] in lines[0]

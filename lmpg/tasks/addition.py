@@ -32,6 +32,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from lmpg.errors import ConfigError
+
 FORGET_PROBABILITY = 0.8
 """How often the demonstrator forgets the carry out of the units column (> 0.5: its mode is wrong)."""
 
@@ -78,7 +80,7 @@ def make_problems(
     low, high = 10 ** (n_digits - 1), 10**n_digits - 1
     n_unordered = (high - low + 1) * (high - low + 2) // 2
     if n_train + n_heldout > n_unordered:
-        raise ValueError(
+        raise ConfigError(
             f"{n_train + n_heldout} problems asked of {n_digits}-digit operands, which allow only "
             f"{n_unordered} (counting a+b and b+a once): lower n_train/n_heldout or raise n_digits"
         )
