@@ -140,6 +140,10 @@ def cmd_sample(args) -> int:
                 print(textwrap.indent(f"{m['role']}: {m['content']}", "    "))
             continue
         print(textwrap.indent(rec["completion"] or "(empty)", "    "))
+    if args.reward and not columns and all(rec["reward"] is None for rec in records):
+        print("every reward is None: a reward that compares with a reference (exact_match's `answer`, "
+              "math_answer's `solution`) needs the prompt's row; pass it with --column NAME=VALUE, "
+              "e.g. --column answer=46")
     return 0
 
 

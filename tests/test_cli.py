@@ -311,6 +311,14 @@ def test_sample_passes_the_prompts_columns_to_the_rewards(capsys, workspace):
     assert_one_line_error(code, err, "--column 'answer' must be NAME=VALUE")
 
 
+def test_sample_with_a_reference_reward_and_no_column_says_how_to_pass_one(capsys, workspace):
+    argv = ["sample", workspace / "model", "12+34=", "--greedy", "--max-new-tokens", "3", "--reward", "exact_match"]
+    code, out, _ = run_cli(capsys, argv)
+    assert code == 0 and "reward None" in out and "--column NAME=VALUE" in out
+    code, out, _ = run_cli(capsys, argv + ["--column", "answer=46"])
+    assert code == 0 and "reward None" not in out and "--column NAME=VALUE" not in out
+
+
 def test_rewards_lists_every_builtin_with_a_description(capsys):
     from reward_fns import BUILTIN_REWARDS
 
