@@ -30,14 +30,27 @@ def allow_new_mixed_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def shards_parameters(accelerator) -> bool:
+    """Whether each process holds only a shard of the weights between forwards (FSDP, DeepSpeed),
+    gathered by hooks that run per module call."""
+    from accelerate import DistributedType
+
+    return accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                DistributedType.MULTI_GPU)
+
+
 def supports_shared_prompt_forward(accelerator) -> bool:
     """The shared-prompt forward runs the model twice per backward and needs its KV cache: fine
     through DDP (each weight's gradient is still ready once per backward), not through FSDP /
     DeepSpeed, whose hooks gather and free shards per forward."""
-    from accelerate import DistributedType
+    return not shards_parameters(accelerator)
 
-    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                            DistributedType.MULTI_GPU)
+
+def supports_chunked_logprobs(accelerator) -> bool:
+    """The chunked log-probs (lmpg.chunked_logprobs) read the output layer's weight after the model's
+    forward has returned: fine with whole weights on every process (one process, DDP), not where
+    FSDP / DeepSpeed have freed the gathered shards by then."""
+    return not shards_parameters(accelerator)
 
 
 def prompt_positions(prompts_per_iteration: int, prompts_per_minibatch: int, num_processes: int,

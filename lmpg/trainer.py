@@ -156,6 +156,10 @@ class PGTrainer:
         # not under gradient checkpointing: the shared-prompt forward needs the prompt's KV cache
         self.share_prompt_forward = (c.shared_prompt_forward and not c.gradient_checkpointing
                                      and distributed.supports_shared_prompt_forward(acc))
+        self.logits_chunk_size = c.logits_chunk_size if distributed.supports_chunked_logprobs(acc) else 0
+        if c.logits_chunk_size and not self.logits_chunk_size:
+            logger.info("logits_chunk_size=%d: full logits under %s (its shards are not whole after the forward)",
+                        c.logits_chunk_size, acc.distributed_type)
         self.scheduler = make_scheduler(self.optimizer, c)
         self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
         # multi-turn episodes (lmpg.episodes) instead of single completions
@@ -165,7 +169,8 @@ class PGTrainer:
         self.output_dir = Path(c.output_dir)
         self.guard = NonFiniteGuard(c.max_consecutive_skips, self.output_dir / "checkpoints")
         self.policy_update = PolicyUpdate(self.model, self.optimizer, self.scheduler, acc, c, local_mb,
-                                          self.micro_batch_size, self.share_prompt_forward, self.guard, self.gather)
+                                          self.micro_batch_size, self.share_prompt_forward, self.guard, self.gather,
+                                          chunk_size=self.logits_chunk_size)
         self.metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
         self.timings_log = JsonlWriter(self.output_dir / "timings.jsonl")
         self.samples_log = JsonlWriter(self.output_dir / "samples.jsonl")
@@ -302,7 +307,7 @@ class PGTrainer:
             batch.logp_old[rows] = batch.sampler_logp[rows].to(batch.logp_old.dtype)
         else:
             batch.logp_old[rows] = batch_logprobs(self.model, batch, rows, self.micro_batch_size, c.temperature,
-                                                  self.share_prompt_forward, chunk_size=c.logits_chunk_size)
+                                                  self.share_prompt_forward, chunk_size=self.logits_chunk_size)
 
     def fill_logp_ref(self, batch: TrajectoryBatch) -> None:
         """batch.logp_ref under pi_ref (the frozen copy, or the LoRA policy with its adapter off)."""
@@ -312,11 +317,11 @@ class PGTrainer:
         rows = torch.arange(batch.batch_size)
         if self.ref_model is not None:
             batch.logp_ref = batch_logprobs(self.ref_model, batch, rows, self.micro_batch_size, c.temperature,
-                                            self.share_prompt_forward, chunk_size=c.logits_chunk_size)
+                                            self.share_prompt_forward, chunk_size=self.logits_chunk_size)
             return
         with self.accelerator.unwrap_model(self.model).disable_adapter():
             batch.logp_ref = batch_logprobs(self.model, batch, rows, self.micro_batch_size, c.temperature,
-                                            self.share_prompt_forward, chunk_size=c.logits_chunk_size)
+                                            self.share_prompt_forward, chunk_size=self.logits_chunk_size)
 
     def compute_advantages(self, batch: TrajectoryBatch) -> dict:
         """Fills batch.adv (`lmpg.advantages.compute_advantages` over the whole batch of all processes)."""

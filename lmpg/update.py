@@ -151,11 +151,14 @@ class PolicyUpdate:
     """
 
     def __init__(self, model, optimizer, scheduler, accelerator, config: PGConfig, minibatch_size: int,
-                 micro_batch_size: int, share_prompt: bool, guard: NonFiniteGuard, gather):
+                 micro_batch_size: int, share_prompt: bool, guard: NonFiniteGuard, gather,
+                 chunk_size: int | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accelerator, self.config = accelerator, config
         self.minibatch_size, self.micro_batch_size = minibatch_size, micro_batch_size
         self.share_prompt, self.guard, self.gather = share_prompt, guard, gather
+        # tokens per output-layer chunk of the log-probs (0: full logits); the trainer resolves it
+        self.chunk_size = config.logits_chunk_size if chunk_size is None else chunk_size
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def observers(self, batch: TrajectoryBatch) -> list[UpdateObserver]:
@@ -185,7 +188,7 @@ class PolicyUpdate:
                 mb_losses = [0.0, 0.0, 0.0]  # loss, pg_loss, kl of this process's share
                 for k, idx in enumerate(micro):
                     logp, ent = row_logprobs(model, batch, idx, c.temperature, epoch == 0, self.share_prompt,
-                                             c.logits_chunk_size)
+                                             self.chunk_size)
                     if epoch == 0 and mb == 0 and fill_logp_old:
                         batch.logp_old[idx] = logp.detach()  # theta == theta_old: ratio exactly 1
                     mask = loss_mask[idx]

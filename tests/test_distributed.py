@@ -66,3 +66,18 @@ def test_gradient_accumulation_matches_whole_minibatch(runs, agg):
     w2 = load_file(str(accumulated / "final" / "model.safetensors"))
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("kind,whole", [("NO", True), ("MULTI_CPU", True), ("MULTI_GPU", True), ("FSDP", False),
+                                        ("DEEPSPEED", False)])
+def test_chunked_log_probs_and_the_shared_prompt_forward_only_where_weights_are_whole(kind, whole):
+    """Both read the weights after the model's forward returned: FSDP / DeepSpeed have re-sharded them."""
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from lmpg import distributed
+
+    acc = SimpleNamespace(distributed_type=getattr(DistributedType, kind))
+    assert distributed.supports_chunked_logprobs(acc) is whole
+    assert distributed.supports_shared_prompt_forward(acc) is whole
