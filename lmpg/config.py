@@ -148,10 +148,10 @@ class PGConfig:
     """Recompute activations in the backward pass to save memory."""
     shared_prompt_forward: bool = True
     """Run each distinct prompt once in the log-prob forward and share its KV cache among its group's completions (same numbers up to float rounding; used with one process or DDP, not with FSDP / DeepSpeed or gradient checkpointing)."""
-    logits_chunk_size: int = 0
+    logits_chunk_size: int = 256
     """Tokens per output-layer chunk when computing log-probs from the last hidden states, so no
-    (B, T, V) logits are held (lmpg.chunked_logprobs); 0 = the full logits (default for now: the chunked
-    path moves floats by rounding and is not yet the default)."""
+    (B, T, V) logits are held (lmpg.chunked_logprobs; same numbers up to float rounding); 0 = the full
+    logits (lmpg before issue 16)."""
     mixed_precision: str = "no"
     """Accelerate mixed precision: no, bf16 or fp16 (bf16 also on CPU)."""
     lora_r: int = 0
