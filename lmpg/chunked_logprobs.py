@@ -8,8 +8,13 @@ model's own final-logit processing (Gemma 2/3: z = c tanh(z / c), `final_logit_s
 z * `logit_scale`; Granite: z / `logits_scaling`). With a vocabulary of 151,936, one fp32 copy of the
 logits of 64 completions of 1,024 tokens is 40 GB; here each chunk of `chunk_size` tokens is projected,
 reduced to its (chunk,) log-probs and entropies, and freed before the next. The backward recomputes
-each chunk's logits (`torch.utils.checkpoint`, non-reentrant), so the backward never holds more than
-one chunk's (chunk, V) either; the price is one more output-layer matmul per token (forward only).
+each chunk's logits, so the backward never holds more than one chunk's (chunk, V) either; the price is
+one more output-layer matmul per token (forward only). For a plain `nn.Linear` output layer (the usual
+case, no autocast, no softcapping) the backward is written out (`LinearTokenLogprob`): with
+d log pi(a_t|s_t) / d z_t = onehot(a_t) - p_t, each chunk's logits become their gradient in place and
+W's gradient is summed in one (V, H) buffer (addmm_), as liger-kernel's fused linear cross-entropy does;
+any other layer (LoRA on lm_head, softcapping, autocast) recomputes through autograd
+(`torch.utils.checkpoint`), which holds a second (V, H) gradient per chunk while it sums them.
 
 The hidden states come from a forward hook on the backbone (`model.get_decoder()`, through DDP and
 peft wrappers) while the model itself runs with `logits_to_keep` an empty index (its output layer
@@ -34,7 +39,8 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 256
-"""Tokens per chunk: at V = 151,936 one fp32 chunk of logits is 156 MB (benchmarks/README.md)."""
+"""Tokens per chunk (PGConfig.logits_chunk_size's default): at V = 151,936 one fp32 chunk of logits is
+156 MB; smaller chunks make the output layer's matmuls skinny and slower (benchmarks/README.md)."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,69 @@ def _chunk_logp_entropy(found: OutputHead, h: torch.Tensor, tokens: torch.Tensor
     return logp, entropy
 
 
+def _plain_linear(found: OutputHead, hidden: torch.Tensor) -> bool:
+    """Whether `LinearTokenLogprob` computes what `found.logits` does: an exact nn.Linear output layer,
+    no softcapping, no autocast (whose casts the hand-written backward would not repeat)."""
+    return (type(found.head) is torch.nn.Linear and found.softcap is None
+            and not torch.is_autocast_enabled(hidden.device.type))
+
+
+def _linear_logits(h, weight, bias, scale: float, temperature: float) -> torch.Tensor:
+    """(n, V) fp32 z / tau of hidden states h (n, H), in `OutputHead.logits`' order of operations."""
+    z = torch.nn.functional.linear(h, weight, bias)
+    if scale != 1.0:
+        z = z * scale
+    z = z.float()
+    return z / temperature if temperature != 1.0 else z
+
+
+class LinearTokenLogprob(torch.autograd.Function):
+    """(log pi(a_t | s_t) (n,), entropy (n,), no grad) of z = scale (h W^T + b) / tau, chunk by chunk.
+
+    Backward, for upstream gradient g_t: d z_t = g_t (onehot(a_t) - p_t) scale / tau, then
+    grad h_t = d z_t W, grad W = sum_t d z_t^T h_t, grad b = sum_t d z_t. Each chunk's logits are
+    recomputed and turned into d z in place, and grad W is one buffer the chunks add into.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, scale, temperature, with_entropy, chunk_size):
+        logps, entropies = [], []
+        for h, a in zip(hidden.split(chunk_size), tokens.split(chunk_size)):
+            z = _linear_logits(h, weight, bias, scale, temperature)  # (c, V)
+            lse = torch.logsumexp(z, dim=-1)
+            logps.append(z.gather(-1, a.unsqueeze(-1)).squeeze(-1) - lse)
+            if with_entropy:
+                entropies.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+        ctx.save_for_backward(hidden, weight, bias, tokens)
+        ctx.scale, ctx.temperature, ctx.chunk_size = scale, temperature, chunk_size
+        logp = torch.cat(logps)
+        entropy = torch.cat(entropies) if with_entropy else logp.new_zeros(logp.shape)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g, _):
+        hidden, weight, bias, tokens = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        c, at = ctx.chunk_size, 0
+        for h, a, gc in zip(hidden.split(c), tokens.split(c), g.split(c)):
+            z = _linear_logits(h, weight, bias, ctx.scale, ctx.temperature)  # (c, V)
+            dz = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_()  # p, in place
+            dz.mul_(-gc.unsqueeze(-1)).scatter_add_(-1, a.unsqueeze(-1), gc.unsqueeze(-1))
+            dz = dz.mul_(ctx.scale / ctx.temperature).to(weight.dtype)
+            if need_h:
+                grad_h[at:at + len(h)] = dz @ weight
+            if need_w:
+                grad_w.addmm_(dz.T, h)
+            if need_b:
+                grad_b += dz.sum(0)
+            at += len(h)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
 def chunked_token_logprobs(found: OutputHead, hidden: torch.Tensor, tokens: torch.Tensor,
                            temperature: float = 1.0, with_entropy: bool = False,
                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, dict]:
@@ -169,6 +238,10 @@ def chunked_token_logprobs(found: OutputHead, hidden: torch.Tensor, tokens: torc
     """
     B, T, H = hidden.shape  # sequences, completion tokens, hidden size
     flat_h, flat_a = hidden.reshape(B * T, H), tokens.reshape(B * T)
+    if B * T and _plain_linear(found, hidden):
+        logp, entropy = LinearTokenLogprob.apply(flat_h, found.head.weight, found.head.bias, flat_a, found.scale,
+                                                 temperature, with_entropy, chunk_size)
+        return logp.view(B, T), {"entropy": entropy.view(B, T) if with_entropy else None}
     logps, entropies = [], []
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     for h, a in zip(flat_h.split(chunk_size), flat_a.split(chunk_size)):

@@ -177,10 +177,10 @@ class PGConfig:
     """Run each distinct prompt once in the log-prob forward and share its KV cache among its group's
     completions (same numbers up to float rounding; used with one process or DDP, not with FSDP / DeepSpeed or
     gradient checkpointing)."""
-    logits_chunk_size: int = 0
+    logits_chunk_size: int = 256
     """Tokens per output-layer chunk when computing log-probs from the last hidden states, so no
-    (B, T, V) logits are held (lmpg.chunked_logprobs); 0 = the full logits (default for now: the chunked
-    path moves floats by rounding and is not yet the default)."""
+    (B, T, V) logits are held (lmpg.chunked_logprobs; same numbers up to float rounding); 0 = the full
+    logits (lmpg before issue 16). Under FSDP / DeepSpeed the full logits are used."""
     mixed_precision: MixedPrecision = "no"
     """Accelerate mixed precision: no, bf16 or fp16 (bf16 also on CPU)."""
     lora_r: int = 0

@@ -6,7 +6,7 @@ where z are the model's logits at the position before token t and tau the sampli
 the policy that sampled the batch is softmax(z / tau), so the ratio pi_theta / pi_old and the KL use
 the same tempered distribution (top-k / top-p truncation is not part of pi; see `rollout`).
 
-With `chunk_size` > 0 (config `logits_chunk_size`; 0, the default, for now) no (B, T, V) logits exist
+With `chunk_size` > 0 (config `logits_chunk_size`, 256 by default) no (B, T, V) logits exist
 at all: the model returns its last hidden states and `lmpg.chunked_logprobs` projects them through the output layer a chunk of tokens at a time,
 in the forward and again in the backward. A model that cannot be split that way, or chunk_size=0,
 takes the full-logits path: only the completion positions are projected (`logits_to_keep`), and the

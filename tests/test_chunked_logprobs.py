@@ -141,3 +141,30 @@ def test_a_model_that_cannot_be_split_takes_the_full_logits_path(tokenizer, capl
     expected, _ = sequence_logprobs(inner, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
                                     roll.completion_mask, chunk_size=0)
     torch.testing.assert_close(logp, expected)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_written_out_backward_equals_autograd_through_checkpoints(bias):
+    """`LinearTokenLogprob` (a plain nn.Linear output layer) gives the log-probs, entropies and
+    gradients (hidden states, weight, bias) of the autograd path the other layers take, with a
+    logit scale, a temperature, and a last chunk shorter than the others. Both take the logits to
+    fp32 (`.float()`) and cast their gradient back at different points, so they agree to fp32
+    rounding; a wrong term in the gradient would be off by far more."""
+    from lmpg.chunked_logprobs import OutputHead, chunked_token_logprobs
+
+    torch.manual_seed(0)
+    n, H, V = 10, 8, 50
+    linear = torch.nn.Linear(H, V, bias=bias)
+    hidden = torch.randn(2, n // 2, H, dtype=torch.float64)
+    tokens = torch.randint(V, (2, n // 2))
+    upstream = torch.linspace(-1, 2, n).view(2, n // 2).double()
+    results = []
+    for head in (linear.double(), torch.nn.Sequential(linear).double()):  # plain: written out; wrapped: autograd
+        h = hidden.clone().requires_grad_(True)
+        found = OutputHead(decoder=torch.nn.Identity(), head=head, scale=0.5)
+        logp, stats = chunked_token_logprobs(found, h, tokens, temperature=0.7, with_entropy=True, chunk_size=3)
+        linear.zero_grad(set_to_none=True)
+        (logp * upstream).sum().backward()
+        results.append((logp, stats["entropy"], h.grad, linear.weight.grad, linear.bias.grad if bias else None))
+    for fast, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-7)
