@@ -28,8 +28,8 @@ Implementations, each timed through its public interface only (nothing wrapped o
   (`LMPG_VARIANTS`): lmpg-nosnr (grad_snr=False), lmpg-generate (sampler="generate"),
   lmpg-sampler-logp (logp_old_source="sampler"), lmpg-fast (grad_snr off, logp_old_source="sampler"),
   lmpg-bf16 (mixed_precision="bf16", autocast on CPU too), lmpg-noshare (shared_prompt_forward=False:
-  each row runs its prompt in the update forward), lmpg-chunked (logits_chunk_size=256: log-probs
-  from the hidden states, no (B, T, V) logits). The phases are the `StepResult.timings` that step()
+  each row runs its prompt in the update forward), lmpg-full (logits_chunk_size=0: the full
+  (B, T, V) logits instead of the default chunked log-probs from the hidden states). The phases are the `StepResult.timings` that step()
   returns (what timings.jsonl holds): sample = time_sample, score = time_score, old_logp = time_logp
   (the log pi_old and log pi_ref forwards and the advantages), update = time_update.
 - trl: `GRPOTrainer` with num_generations=4, per_device_train_batch_size=32 (so generation_batch_size=32
@@ -88,7 +88,7 @@ LMPG_VARIANTS = {
     "lmpg-fast": {"grad_snr": False, "logp_old_source": "sampler"},
     "lmpg-bf16": {"mixed_precision": "bf16"},  # autocast, as trl-defaults' bf16=True
     "lmpg-noshare": {"shared_prompt_forward": False},  # every row runs its prompt in the update forward
-    "lmpg-chunked": {"logits_chunk_size": 256},  # no (B, T, V) logits (lmpg/chunked_logprobs.py)
+    "lmpg-full": {"logits_chunk_size": 0},  # the full (B, T, V) logits (lmpg before issue 16's default)
 }
 IMPLS = (*LMPG_VARIANTS, "floor", "trl", "trl-defaults")
 DEFAULT_IMPLS = ("lmpg", "lmpg-fast", "floor", "trl", "trl-defaults")

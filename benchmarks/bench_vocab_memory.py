@@ -12,10 +12,8 @@ benchmarks/bench_iteration.py's with 4 prompts x G=4 completions of exactly 32 t
 suppressed), two epochs of one minibatch, AdamW, no KL.
 
 Implementations (each in a fresh process, one after another, the order rotated every round):
-- lmpg: log-probs from the hidden states in chunks of logits_chunk_size=256 (bench_iteration.py's
-  lmpg-chunked);
-- lmpg-full: the same with the full (B, T, V) logits (logits_chunk_size=0, the library's default for
-  now; lmpg before issue 16);
+- lmpg: the library's default, log-probs from the hidden states in chunks of logits_chunk_size=256;
+- lmpg-full: the same with the full (B, T, V) logits (logits_chunk_size=0; lmpg before issue 16);
 - trl: TRL's GRPOTrainer set up as in bench_iteration.py ("trl" there);
 - floor: bench_iteration.py's bare loop (full logits).
 
@@ -53,8 +51,8 @@ SHAPES = {
     "quick": ModelShape(2, 64, 4, arch="qwen2", n_kv_head=2, intermediate=128, vocab_size=4096),
 }
 IMPLS = ("lmpg", "lmpg-full", "trl", "floor")
-# this script's names -> bench_iteration's: lmpg here is the chunked log-probs (a PGConfig switch there)
-BENCH_IMPL = {"lmpg": "lmpg-chunked", "lmpg-full": "lmpg", "trl": "trl", "floor": "floor"}
+# this script's names -> bench_iteration's
+BENCH_IMPL = {"lmpg": "lmpg", "lmpg-full": "lmpg-full", "trl": "trl", "floor": "floor"}
 MMAP_THRESHOLD = 65536
 
 
