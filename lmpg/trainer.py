@@ -48,6 +48,7 @@ from lmpg.metrics import JsonlWriter, clean, format_metrics_line
 from lmpg.modeling import apply_lora, disable_dropout, frozen_copy, is_peft_model, load_model_and_tokenizer
 from lmpg.optim import make_adamw, make_scheduler
 from lmpg.rewards import RewardScorer
+from lmpg.rewards.scorer import metric_means, pool_metric_values
 from lmpg.rollout import eos_token_ids, reward_inputs, sample_completions
 from lmpg.sampler import row_seed
 from lmpg.samples import logged_records, print_samples, sample_records
@@ -347,8 +348,6 @@ class PGTrainer:
         """The figures of one iteration, each over the whole batch of all processes."""
         acc, mask = self.accelerator, batch.completion_mask
         if acc.num_processes > 1:  # rows of every process, in one process's order
-            from lmpg.rewards.scorer import metric_means, pool_metric_values
-
             rows = prompts.global_rows(self.config.group_size)
             logged = pool_metric_values(distributed.gather_objects(acc, [scores.metric_values]))  # log_metric's values
             scores = dataclasses.replace(
