@@ -383,26 +383,6 @@ class PGConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def split_settings(settings_cls, config_path: str | Path | None, overrides: list[str]) -> tuple[Any, PGConfig]:
-    """(settings, config) for a script with settings of its own beside PGConfig's (a recipe): the
-    `key=value` overrides that name a field of the dataclass `settings_cls` build it, read as its
-    defaults' types; the rest, over the YAML at config_path, build the PGConfig. A value that does
-    not convert is a one-line ConfigError."""
-    own = {f.name: f.default for f in fields(settings_cls)}
-    values, rest = {}, []
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        key = key.strip()
-        if key not in own:
-            rest.append(item)
-            continue
-        try:
-            values[key] = type(own[key])(yaml.safe_load(raw))
-        except (TypeError, ValueError, yaml.YAMLError):
-            raise ConfigError(f"{key}={raw!r} is not a valid {type(own[key]).__name__}; e.g. {key}={own[key]}") from None
-    return settings_cls(**values), PGConfig.from_yaml(config_path, rest)
-
-
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of each choice field: the arguments of the `Literal` it is annotated with."""
     return {name: typing.get_args(hint) for name, hint in typing.get_type_hints(PGConfig).items()

@@ -3,7 +3,7 @@
     python recipes/NAME.py [CONFIG.yaml] [key=value ...] [--output-dir DIR] [--fast]
 
 A key=value names a field of the recipe's own settings dataclass or of PGConfig
-(`lmpg.config.split_settings`); `--fast` puts the recipe's smoke-run overrides first, so the user's
+(`split_settings`); `--fast` puts the recipe's smoke-run overrides first, so the user's
 own overrides still win; the output directory is made ready by `lmpg.run_dir.prepare_recipe_dir`
 (the recipe's own directory is replaced on a second run, one the user named is never touched).
 """
@@ -11,10 +11,14 @@ own overrides still win; the output directory is made ready by `lmpg.run_dir.pre
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from lmpg.config import PGConfig, split_settings
+import yaml
+
+from lmpg.config import PGConfig
+from lmpg.errors import ConfigError
 from lmpg.run_dir import prepare_recipe_dir
 
 
@@ -42,3 +46,23 @@ def recipe_settings(argv: list[str] | None, *, description: str, settings_cls, d
     chosen = bool(args.output_dir) or args.config != parser.get_default("config") or any(
         item.partition("=")[0].strip() == "output_dir" for item in args.overrides)
     return settings, prepare_recipe_dir(config, chosen=chosen, fast=args.fast, marker=marker)
+
+
+def split_settings(settings_cls, config_path: str | Path | None, overrides: list[str]) -> tuple[Any, PGConfig]:
+    """(settings, config) for a script with settings of its own beside PGConfig's (a recipe): the
+    `key=value` overrides that name a field of the dataclass `settings_cls` build it, read as its
+    defaults' types; the rest, over the YAML at config_path, build the PGConfig. A value that does
+    not convert is a one-line ConfigError."""
+    own = {f.name: f.default for f in fields(settings_cls)}
+    values, rest = {}, []
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key not in own:
+            rest.append(item)
+            continue
+        try:
+            values[key] = type(own[key])(yaml.safe_load(raw))
+        except (TypeError, ValueError, yaml.YAMLError):
+            raise ConfigError(f"{key}={raw!r} is not a valid {type(own[key]).__name__}; e.g. {key}={own[key]}") from None
+    return settings_cls(**values), PGConfig.from_yaml(config_path, rest)

@@ -174,7 +174,7 @@ def _field_doc_source_lines() -> list[str]:
 def test_split_settings_builds_the_scripts_settings_and_the_config(tmp_path):
     from dataclasses import dataclass
 
-    from lmpg.config import split_settings
+    from lmpg.recipe import split_settings
 
     @dataclass
     class Settings:
