@@ -4,13 +4,15 @@
 
 A key=value names a field of the recipe's own settings dataclass or of PGConfig
 (`split_settings`); `--fast` puts the recipe's smoke-run overrides first, so the user's
-own overrides still win; the output directory is made ready by `lmpg.run_dir.prepare_recipe_dir`
+own overrides still win; the output directory is made ready by `prepare_recipe_dir`
 (the recipe's own directory is replaced on a second run, one the user named is never touched).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shutil
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import yaml
 
 from lmpg.config import PGConfig
 from lmpg.errors import ConfigError
-from lmpg.run_dir import prepare_recipe_dir
+from lmpg.run_dir import RUN_MARKER
 
 
 def recipe_settings(argv: list[str] | None, *, description: str, settings_cls, default_config: Path,
@@ -66,3 +68,28 @@ def split_settings(settings_cls, config_path: str | Path | None, overrides: list
         except (TypeError, ValueError, yaml.YAMLError):
             raise ConfigError(f"{key}={raw!r} is not a valid {type(own[key]).__name__}; e.g. {key}={own[key]}") from None
     return settings_cls(**values), PGConfig.from_yaml(config_path, rest)
+
+
+def prepare_recipe_dir(config: PGConfig, *, chosen: bool, fast: bool, marker: str) -> PGConfig:
+    """The config a demo recipe runs with, its output directory ready, so that a newcomer's second run
+    just works and nothing of the user's is lost.
+
+    chosen: whether the user named the directory (--output-dir, an output_dir override, their own
+    YAML). If not, it is the recipe's own: its YAML's output_dir, with `_fast` appended for a --fast
+    run (a smoke run never takes the full run's place), and a previous run of the recipe there (its
+    `marker` file, or an lmpg run's marker) is removed. Any other non-empty directory is refused in one
+    line (ConfigError), except that overwrite_output_dir=true hands it to the trainer (must_replace).
+    """
+    if fast and not chosen:
+        config = dataclasses.replace(config, output_dir=f"{config.output_dir}_fast")
+    out = Path(config.output_dir)
+    if not out.is_dir() or not any(out.iterdir()):
+        return config
+    if not chosen and any((out / name).exists() for name in (marker, RUN_MARKER)):
+        shutil.rmtree(out)
+        return config
+    if config.overwrite_output_dir:
+        return config
+    what = "a run" if (out / marker).exists() or (out / RUN_MARKER).exists() else "files"
+    raise ConfigError(f"output_dir {out} already holds {what}; pass --output-dir with a new directory, remove it, "
+                      "or set overwrite_output_dir=true to replace a run")

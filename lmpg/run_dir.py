@@ -12,14 +12,12 @@
 A run is never overwritten silently: a directory holding a run is resumed (resume=auto or a path),
 replaced (overwrite_output_dir=true) or refused with a one-line error; a directory holding other
 files is always refused. The one exception is a demo recipe's own directory, which holds only that
-recipe's previous run and is replaced (`prepare_recipe_dir`).
+recipe's previous run and is replaced (`lmpg.recipe.prepare_recipe_dir`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 from lmpg.checkpoint import latest_checkpoint
@@ -58,31 +56,6 @@ def must_replace(config: PGConfig, out: Path, resume_from: Path | None) -> bool:
         return True
     raise ConfigError(f"output_dir {out} already holds a run; set resume=auto to continue it, "
                       "overwrite_output_dir=true to replace it, or choose another output_dir")
-
-
-def prepare_recipe_dir(config: PGConfig, *, chosen: bool, fast: bool, marker: str) -> PGConfig:
-    """The config a demo recipe runs with, its output directory ready, so that a newcomer's second run
-    just works and nothing of the user's is lost.
-
-    chosen: whether the user named the directory (--output-dir, an output_dir override, their own
-    YAML). If not, it is the recipe's own: its YAML's output_dir, with `_fast` appended for a --fast
-    run (a smoke run never takes the full run's place), and a previous run of the recipe there (its
-    `marker` file, or an lmpg run's marker) is removed. Any other non-empty directory is refused in one
-    line (ConfigError), except that overwrite_output_dir=true hands it to the trainer (must_replace).
-    """
-    if fast and not chosen:
-        config = dataclasses.replace(config, output_dir=f"{config.output_dir}_fast")
-    out = Path(config.output_dir)
-    if not out.is_dir() or not any(out.iterdir()):
-        return config
-    if not chosen and any((out / name).exists() for name in (marker, RUN_MARKER)):
-        shutil.rmtree(out)
-        return config
-    if config.overwrite_output_dir:
-        return config
-    what = "a run" if (out / marker).exists() or (out / RUN_MARKER).exists() else "files"
-    raise ConfigError(f"output_dir {out} already holds {what}; pass --output-dir with a new directory, remove it, "
-                      "or set overwrite_output_dir=true to replace a run")
 
 
 def create_run_dir(config: PGConfig, out: Path, replace: bool) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from lmpg import PGConfig
 from lmpg.errors import ConfigError
-from lmpg.run_dir import RUN_MARKER, prepare_recipe_dir
+from lmpg.recipe import prepare_recipe_dir
+from lmpg.run_dir import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
