@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import functools
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import signal
@@ -228,19 +229,39 @@ class ProcessRunner:
             )
         return self._pool
 
-    def _discard_pool(self) -> list[int]:
+    def _discard_pool(self) -> int | None:
         """Kill the pool's workers (a hung one cannot be stopped otherwise) and drop the pool; the exit
-        codes of workers that had already died."""
+        code of the worker that died on its own, None if none did.
+
+        A forkserver worker's exit code is read off a pipe once, and the pool's manager thread polls its
+        workers too: two threads polling at once leave one with EOF, which multiprocessing takes as exit
+        code 255. So this thread reads no exit code until the manager thread has ended. A broken pool's
+        manager sends its live workers SIGTERM and joins them all, so that is waited for (bounded), and a
+        worker it could not end is then killed; a pool that is not broken (a call past the backstop) has
+        its workers killed first, and then ends.
+        """
         pool, self._pool = self._pool, None
         if pool is None:
-            return []
-        processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle on 3.11
-        codes = [p.exitcode for p in processes if p.exitcode is not None]
-        for process in processes:
-            if process.exitcode is None:
-                process.kill()
+            return None
+        # no public handles on 3.11; read before shutdown(), which drops them
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        manager = getattr(pool, "_executor_manager_thread", None)
+        broken = bool(getattr(pool, "_broken", False))
         pool.shutdown(wait=False, cancel_futures=True)
-        return codes
+        if broken and manager is not None:
+            manager.join(timeout=5.0)
+        for process in processes:  # select on the sentinel reads nothing, so it cannot race the manager
+            if not multiprocessing.connection.wait([process.sentinel], timeout=0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+        if manager is not None:
+            manager.join(timeout=10.0)
+        if not broken or (manager is not None and manager.is_alive()):
+            return None
+        codes = [p.exitcode for p in processes]  # cached by the manager's joins: nothing left to race
+        stopped = (-signal.SIGTERM, -signal.SIGKILL)  # what the manager and this method send
+        return next((c for c in codes if c is not None and c != 0 and c not in stopped),
+                    next((c for c in codes if c in stopped), None))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -276,12 +297,12 @@ class ProcessRunner:
             if lost:  # a worker died: every call still in flight died with the pool
                 lost += [i for i, _ in in_flight.values()]
                 in_flight.clear()
-                codes = self._discard_pool()
+                code = self._discard_pool()
                 suspects.difference_update(lost)
                 if len(lost) == 1:
-                    code = next((c for c in codes if c != 0), None)
-                    results[lost[0]] = _failed(tasks[lost[0]], "WorkerDied", f"its worker process died (exit code"
-                                               f" {code}) and was replaced")
+                    how = "" if code is None else f" (exit code {code})"
+                    results[lost[0]] = _failed(tasks[lost[0]], "WorkerDied",
+                                               f"its worker process died{how} and was replaced")
                 else:
                     waiting.extendleft(sorted(lost, reverse=True))
                     suspects.update(lost)
