@@ -29,15 +29,16 @@ Implementations, each timed through its public interface only (nothing wrapped o
   lmpg-sampler-logp (logp_old_source="sampler"), lmpg-fast (grad_snr off, logp_old_source="sampler"),
   lmpg-bf16 (mixed_precision="bf16", autocast on CPU too), lmpg-noshare (shared_prompt_forward=False:
   each row runs its prompt in the update forward), lmpg-full (logits_chunk_size=0: the full
-  (B, T, V) logits instead of the default chunked log-probs from the hidden states). The phases are the `StepResult.timings` that step()
+  (B, T, V) logits instead of the default chunked log-probs from the hidden states), lmpg-gc
+  (gradient_checkpointing=True). The phases are the `StepResult.timings` that step()
   returns (what timings.jsonl holds): sample = time_sample, score = time_score, old_logp = time_logp
   (the log pi_old and log pi_ref forwards and the advantages), update = time_update.
 - trl: `GRPOTrainer` with num_generations=4, per_device_train_batch_size=32 (so generation_batch_size=32
   and one optimizer step per epoch), num_iterations=2, beta=0, max_completion_length=32, and what lmpg
   does set alike (gradient checkpointing off, fp32, lr, eps, grad clip, loss_type dapo = token mean,
-  scale_rewards group, top_k 0). trl-defaults: only the fields that define the work, TRL's defaults for
-  the rest (gradient checkpointing on, bf16 autocast, lr 1e-6, linear schedule). TRL's loop is its
-  own: a `TrainerCallback` times each iteration (its two optimizer steps, generation included). TRL
+  scale_rewards group, top_k 0). trl-gc: the same with gradient checkpointing on. trl-defaults:
+  only the fields that define the work, TRL's defaults for the rest (gradient checkpointing on, bf16
+  autocast, lr 1e-6, linear schedule). TRL's loop is its own: a `TrainerCallback` times each iteration (its two optimizer steps, generation included). TRL
   has no public per-phase timing (its profiling reports to wandb / mlflow / trackio only), so its
   phases are not split: the total only.
 - floor: the algorithm written bare in `run_floor`: `model.generate`, one no-grad forward for pi_old,
@@ -89,8 +90,9 @@ LMPG_VARIANTS = {
     "lmpg-bf16": {"mixed_precision": "bf16"},  # autocast, as trl-defaults' bf16=True
     "lmpg-noshare": {"shared_prompt_forward": False},  # every row runs its prompt in the update forward
     "lmpg-full": {"logits_chunk_size": 0},  # the full (B, T, V) logits (lmpg before issue 16's default)
+    "lmpg-gc": {"gradient_checkpointing": True},  # activations recomputed per layer in the backward
 }
-IMPLS = (*LMPG_VARIANTS, "floor", "trl", "trl-defaults")
+IMPLS = (*LMPG_VARIANTS, "floor", "trl", "trl-gc", "trl-defaults")
 DEFAULT_IMPLS = ("lmpg", "lmpg-fast", "floor", "trl", "trl-defaults")
 PHASES = ("sample", "score", "old_logp", "update", "other")
 
@@ -160,8 +162,8 @@ def run_trl(w: Workload, variant: str, iters: int, warmup: int, out_dir: str, be
                 save_strategy="no", disable_tqdm=True, seed=w.seed, dataloader_num_workers=0)
     if w.minibatch_size:
         work["generation_batch_size"] = w.batch_size
-    if variant == "trl":
-        work.update(learning_rate=w.learning_rate, gradient_checkpointing=False, bf16=False, top_k=0, top_p=1.0,
+    if variant in ("trl", "trl-gc"):
+        work.update(learning_rate=w.learning_rate, gradient_checkpointing=variant == "trl-gc", bf16=False, top_k=0, top_p=1.0,
                     epsilon=w.clip_eps, loss_type="dapo", scale_rewards="group", max_grad_norm=w.max_grad_norm,
                     disable_dropout=True, lr_scheduler_type="constant")
     args = GRPOConfig(**work)

@@ -52,7 +52,8 @@ SHAPES = {
 }
 IMPLS = ("lmpg", "lmpg-full", "trl", "floor")
 # this script's names -> bench_iteration's
-BENCH_IMPL = {"lmpg": "lmpg", "lmpg-full": "lmpg-full", "trl": "trl", "floor": "floor"}
+BENCH_IMPL = {"lmpg": "lmpg", "lmpg-full": "lmpg-full", "trl": "trl", "floor": "floor", "lmpg-gc": "lmpg-gc",
+              "trl-gc": "trl-gc"}
 MMAP_THRESHOLD = 65536
 
 
