@@ -4,18 +4,20 @@
     python benchmarks/bench_vocab_memory.py --shape 1.5B           # Qwen2.5-1.5B's shape (not run by default)
     python benchmarks/bench_vocab_memory.py --no-growth --rounds 2
     python benchmarks/bench_vocab_memory.py --quick                # smoke test: a tiny Qwen2, seconds
+    python benchmarks/bench_vocab_memory.py --impl lmpg-gc,trl-gc --main-T 512 --main-warmup 0 --no-growth
 
 The model is a Qwen2 built from a config with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads /
 2 KV heads, intermediate 4864, vocabulary 151,936, tied embeddings; 494M parameters), random weights,
 fp32, 2 CPU threads, on a word-level tokenizer of 151,936 ids. The iteration is
-benchmarks/bench_iteration.py's with 4 prompts x G=4 completions of exactly 32 tokens (EOS
+benchmarks/bench_iteration.py's with 4 prompts x G=4 completions of exactly 32 tokens (`--main-T`; EOS
 suppressed), two epochs of one minibatch, AdamW, no KL.
 
 Implementations (each in a fresh process, one after another, the order rotated every round):
 - lmpg: the library's default, log-probs from the hidden states in chunks of logits_chunk_size=256;
 - lmpg-full: the same with the full (B, T, V) logits (logits_chunk_size=0; lmpg before issue 16);
 - trl: TRL's GRPOTrainer set up as in bench_iteration.py ("trl" there);
-- floor: bench_iteration.py's bare loop (full logits).
+- floor: bench_iteration.py's bare loop (full logits);
+- lmpg-gc, trl-gc: lmpg and trl with gradient checkpointing on (not run by default).
 
 Reported per run: seconds per iteration (median of the timed iterations, one warm-up dropped), the
 process's peak RSS (ru_maxrss: imports, model, run) and the peak over the RSS before the iterations.
@@ -86,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--growth-impls", default="lmpg,trl", help="implementations of the growth runs")
     ap.add_argument("--no-growth", action="store_true")
     ap.add_argument("--main-warmup", type=int, default=1, help="untimed iterations before the timed ones")
+    ap.add_argument("--main-T", type=int, default=32, help="completion tokens of the main comparison")
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
@@ -105,7 +108,7 @@ def main(argv=None):
     if not a.no_main:
         for k in range(a.rounds):
             for impl in impls[k % len(impls):] + impls[:k % len(impls)]:
-                main_rows.append(run(impl, a.shape, 4, 8 if a.quick else 32, a.iters, a.main_warmup))
+                main_rows.append(run(impl, a.shape, 4, 8 if a.quick else a.main_T, a.iters, a.main_warmup))
     if not a.no_growth:
         for T in (int(t) for t in a.growth.split(",")):
             for impl in a.growth_impls.split(","):
