@@ -129,7 +129,7 @@ def table(main_rows, growth_rows) -> str:
         med = {i: (statistics.median(x for r in rs for x in r["s_per_iter_all"]),
                    statistics.median(r["peak_rss_mb"] for r in rs),
                    statistics.median(r["iter_peak_delta_mb"] for r in rs)) for i, rs in by.items()}
-        trl = med.get("trl")
+        trl = med.get("trl") or med.get("trl-gc")  # the TRL row the others are divided by
         lines += ["| impl | s/iter | peak RSS MB | peak over model-loaded MB | time / trl | peak / trl |",
                   "|---|---:|---:|---:|---:|---:|"]
         for i, (s, peak, delta) in med.items():

@@ -85,3 +85,14 @@ def test_quick_components():
     assert {"adamw_fused_step_s", "log_softmax_split_B32_s", "train_fwd_bwd_shared_prompt_s",
             "sample_shared_prefill_s"} <= set(timed)
     assert all(v >= 0 for v in timed.values())
+
+
+def test_quick_vocab_memory_gradient_checkpointing_pair(tmp_path, capsys):
+    """bench_vocab_memory's lmpg-gc / trl-gc pair runs (each in its own process) and divides by TRL's row."""
+    out = tmp_path / "vocab.json"
+    load("bench_vocab_memory").main(["--quick", "--impl", "lmpg-gc,trl-gc", "--no-growth", "--json", str(out)])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["main"]}
+    assert set(rows) == {"lmpg-gc", "trl-gc"}
+    assert all(r["peak_rss_mb"] > 0 and r["s_per_iter"] > 0 for r in rows.values())
+    table = capsys.readouterr().out
+    assert "| trl-gc |" in table and "| 1.00 | 1.00 |" in table  # TRL's own row, divided by itself
