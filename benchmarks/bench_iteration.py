@@ -38,9 +38,9 @@ Implementations, each timed through its public interface only (nothing wrapped o
   does set alike (gradient checkpointing off, fp32, lr, eps, grad clip, loss_type dapo = token mean,
   scale_rewards group, top_k 0). trl-gc: the same with gradient checkpointing on. trl-defaults:
   only the fields that define the work, TRL's defaults for the rest (gradient checkpointing on, bf16
-  autocast, lr 1e-6, linear schedule). TRL's loop is its own: a `TrainerCallback` times each iteration (its two optimizer steps, generation included). TRL
-  has no public per-phase timing (its profiling reports to wandb / mlflow / trackio only), so its
-  phases are not split: the total only.
+  autocast, lr 1e-6, linear schedule). TRL's loop is its own: a `TrainerCallback` times each
+  iteration (its two optimizer steps, generation included). TRL has no public per-phase timing (its
+  profiling reports to wandb / mlflow / trackio only), so its phases are not split: the total only.
 - floor: the algorithm written bare in `run_floor`: `model.generate`, one no-grad forward for pi_old,
   two forward/backward/clip/AdamW steps, its phases timed in its own loop.
 
@@ -163,9 +163,9 @@ def run_trl(w: Workload, variant: str, iters: int, warmup: int, out_dir: str, be
     if w.minibatch_size:
         work["generation_batch_size"] = w.batch_size
     if variant in ("trl", "trl-gc"):
-        work.update(learning_rate=w.learning_rate, gradient_checkpointing=variant == "trl-gc", bf16=False, top_k=0, top_p=1.0,
-                    epsilon=w.clip_eps, loss_type="dapo", scale_rewards="group", max_grad_norm=w.max_grad_norm,
-                    disable_dropout=True, lr_scheduler_type="constant")
+        work.update(learning_rate=w.learning_rate, gradient_checkpointing=variant == "trl-gc", bf16=False,
+                    top_k=0, top_p=1.0, epsilon=w.clip_eps, loss_type="dapo", scale_rewards="group",
+                    max_grad_norm=w.max_grad_norm, disable_dropout=True, lr_scheduler_type="constant")
     args = GRPOConfig(**work)
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in make_prompts()])
     peft_config = lora_config(w.lora_r) if w.lora_r else None

@@ -52,16 +52,13 @@ SHAPES = {
     "1.5B": ModelShape(28, 1536, 12, arch="qwen2", n_kv_head=2, intermediate=8960, vocab_size=151_936),
     "quick": ModelShape(2, 64, 4, arch="qwen2", n_kv_head=2, intermediate=128, vocab_size=4096),
 }
-IMPLS = ("lmpg", "lmpg-full", "trl", "floor")
-# this script's names -> bench_iteration's
-BENCH_IMPL = {"lmpg": "lmpg", "lmpg-full": "lmpg-full", "trl": "trl", "floor": "floor", "lmpg-gc": "lmpg-gc",
-              "trl-gc": "trl-gc"}
+IMPLS = ("lmpg", "lmpg-full", "trl", "floor")  # the default; any of bench_iteration.IMPLS runs
 MMAP_THRESHOLD = 65536
 
 
 def worker(impl: str, shape: str, num_prompts: int, T: int, iters: int, warmup: int) -> dict:
     w = Workload(size=shape, num_prompts=num_prompts, group_size=4, max_new_tokens=T, shape=SHAPES[shape])
-    r = bench_iteration.run_worker(BENCH_IMPL[impl], w, iters, warmup=warmup)
+    r = bench_iteration.run_worker(impl, w, iters, warmup=warmup)
     r["impl"] = impl
     return r
 
@@ -104,6 +101,8 @@ def main(argv=None):
     if a.quick:
         a.shape, a.growth = "quick", "8,16"
     impls = a.impl.split(",")
+    for name in {*impls, *a.growth_impls.split(",")} - set(bench_iteration.IMPLS):
+        ap.error(f"unknown implementation {name}; choose from {', '.join(bench_iteration.IMPLS)}")
     main_rows, growth_rows = [], []
     if not a.no_main:
         for k in range(a.rounds):
