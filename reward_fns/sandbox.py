@@ -252,6 +252,185 @@ def _parse_report(report: bytes, nonce: str, n_cases: int) -> SandboxResult:
     return result
 
 
+@dataclass
+class CappedBuffer:
+    """Bytes kept up to `cap`; whatever arrives beyond it is dropped and marks the buffer `overflowed`."""
+
+    cap: int
+    data: bytearray = field(default_factory=bytearray)
+    overflowed: bool = False
+
+    def append(self, chunk: bytes) -> None:
+        room = max(0, self.cap - len(self.data))
+        self.data += chunk[:room]
+        self.overflowed = self.overflowed or len(chunk) > room
+
+
+def _verdict_bytes_cap(n_cases: int) -> int:
+    """Room for the `confined` and `code_error` lines and one verdict line per case (the judge cuts each
+    reason to 200 characters, so a line stays well under 512 bytes)."""
+    return 4096 + 512 * n_cases
+
+
+@dataclass
+class _Pipes:
+    """The four pipes of one run. request: judge -> solution; reply: solution -> judge; verdict: judge
+    -> this process; output: stdout and stderr of both -> this process."""
+
+    request_read: int
+    request_write: int
+    reply_read: int
+    reply_write: int
+    verdict_read: int
+    verdict_write: int
+    output_read: int
+    output_write: int
+    child_ends_open: list[int] = field(default_factory=list)
+
+    @classmethod
+    def open(cls) -> _Pipes:
+        pipes = cls(*os.pipe(), *os.pipe(), *os.pipe(), *os.pipe())
+        pipes.child_ends_open = [
+            pipes.request_read, pipes.request_write, pipes.reply_read, pipes.reply_write,
+            pipes.verdict_write, pipes.output_write,
+        ]  # fmt: skip
+        return pipes
+
+    def close_child_ends(self) -> None:
+        """Once both processes hold their ends, so that a pipe reads as closed when they exit."""
+        while self.child_ends_open:
+            os.close(self.child_ends_open.pop(0))
+
+    def close(self) -> None:
+        self.close_child_ends()
+        os.close(self.output_read)
+        os.close(self.verdict_read)
+
+
+def _write_solution_job(workdir: str, code: str, limits: SandboxLimits, pipes: _Pipes) -> str:
+    """The solution process's job, in a file of the run's directory that only this uid may read (the
+    child reads and deletes it before it drops root); its path."""
+    job_path = os.path.join(workdir, "job.json")
+    job = {
+        "code": code,
+        "request_fd": pipes.request_read,
+        "reply_fd": pipes.reply_write,
+        "limits": limits.as_child_limits(),
+        "site_packages": limits.site_packages,
+    }
+    with open(os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as job_file:
+        json.dump(job, job_file)
+    return job_path
+
+
+def _open_workdir_to_children(workdir: str) -> None:
+    if os.geteuid() == 0:
+        os.chown(workdir, NOBODY, NOBODY)  # the solution drops to nobody and works in this directory
+        os.chmod(workdir, 0o755)  # the judge (another uid) reads files the solution wrote
+
+
+def _judge_job(code: str, test_cases: list[str], *, nonce: str, limits: SandboxLimits, pipes: _Pipes) -> dict:
+    """The judge's job, sent on its stdin: the test cases, the nonce its verdict lines carry, its pipes
+    and the modules it imports itself."""
+    return {
+        "test_cases": list(test_cases),
+        "nonce": nonce,
+        "request_fd": pipes.request_write,
+        "reply_fd": pipes.reply_read,
+        "verdict_fd": pipes.verdict_write,
+        "limits": limits.as_child_limits(),
+        "site_packages": limits.site_packages,
+        "imports": _judge_imports(code, test_cases, stdlib_only=not limits.site_packages),
+        "modules": sorted(imported_modules(test_cases)),
+    }
+
+
+def _start_python(
+    command: list[str], *, workdir: str, pipes: _Pipes, stdin, pass_fds: tuple
+) -> subprocess.Popen:
+    """A child in the run's directory, in its own session (so its whole group can be killed), with an
+    empty environment and its stdout and stderr on the output pipe."""
+    return subprocess.Popen(
+        command,
+        stdin=stdin,
+        pass_fds=pass_fds,
+        cwd=workdir,
+        env=_child_environment(workdir),
+        stdout=pipes.output_write,
+        stderr=pipes.output_write,
+        start_new_session=True,
+    )
+
+
+def _start_judge(limits: SandboxLimits, workdir: str, pipes: _Pipes) -> subprocess.Popen:
+    """The judge, waiting for its job on stdin."""
+    judge_ends = (pipes.request_write, pipes.reply_read, pipes.verdict_write)
+    command = _python(limits, JUDGE_SCRIPT)
+    return _start_python(command, workdir=workdir, pipes=pipes, stdin=subprocess.PIPE, pass_fds=judge_ends)
+
+
+def _start_solution(limits: SandboxLimits, workdir: str, pipes: _Pipes, job_path: str) -> subprocess.Popen:
+    solution_ends = (pipes.request_read, pipes.reply_write)
+    command = _python(limits, CHILD_SCRIPT, job_path)
+    return _start_python(
+        command, workdir=workdir, pipes=pipes, stdin=subprocess.DEVNULL, pass_fds=solution_ends
+    )
+
+
+def _send_judge_job(judge: subprocess.Popen, job: dict) -> None:
+    try:
+        judge.stdin.write(json.dumps(job).encode())
+        judge.stdin.close()
+    except OSError:
+        pass  # the judge died; no verdicts, every case fails
+
+
+def _read_until_verdicts(
+    pipes: _Pipes, *, output: CappedBuffer, verdicts: CappedBuffer, deadline: float
+) -> bool:
+    """Read the output and the verdicts until the judge closes the verdict pipe, the output overflows
+    or the deadline passes; then keep what was printed so far, without waiting for more. Whether the
+    deadline passed."""
+    timed_out = False
+    with selectors.DefaultSelector() as selector:
+        selector.register(pipes.output_read, selectors.EVENT_READ, output)
+        selector.register(pipes.verdict_read, selectors.EVENT_READ, verdicts)
+        # Done when the judge closes the verdict pipe; the solution may still be running.
+        while pipes.verdict_read in selector.get_map() and not output.overflowed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fd)
+                else:
+                    key.data.append(chunk)
+        while pipes.output_read in selector.get_map() and not output.overflowed and selector.select(0):
+            chunk = os.read(pipes.output_read, 1 << 16)
+            if not chunk:
+                break
+            output.append(chunk)
+    return timed_out
+
+
+def _exits_by(judge: subprocess.Popen, deadline: float) -> bool:
+    """Wait for the judge to exit, without reaping it; False if the deadline passes first."""
+    while not _exited_unreaped(judge.pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_SECONDS)
+    return True
+
+
+def _kill_and_reap(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        _kill_group(process.pid)  # before reaping, so the group id cannot have been reused
+    for process in processes:
+        process.wait()
+
+
 def run_python_tests(
     code: str, test_cases: list[str], limits: SandboxLimits = DEFAULT_LIMITS
 ) -> SandboxResult:
@@ -265,115 +444,37 @@ def run_python_tests(
     """
     nonce = secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="lmpg-sandbox-")
-    # request: judge -> solution; reply: solution -> judge; verdict: judge -> here; output: both -> here
-    request_read, request_write = os.pipe()
-    reply_read, reply_write = os.pipe()
-    verdict_read, verdict_write = os.pipe()
-    output_read, output_write = os.pipe()
-    child_ends = [request_read, request_write, reply_read, reply_write, verdict_write, output_write]
+    pipes = _Pipes.open()
     processes: list[subprocess.Popen] = []
-    report, output = bytearray(), bytearray()
-    timed_out = output_exceeded = False
+    output = CappedBuffer(limits.max_output_bytes)
+    verdicts = CappedBuffer(_verdict_bytes_cap(len(test_cases)))
+    timed_out = False
     try:
-        job_path = os.path.join(workdir, "job.json")
-        solution_job = {
-            "code": code,
-            "request_fd": request_read,
-            "reply_fd": reply_write,
-            "limits": limits.as_child_limits(),
-            "site_packages": limits.site_packages,
-        }
-        with open(os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as job_file:
-            json.dump(solution_job, job_file)
-        if os.geteuid() == 0:
-            os.chown(workdir, NOBODY, NOBODY)  # the solution drops to nobody and works in this directory
-            os.chmod(workdir, 0o755)  # the judge (another uid) reads files the solution wrote
-        stdlib_only = not limits.site_packages
-        judge_job = {
-            "test_cases": list(test_cases),
-            "nonce": nonce,
-            "request_fd": request_write,
-            "reply_fd": reply_read,
-            "verdict_fd": verdict_write,
-            "limits": limits.as_child_limits(),
-            "site_packages": limits.site_packages,
-            "imports": _judge_imports(code, test_cases, stdlib_only),
-            "modules": sorted(imported_modules(test_cases)),
-        }
-        common = dict(cwd=workdir, env=_child_environment(workdir), stdout=output_write, stderr=output_write,
-                      start_new_session=True)  # fmt: skip
-        processes.append(
-            subprocess.Popen(
-                _python(limits, JUDGE_SCRIPT),
-                stdin=subprocess.PIPE,
-                pass_fds=(request_write, reply_read, verdict_write),
-                **common,
-            )
-        )
-        processes.append(
-            subprocess.Popen(
-                _python(limits, CHILD_SCRIPT, job_path),
-                stdin=subprocess.DEVNULL,
-                pass_fds=(request_read, reply_write),
-                **common,
-            )
-        )
-        for fd in child_ends:
-            os.close(fd)
-        child_ends = []
+        # 1. the jobs: the solution's in a file of the run's directory, the judge's for its stdin
+        job_path = _write_solution_job(workdir, code, limits, pipes)
+        _open_workdir_to_children(workdir)
+        judge_job = _judge_job(code, test_cases, nonce=nonce, limits=limits, pipes=pipes)
+        # 2. start the judge, then the solution; from here only they hold the pipes' child ends
+        processes.append(_start_judge(limits, workdir, pipes))
+        processes.append(_start_solution(limits, workdir, pipes, job_path))
+        pipes.close_child_ends()
         judge = processes[0]
-        try:
-            judge.stdin.write(json.dumps(judge_job).encode())
-            judge.stdin.close()
-        except OSError:
-            pass  # the judge died; no verdicts, every case fails
+        _send_judge_job(judge, judge_job)
+        # 3. the verdicts and the output, until the judge is done or the time is up
         deadline = time.monotonic() + limits.timeout_seconds
-        report_cap = 4096 + 512 * len(test_cases)
-        with selectors.DefaultSelector() as selector:
-            selector.register(output_read, selectors.EVENT_READ, "output")
-            selector.register(verdict_read, selectors.EVENT_READ, "report")
-            # Done when the judge closes the verdict pipe; the solution may still be running.
-            while verdict_read in selector.get_map() and not output_exceeded:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    timed_out = True
-                    break
-                for key, _ in selector.select(remaining):
-                    chunk = os.read(key.fd, 1 << 16)
-                    if not chunk:
-                        selector.unregister(key.fd)
-                    elif key.data == "report":
-                        report += chunk[: max(0, report_cap - len(report))]
-                    else:
-                        room = limits.max_output_bytes - len(output)
-                        output += chunk[:room]
-                        output_exceeded = len(chunk) > room
-            # The verdicts are in: what the processes printed so far is kept, not waited for.
-            while output_read in selector.get_map() and not output_exceeded and selector.select(0):
-                chunk = os.read(output_read, 1 << 16)
-                if not chunk:
-                    break
-                room = limits.max_output_bytes - len(output)
-                output += chunk[:room]
-                output_exceeded = len(chunk) > room
-        # The judge closed its pipes: wait for its exit itself (it reports, then exits at once).
-        while not (timed_out or output_exceeded) and not _exited_unreaped(judge.pid):
-            if time.monotonic() >= deadline:
-                timed_out = True
-            else:
-                time.sleep(_POLL_SECONDS)
+        timed_out = _read_until_verdicts(pipes, output=output, verdicts=verdicts, deadline=deadline)
+        if not (timed_out or output.overflowed):
+            # The judge closed its pipes: wait for its exit itself (it reports, then exits at once).
+            timed_out = not _exits_by(judge, deadline)
     finally:
-        for process in processes:
-            _kill_group(process.pid)  # before reaping, so the group id cannot have been reused
-        for process in processes:
-            process.wait()
-        for fd in (*child_ends, output_read, verdict_read):
-            os.close(fd)
+        # 4. both process groups killed (the solution may still run), the pipes and directory gone
+        _kill_and_reap(processes)
+        pipes.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    result = _parse_report(bytes(report), nonce, len(test_cases))
-    result.timed_out, result.output_exceeded = timed_out, output_exceeded
-    result.output = output.decode("utf-8", "replace")
-    result.returncode = processes[1].returncode if len(processes) > 1 else None
+    result = _parse_report(bytes(verdicts.data), nonce, len(test_cases))
+    result.timed_out, result.output_exceeded = timed_out, output.overflowed
+    result.output = output.data.decode("utf-8", "replace")
+    result.returncode = processes[1].returncode
     return result
 
 
