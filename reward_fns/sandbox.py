@@ -407,6 +407,11 @@ def _read_until_verdicts(
                     selector.unregister(key.fd)
                 else:
                     key.data.append(chunk)
+        # Keep what the processes printed so far, without waiting for more. Only the output pipe is
+        # asked: after the deadline a verdict line arriving would otherwise send the read below to an
+        # empty output pipe, to wait for processes that may never write again.
+        if pipes.verdict_read in selector.get_map():
+            selector.unregister(pipes.verdict_read)
         while pipes.output_read in selector.get_map() and not output.overflowed and selector.select(0):
             chunk = os.read(pipes.output_read, 1 << 16)
             if not chunk:

@@ -3,6 +3,10 @@ code's output and the judge's verdict lines."""
 
 from __future__ import annotations
 
+import os
+import time
+
+from reward_fns import sandbox
 from reward_fns.sandbox import CappedBuffer, SandboxLimits, run_python_tests
 
 
@@ -37,3 +41,22 @@ def test_output_at_the_cap_exactly_is_kept_whole_and_does_not_stop_the_run():
     result = run_python_tests(code, ["assert f() == 1"], SandboxLimits(max_output_bytes=1000))
     assert result.passed == [True] and not result.output_exceeded
     assert result.output == "y" * 1000
+
+
+def test_after_the_deadline_output_is_read_only_when_it_is_there():
+    # The verdict pipe has a line and the output pipe nothing, both writers still open (the processes
+    # live until they are killed): reading the output then would wait for the code. Non-blocking here,
+    # so such a read raises instead of hanging the test.
+    pipes = sandbox._Pipes.open()
+    try:
+        os.set_blocking(pipes.output_read, False)
+        os.write(pipes.verdict_write, b"late verdict\n")
+        output, verdicts = CappedBuffer(cap=100), CappedBuffer(cap=100)
+        expired = time.monotonic() - 1.0
+        assert sandbox._read_until_verdicts(pipes, output=output, verdicts=verdicts, deadline=expired)
+        assert output.data == b""
+        os.write(pipes.output_write, b"printed before the kill")
+        assert sandbox._read_until_verdicts(pipes, output=output, verdicts=verdicts, deadline=expired)
+        assert output.data == b"printed before the kill"
+    finally:
+        pipes.close()
