@@ -35,12 +35,13 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _sandbox_shared import decode, drop_root, encode, imported_modules, preimport, receive, send  # noqa: E402
+from _sandbox_shared import (  # noqa: E402
+    MUTABLE_ARGUMENTS, NOBODY, decode, drop_root, encode, error_reason, imported_modules, preimport, receive,
+    send, set_resource_limits,
+)  # fmt: skip
 
-NOBODY = 65534
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
-_MUTABLE = (list, dict, set, bytearray)
 # Subclasses of these travel as their base value (a namedtuple as a tuple, an IntEnum as an int).
 _BASE_VALUE = (
     (int, int.__index__),
@@ -63,18 +64,6 @@ def _unshare_network() -> bool:
         return libc.unshare(flags) == 0
     except Exception:
         return False
-
-
-def _set_limits(limits: dict) -> None:
-    cpu = limits["cpu_seconds"]
-    for limit, value in (
-        (resource.RLIMIT_CPU, (cpu, cpu + 1)),  # SIGXCPU at the soft limit, SIGKILL at the hard one
-        (resource.RLIMIT_AS, (limits["memory_bytes"],) * 2),
-        (resource.RLIMIT_FSIZE, (limits["file_size_bytes"],) * 2),
-        (resource.RLIMIT_NOFILE, (limits["open_files"],) * 2),
-        (resource.RLIMIT_CORE, (0, 0)),
-    ):
-        resource.setrlimit(limit, value)
 
 
 def _install_guards(workdir: str) -> None:
@@ -116,10 +105,6 @@ def _install_guards(workdir: str) -> None:
 
     builtins.open = io.open = guarded_open
     os.open = guarded_os_open
-
-
-def _reason(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:200]
 
 
 def _builtin_base(error: BaseException) -> str:
@@ -169,6 +154,10 @@ class Server:
             self.handles.append(value)  # kept alive, so its id stays its own
         return {"ref": ["h", index]}
 
+    def _mutable_state(self, argument):
+        """What a call left in a mutable argument, for the judge to copy back; None for the others."""
+        return self.encode(argument) if type(argument) in MUTABLE_ARGUMENTS else None
+
     def decode(self, data):
         return decode(data, self._resolve)
 
@@ -191,8 +180,8 @@ class Server:
                 args = [self.decode(arg) for arg in request["args"]]
                 kwargs = {name: self.decode(value) for name, value in request["kwargs"].items()}
                 reply["value"] = self.encode(target(*args, **kwargs))
-                reply["args"] = [self.encode(a) if type(a) in _MUTABLE else None for a in args]
-                reply["kwargs"] = [self.encode(v) if type(v) in _MUTABLE else None for v in kwargs.values()]
+                reply["args"] = [self._mutable_state(arg) for arg in args]
+                reply["kwargs"] = [self._mutable_state(value) for value in kwargs.values()]
             elif op == "getattr":
                 reply["value"] = self.encode(getattr(target, request["name"]))
             elif op == "setattr":
@@ -209,7 +198,7 @@ class Server:
         except Exception as error:
             reply = {"raise": [_builtin_base(error), str(error)[:1000]]}
         except BaseException as error:  # SystemExit, KeyboardInterrupt: the code ended its own run
-            self.send({"broken": _reason(error)})
+            self.send({"broken": error_reason(error)})
             _exit()
         self.send(reply)
 
@@ -261,7 +250,7 @@ def main() -> None:
     os.unlink(job_path)
     request_fd, reply_fd = job["request_fd"], job["reply_fd"]
     network = _unshare_network()
-    _set_limits(job["limits"])
+    set_resource_limits(job["limits"], files=True)
     dropped = False
     if os.geteuid() == 0:
         preimport(imported_modules([job["code"]]), stdlib_only=not job["site_packages"])
@@ -276,7 +265,7 @@ def main() -> None:
     try:
         exec(compile(job["code"], "<solution>", "exec"), namespace)
     except BaseException as error:
-        send(reply_fd, {"code_error": _reason(error)})
+        send(reply_fd, {"code_error": error_reason(error)})
         _exit()
     names = [name for name in namespace if type(name) is str and name.isidentifier()]
     names = [name for name in names if not name.startswith("__")]

@@ -24,12 +24,14 @@ on values the code could only produce by computing them. Steps:
 import builtins
 import json
 import os
-import resource
 import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _sandbox_shared import WireError, decode, drop_root, encode, preimport, receive, send  # noqa: E402
+from _sandbox_shared import (  # noqa: E402
+    MUTABLE_ARGUMENTS, WireError, decode, drop_root, encode, error_reason, one_line, preimport, receive, send,
+    set_resource_limits,
+)  # fmt: skip
 
 JUDGE_UID = 65533
 
@@ -40,7 +42,6 @@ class _Probe:
 
 
 _FUNCTION, _METHOD = type(lambda: None), type(_Probe().method)  # types.FunctionType, MethodType
-_MUTABLE = (list, dict, set, bytearray)
 # Builtins a test may pass to the solution as a function (a key=, a mapper); the solution calls them here.
 _PASSABLE_BUILTINS = {
     abs, all, any, bool, chr, dict, divmod, float, frozenset, int, len, list, max, min, ord, pow, repr,
@@ -55,10 +56,6 @@ class SolutionGone(BaseException):
 
 class RemoteError(Exception):
     """An exception the solution raised whose type is not a builtin one."""
-
-
-def _reason(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:200]
 
 
 def _remote_exception(payload) -> Exception:
@@ -164,7 +161,7 @@ class Channel:
         if type(states) is not list or len(states) != len(originals):
             self.fail("the solution sent arguments that do not match the call")
         for original, state in zip(originals, states):
-            if state is None or type(original) not in _MUTABLE:
+            if state is None or type(original) not in MUTABLE_ARGUMENTS:
                 continue
             new = self.decode(state)
             if type(new) is not type(original):
@@ -306,10 +303,7 @@ def _bind(namespace: dict, names, imports: list, channel: Channel) -> None:
 
 def _protect(job: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a same-uid solution could raise KeyboardInterrupt here
-    cpu = job["limits"]["cpu_seconds"]
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (job["limits"]["memory_bytes"],) * 2)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    set_resource_limits(job["limits"], files=False)
     modules = [module for _, module, _ in job["imports"]]
     preimport(modules + [f"{m}.{a}" for _, m, a in job["imports"] if a], not job["site_packages"])
     preimport(job["modules"], not job["site_packages"])
@@ -346,7 +340,7 @@ def main() -> None:
             report(f"confined {flags}")
         ready = channel.receive()
         if "code_error" in ready:
-            report(f"code_error {' '.join(str(ready['code_error']).split())[:200]}")
+            report(f"code_error {one_line(str(ready['code_error']))}")
             cases = []
         else:
             _bind(namespace, ready.get("ready"), job["imports"], channel)
@@ -360,7 +354,7 @@ def main() -> None:
         try:
             exec(compile(case, f"<test {index}>", "exec"), namespace)
         except BaseException as error:
-            report(f"fail {index} {_reason(error)}")
+            report(f"fail {index} {error_reason(error)}")
         else:
             report(f"fail {index} SolutionGone: {channel.gone}" if channel.gone else f"pass {index}")
     os._exit(0)

@@ -15,9 +15,15 @@ the judge only ever holds plain values and its own proxies. The judge reads fram
 
 import json
 import os
+import resource
 import sys
 
 MAX_FRAME_BYTES = 1 << 24
+NOBODY = 65534
+"""The uid and gid the solution process drops to when started as root (the parent gives it the run's
+directory)."""
+MUTABLE_ARGUMENTS = (list, dict, set, bytearray)
+"""Argument types whose mutation by a call of the solution is copied back to the judge's object."""
 _TAGS = ("list", "tuple", "set", "frozenset", "dict", "bytes", "bytearray", "complex", "int", "ref", "cb")
 _INT64 = 1 << 63
 
@@ -155,6 +161,33 @@ def preimport(names, stdlib_only: bool) -> None:
             importlib.import_module(name)
         except BaseException:
             pass  # not a module (`from math import sqrt` tries `math.sqrt`), or broken: the code will see
+
+
+def error_reason(error: BaseException) -> str:
+    """`Type: message` on one line, cut to 200 characters: how a failure travels in a verdict line."""
+    return one_line(f"{type(error).__name__}: {error}")
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def set_resource_limits(limits: dict, *, files: bool) -> None:
+    """setrlimit from a job's limits: CPU seconds, address space and no core dumps, and with `files`
+    the largest file and the number of open files too (the judge writes no files)."""
+    cpu = limits["cpu_seconds"]
+    settings = [
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),  # SIGXCPU at the soft limit, SIGKILL at the hard one
+        (resource.RLIMIT_AS, (limits["memory_bytes"],) * 2),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ]
+    if files:
+        settings += [
+            (resource.RLIMIT_FSIZE, (limits["file_size_bytes"],) * 2),
+            (resource.RLIMIT_NOFILE, (limits["open_files"],) * 2),
+        ]
+    for limit, value in settings:
+        resource.setrlimit(limit, value)
 
 
 def drop_root(uid: int) -> bool:

@@ -94,9 +94,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from reward_fns._sandbox_shared import NO_PREIMPORT, imported_modules
+from reward_fns._sandbox_shared import NO_PREIMPORT, NOBODY, imported_modules
 
-NOBODY = 65534
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
 JUDGE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_judge.py")
 _POLL_SECONDS = 0.002
