@@ -11,6 +11,11 @@ from lmpg.errors import ConfigError
     (dict(logp_old_source="sampler", sampler="generate"), "logp_old_source=sampler needs sampler=lmpg"),
     (dict(loss_constant=8.0, loss_agg="token_mean"), "only applies to loss_agg=constant"),
     (dict(baseline="leave_one_out", group_size=1, batch_size=4), "leave_one_out needs group_size >= 2"),
+    # issue 23: episodes record no grad_sq_norm, so this used to train one batch and then fail in the advantages
+    (dict(baseline="optimal", environment="tasks:Calculator"),
+     r"baseline=optimal needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
+    (dict(baseline="optimal_token", environment="tasks:Calculator"),
+     r"baseline=optimal_token needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
