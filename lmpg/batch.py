@@ -67,7 +67,11 @@ class TrajectoryBatch:
 
     # --- filled by the later steps of an iteration ---
     token_rewards: torch.Tensor | None = None
-    """(B, T) fp32: reward r_t received after token t (the weighted sum over reward functions)."""
+    """(B, T) fp32: reward r_t received after token t (the weighted sum over reward functions): the
+    task's reward, what reward_mean logs."""
+    kl_penalised_rewards: torch.Tensor | None = None
+    """(B, T) fp32 with kl_in=reward: r_t - kl_coef * KL_t on the actions (`lmpg.kl.kl_penalised_rewards`),
+    what the returns sum instead of token_rewards; None without a KL penalty in the reward."""
     scored: torch.Tensor | None = None
     """(B,) bool: the row has a reward (a row every function left unscored is left out of the loss)."""
     logp_old: torch.Tensor | None = None
@@ -92,6 +96,11 @@ class TrajectoryBatch:
         if self.scored is None:
             return self.action_mask
         return self.action_mask & self.scored.unsqueeze(1)
+
+    @property
+    def rewards_for_returns(self) -> torch.Tensor:
+        """(B, T): the per-token rewards the returns sum, kl_penalised_rewards when set, else token_rewards."""
+        return self.token_rewards if self.kl_penalised_rewards is None else self.kl_penalised_rewards
 
     @property
     def prompt_index(self) -> list[int]:

@@ -281,6 +281,9 @@ class PGConfig:
             raise ConfigError(f"baseline={self.baseline} needs group_size >= 2 (it compares a sample with the others of its group)")
         if self.baseline in WEIGHTED_BASELINES and self.sampler != "lmpg":
             raise ConfigError(f"baseline={self.baseline} needs sampler=lmpg (its weights come from the sampler's logits)")
+        if self.baseline in WEIGHTED_BASELINES and self.environment is not None:
+            raise ConfigError(f"baseline={self.baseline} needs single-turn sampling (episodes record no grad_sq_norm); "
+                              "with environment set, use baseline=leave_one_out or group_mean")
         if self.baseline == "optimal_token" and self.adv_norm != "none":
             raise ConfigError("baseline=optimal_token subtracts a baseline per token; set adv_norm=none")
         if self.baseline == "group_mean" and self.group_size < 2:

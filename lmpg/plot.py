@@ -2,7 +2,8 @@
 
     plot_run("runs/lmpg")            # -> runs/lmpg/metrics.png
 
-Panels, each drawn only when its metric was logged: reward mean with a ±std band; the mean of each
+Panels, each drawn only when its metric was logged: the task's reward mean with a ±std band (and,
+with kl_in=reward, the KL-penalised reward the returns sum beside it); the mean of each
 reward function; KL to the reference; entropy; completion length (mean and max); clip fraction;
 importance ratio min/mean/max; gradient signal-to-noise ratio and noise scale; effective sample size
 of the importance weights.
@@ -44,7 +45,9 @@ def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str]], str | No
         if lines:
             panels.append((title, lines, band if band and _present(rows, band) else None))
 
-    add("reward (mean ± std)", [("reward_mean", "mean")], band="reward_std")
+    # the task's reward; with kl_in=reward also what the returns sum, the task reward minus the KL penalty
+    add("reward (mean ± std)", [("reward_mean", "task reward"),
+                                ("kl_penalised_reward_mean", "minus KL penalty (kl_in=reward)")], band="reward_std")
     add("reward per function (mean)", [(k, k[len("reward/"):]) for k in _keys_with_prefix(rows, "reward/")])
     add("KL to reference", [("kl", "kl")])
     add("entropy (nats / token)", [("entropy", "entropy")])

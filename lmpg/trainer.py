@@ -63,6 +63,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def mean_std(name: str, values: torch.Tensor) -> dict:
+    """{name}_mean and {name}_std (population) of the 1-D `values`, NaN when there are none."""
+    if not values.numel():
+        return {f"{name}_mean": float("nan"), f"{name}_std": float("nan")}
+    return {f"{name}_mean": float(values.mean()), f"{name}_std": float(values.std(unbiased=False))}
+
+
 @dataclass
 class Prompts:
     """This process's prompts of one iteration."""
@@ -240,8 +247,8 @@ class PGTrainer:
         self.fill_logp_old(batch)                                        # 4.
         self.fill_logp_ref(batch)
         if c.kl_coef > 0 and c.kl_in == "reward":
-            batch.token_rewards = kl_penalised_rewards(batch.token_rewards, batch.logp_old, batch.logp_ref,
-                                                       batch.action_mask, c.kl_coef, c.kl_estimator)
+            batch.kl_penalised_rewards = kl_penalised_rewards(batch.token_rewards, batch.logp_old, batch.logp_ref,
+                                                              batch.action_mask, c.kl_coef, c.kl_estimator)
         adv_stats = self.compute_advantages(batch)                       # 5.
         time_logp = lap()
         update_stats, entropy = self.update(batch)                       # 6.
@@ -328,7 +335,7 @@ class PGTrainer:
         """Fills batch.adv (`lmpg.advantages.compute_advantages` over the whole batch of all processes)."""
         c = self.config
         batch.adv, stats = compute_advantages(
-            batch.token_rewards, batch.action_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
+            batch.rewards_for_returns, batch.action_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
             c.gamma, sample_mask=batch.scored, eps=c.adv_eps, gather=self.gather,
             process_index=self.accelerator.process_index, grad_sq_norm=batch.grad_sq_norm,
             turn_ids=batch.turn_ids)
@@ -368,11 +375,10 @@ class PGTrainer:
         lengths = gather(mask.sum(1).float().cpu())
         truncated = gather(batch.truncated.float().cpu())
         empty = gather((mask.sum(1) == 1).float().cpu() * (~batch.truncated).float().cpu())
-        r = seq_reward[scored]
-        m = {"iteration": self.iteration,
-             "reward_mean": float(r.mean()) if r.numel() else float("nan"),
-             "reward_std": float(r.std(unbiased=False)) if r.numel() else float("nan"),
+        m = {"iteration": self.iteration, **mean_std("reward", seq_reward[scored]),
              "unscored_frac": float((~scored).float().mean())}
+        if batch.kl_penalised_rewards is not None:  # kl_in=reward: the task reward minus the KL penalty
+            m.update(mean_std("kl_penalised_reward", gather(batch.kl_penalised_rewards.sum(1).float().cpu())[scored]))
         for name, value in scores.means().items():
             m[f"reward/{name}"] = value
         for name, count in scores.error_counts.items():

@@ -1,6 +1,7 @@
 """PGConfig rejects combinations that would otherwise pass silently, with one line saying what to set."""
 
 import pytest
+import torch
 
 from lmpg import PGConfig
 from lmpg.errors import ConfigError
@@ -11,6 +12,11 @@ from lmpg.errors import ConfigError
     (dict(logp_old_source="sampler", sampler="generate"), "logp_old_source=sampler needs sampler=lmpg"),
     (dict(loss_constant=8.0, loss_agg="token_mean"), "only applies to loss_agg=constant"),
     (dict(baseline="leave_one_out", group_size=1, batch_size=4), "leave_one_out needs group_size >= 2"),
+    # issue 23: episodes record no grad_sq_norm, so this used to train one batch and then fail in the advantages
+    (dict(baseline="optimal", environment="tasks:Calculator"),
+     r"baseline=optimal needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
+    (dict(baseline="optimal_token", environment="tasks:Calculator"),
+     r"baseline=optimal_token needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -19,8 +25,15 @@ def test_silent_combinations_are_refused_in_one_line(values, match):
 
 
 def test_valid_combinations_pass():
-    PGConfig(baseline="batch_mean", group_size=1, batch_size=4)
-    PGConfig(loss_agg="constant", loss_constant=8.0)
+    """The neighbours of the refused combinations build and keep what was asked: batch_mean needs no
+    group (4 prompts of one sample each), and loss_constant under loss_agg=constant is the divisor the
+    loss uses instead of max_new_tokens."""
+    config = PGConfig(baseline="batch_mean", group_size=1, batch_size=4)
+    assert (config.baseline, config.group_size, config.batch_size, config.prompts_per_iteration) == \
+        ("batch_mean", 1, 4, 4)
+    config = PGConfig(loss_agg="constant", loss_constant=8.0, max_new_tokens=32)
+    assert (config.loss_agg, config.resolved_loss_constant) == ("constant", 8.0)
+    assert PGConfig(loss_agg="constant", max_new_tokens=32).resolved_loss_constant == 32.0
 
 
 # ----------------------------------------------------------------------------- choices from Literals
@@ -123,7 +136,23 @@ def test_loss_agg_the_sequence_ratio_ignores_is_refused(ratio_level, loss_agg):
 @pytest.mark.parametrize("ratio_level", ["sequence", "sequence_mean"])
 @pytest.mark.parametrize("loss_agg", ["token_mean", "sequence_mean"])
 def test_loss_agg_of_the_kl_term_under_sequence_ratios_passes(ratio_level, loss_agg):
-    PGConfig(ratio_level=ratio_level, loss_agg=loss_agg, kl_coef=0.1)
+    """Under sequence-level ratios the policy-gradient term is a mean over sequences whatever loss_agg
+    says, and loss_agg aggregates only the KL term; these two aggregations differ there, so they are
+    accepted and kept. Rows of 1 and 3 counted tokens with KL 2 and 1 per token: token_mean
+    (2 + 3) / 4 = 1.25, sequence_mean (2 + 1) / 2 = 1.5."""
+    from lmpg.losses import aggregate, policy_gradient_loss
+
+    config = PGConfig(ratio_level=ratio_level, loss_agg=loss_agg, kl_coef=0.1)
+    assert (config.ratio_level, config.loss_agg, config.kl_coef) == (ratio_level, loss_agg, 0.1)
+    counted = torch.tensor([[True, False, False], [True, True, True]])
+    kl_tok = torch.tensor([[2.0, 9.0, 9.0], [1.0, 1.0, 1.0]])
+    kl_term = aggregate(kl_tok, counted, config.loss_agg, config.resolved_loss_constant)
+    assert float(kl_term) == {"token_mean": 1.25, "sequence_mean": 1.5}[loss_agg]
+    logp_old = torch.tensor([[-1.0, 0.0, 0.0], [-0.5, -2.0, -0.1]])
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    pg = [policy_gradient_loss(logp_old + 0.1, logp_old, adv, counted, ratio_level=config.ratio_level,
+                               loss_agg=agg)[0] for agg in ("token_mean", "sequence_mean")]
+    assert float(pg[0]) == float(pg[1])
 
 
 def test_the_recorded_fixture_configs_stay_valid():

@@ -1,6 +1,7 @@
 """lmpg/kl.py with kl_in=reward: the penalised rewards by hand, and in the trainer the rewards the
-advantages see are the scored rewards minus kl_coef * KL(pi_old || pi_ref). (The estimators alone are
-tested in tests/test_losses.py.)"""
+advantages see are the scored rewards minus kl_coef * KL(pi_old || pi_ref), while reward_mean logs the
+task's reward and kl_penalised_reward_mean the penalised one. (The estimators alone are tested in
+tests/test_losses.py.)"""
 
 import math
 
@@ -9,8 +10,9 @@ import torch
 
 from lmpg import PGTrainer
 from lmpg.kl import kl_penalised_rewards
+from lmpg.metrics import read_jsonl
 
-from conftest import small_config
+from conftest import count_a, small_config
 
 # Two rows of three tokens; row 1's middle token is not an action (an environment token of a
 # multi-turn episode), so it keeps its reward whatever the KL there.
@@ -46,9 +48,10 @@ def test_kl_penalised_rewards_leave_the_inputs_alone():
 
 def test_trainer_with_kl_in_reward_gives_the_advantages_the_penalised_rewards(tmp_path, tiny_model, tokenizer,
                                                                               prompts_dataset):
-    """The second iteration (pi_old has moved away from pi_ref by then): batch.token_rewards are the
-    per-token rewards the function returned minus kl_coef * k1(logp_old, logp_ref) on the actions, and
-    with no baseline, no normalisation and no reward-to-go each advantage is its row's penalised return."""
+    """The second iteration (pi_old has moved away from pi_ref by then): batch.kl_penalised_rewards are
+    the per-token rewards the function returned (batch.token_rewards, untouched) minus
+    kl_coef * k1(logp_old, logp_ref) on the actions, and with no baseline, no normalisation and no
+    reward-to-go each advantage is its row's penalised return."""
     a = tokenizer.convert_tokens_to_ids("a")
     returned = []
 
@@ -70,7 +73,38 @@ def test_trainer_with_kl_in_reward_gives_the_advantages_the_penalised_rewards(tm
     kl = torch.where(batch.action_mask, batch.logp_old - batch.logp_ref, 0.0)  # k1
     assert kl.abs().max() > 0.01  # the policy has moved: the penalty is not 0
     expected = scored - 0.1 * kl
-    torch.testing.assert_close(batch.token_rewards, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(batch.kl_penalised_rewards, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(batch.token_rewards, scored, atol=0, rtol=0)  # the task's rewards stay
     m = batch.loss_mask
     row_return = (expected * batch.completion_mask).sum(1, keepdim=True).expand(B, T)
     torch.testing.assert_close(batch.adv[m], row_return[m], atol=1e-5, rtol=0)
+
+
+def test_kl_in_reward_logs_the_task_reward_and_the_penalised_reward_apart(tmp_path, tiny_model, tokenizer,
+                                                                           prompts_dataset):
+    """Issue 23: with kl_in=reward, reward_mean / reward_std in metrics.jsonl are the task's reward (the
+    reward function on the completions samples.jsonl logged, recomputed here), as without KL; the
+    penalised return R_i - kl_coef * sum_t KL_t, what the advantages see, is logged apart as
+    kl_penalised_reward_mean / _std; the two means differ by kl_coef times the mean summed KL."""
+    kl_coef = 0.5
+    config = small_config(tmp_path, kl_coef=kl_coef, kl_in="reward", kl_estimator="k1", learning_rate=1e-2)
+    trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer)
+    trainer.prepare_run_dir()
+    trainer.step()
+    batch = trainer.step().batch  # iteration 2: pi_old has moved away from pi_ref
+    logged = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    samples = [s for s in read_jsonl(tmp_path / "run" / "samples.jsonl") if s["iteration"] == 2]
+    assert len(samples) == batch.batch_size == 8
+
+    task = torch.tensor(count_a(None, [s["completion"] for s in samples]), dtype=torch.float64)
+    assert logged["reward_mean"] == pytest.approx(float(task.mean()), abs=1e-7)
+    assert logged["reward_std"] == pytest.approx(float(task.std(unbiased=False)), abs=1e-7)
+    assert [s["reward"] for s in samples] == pytest.approx(task.tolist(), abs=1e-7)  # per sample, too
+
+    kl_sum = torch.where(batch.action_mask, batch.logp_old - batch.logp_ref, 0.0).sum(1).double()  # k1, (B,)
+    assert kl_sum.abs().mean() > 0.01  # the penalty is not 0: the two figures must differ
+    penalised = torch.tensor(count_a(None, batch.completions), dtype=torch.float64) - kl_coef * kl_sum
+    assert logged["kl_penalised_reward_mean"] == pytest.approx(float(penalised.mean()), abs=1e-6)
+    assert logged["kl_penalised_reward_std"] == pytest.approx(float(penalised.std(unbiased=False)), abs=1e-6)
+    assert logged["reward_mean"] - logged["kl_penalised_reward_mean"] == \
+        pytest.approx(kl_coef * float(kl_sum.mean()), abs=1e-6)

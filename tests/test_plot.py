@@ -56,3 +56,15 @@ def test_missing_or_empty_metrics_are_one_line_errors(tmp_path):
     write_metrics(tmp_path / "empty", [])
     with pytest.raises(DataError, match="empty"):
         plot_run(tmp_path / "empty")
+
+
+def test_the_reward_panel_shows_the_task_reward_and_with_kl_in_reward_the_penalised_one(tmp_path):
+    """Issue 23: reward_mean (the task's reward, with its ±std band) and, when logged (kl_in=reward),
+    kl_penalised_reward_mean beside it, each under its own label."""
+    rows = [{**full_row(i), "kl_penalised_reward_mean": 0.1 * i - 0.02 * i} for i in range(1, 4)]
+    title, lines, band = _panels(rows)[0]
+    assert title == "reward (mean ± std)" and band == "reward_std"
+    assert lines == [("reward_mean", "task reward"), ("kl_penalised_reward_mean", "minus KL penalty (kl_in=reward)")]
+    assert [k for k, _ in _panels([full_row(1)])[0][1]] == ["reward_mean"]
+    write_metrics(tmp_path / "run", rows)
+    assert plot_run(tmp_path / "run").read_bytes()[:8] == PNG_MAGIC

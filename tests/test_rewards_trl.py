@@ -7,12 +7,12 @@ import math
 import datasets
 import pytest
 import torch
+# trl is a test dependency (pyproject [test], TRL 1.16): missing, this module fails, never skips
+import trl.rewards as trl_rewards
 
 from lmpg import PGConfig, PGTrainer
 from lmpg.rewards import RewardScorer
 from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
-
-trl_rewards = pytest.importorskip("trl.rewards")
 
 ALPHABET = "0123456789+=<>/thinkboxed{}\\ "
 SEEN = []

@@ -8,11 +8,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+# trl is a test dependency (pyproject [test], TRL 1.16): missing, this module fails, never skips
+import trl
 
 from lmpg import PGConfig
 from lmpg.errors import ConfigError
-
-trl = pytest.importorskip("trl")
 
 
 def grpo_config(tmp_path, **kwargs):
