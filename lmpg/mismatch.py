@@ -19,11 +19,12 @@ Modes (`sampler_correction`, TRL's `vllm_importance_sampling_mode`, verl's rollo
 - sequence_mask: w(tau) = rho(tau) when C_min <= rho(tau) <= C, else 0: bias
   -E_q[rho(tau) 1{rho outside [C_min, C]} g(tau)], the masked trajectories' share of grad J.
 - token_truncate: w_t = min(rho_t, C) (truncated importance sampling, TIS; Yao et al. 2025, "Your
-  efficient RL framework secretly brings you off-policy RL training"). Even with C = inf it corrects
-  only the action at each state, not the distribution of the states q's earlier tokens led to:
-  E_q[sum_t rho_t grad log pi(a_t|s_t) A] = sum_t E_{s_t ~ q}[ E_{a_t ~ pi_old}[grad log pi(a_t|s_t) A] ],
-  the same first-order approximation as the token-level PPO ratio (`lmpg.losses`), exact when q and
-  pi_old agree on every earlier token.
+  efficient RL framework secretly brings you off-policy RL training"). Even with C = inf it reweights
+  only the action a_t, not the states q's earlier tokens led to nor the later tokens the return
+  depends on:
+      E_q[sum_t rho_t grad log pi(a_t|s_t) A(tau)] = sum_t E_{a_<t ~ q, a_t ~ pi_old, a_>t ~ q}[grad log pi(a_t|s_t) A(tau)],
+  exact for one-token trajectories or when q == pi_old, and otherwise the same first-order
+  approximation as the token-level PPO ratio (`lmpg.losses`); lower variance than the sequence weight.
 - token_mask: w_t = rho_t when C_min <= rho_t <= C, else 0 (the token drops out of the gradient).
 The weight is a constant (no gradient) multiplying each token's policy-gradient term, as TRL
 multiplies its per-token loss; the KL term is not weighted. Since w >= 0,
@@ -75,7 +76,7 @@ def correction_weights(logp_old: torch.Tensor, logp_sampler: torch.Tensor, actio
         raise ValueError(f"unknown sampler correction {mode!r}")
     outside = (rho < lo) | (rho > hi)
     if mode.endswith("truncate"):
-        w = rho.clamp(min=None if c_min is None else c_min, max=None if c_max is None else c_max)
+        w = rho.clamp(min=lo, max=hi)
         stats = {"correction_truncated_frac": float(masked_mean(outside.float(), counted)),
                  "correction_masked_frac": 0.0}
     else:
