@@ -97,8 +97,8 @@ class PGConfig:
     # --- vLLM sampler (sampler: vllm) and the sampler-trainer mismatch (lmpg.mismatch) ---
     vllm_gpu_memory_utilization: float | None = None
     """Share of GPU memory the engine takes for its weights and KV cache (vLLM's CPU build: share of the
-    machine's RAM). None: 0.3 on a GPU (TRL's default); on CPU sized from the run (weights, KV cache of
-    this process's batch at vllm_max_model_len, 1 GiB)."""
+    machine's RAM). None: 0.3 on a GPU (TRL's default); on CPU a KV cache sized from the run (this
+    process's batch at vllm_max_model_len, twice over)."""
     vllm_dtype: str | None = None
     """The engine's dtype (float32, bfloat16, float16); None: the policy's."""
     vllm_max_model_len: int | None = None

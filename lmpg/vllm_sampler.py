@@ -92,14 +92,14 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def cpu_memory_utilization(config, *, dtype_bytes: int, weight_bytes: int, max_sequences: int, max_model_len: int) -> float:
-    """The share of this machine's RAM the CPU engine needs for this run: its weights, a KV cache for
-    `max_sequences` sequences of `max_model_len` tokens, and 1 GiB of working memory (the CPU build
-    reads `gpu_memory_utilization` as a share of RAM and refuses to start when that share is not free,
-    so its default 0.92 cannot sit beside a training process)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    need = weight_bytes + kv_bytes_per_token(config, dtype_bytes) * max_sequences * max_model_len + 2**30
-    return min(0.9, max(0.02, need / total))
+def kv_cache_bytes(config, *, dtype_bytes: int, max_sequences: int, max_model_len: int) -> int:
+    """The KV cache this run needs: `max_sequences` sequences of `max_model_len` tokens, twice over
+    (prefix-cache blocks of finished rows, block rounding), at least 64 MiB. On CPU the engine is given
+    exactly this (`kv_cache_memory_bytes`): the CPU build otherwise reads `gpu_memory_utilization` as a
+    share of RAM minus what this process already holds, which a training process beside it (or a second
+    engine) leaves negative."""
+    need = 2 * kv_bytes_per_token(config, dtype_bytes) * max_sequences * max_model_len
+    return max(need, 64 * 2**20)
 
 
 class VllmSampler:
@@ -132,14 +132,13 @@ class VllmSampler:
         dtype = dtype or str(param.dtype).removeprefix("torch.")
         model_dir = self._export_model(policy)
         base = policy.get_base_model() if self.lora else policy
-        if memory_utilization is None:
+        memory = {"gpu_memory_utilization": memory_utilization or GPU_MEMORY_UTILIZATION}
+        if memory_utilization is None and not self.on_gpu:
             dtype_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-            weight_bytes = sum(p.numel() for p in base.parameters()) * dtype_bytes
-            memory_utilization = GPU_MEMORY_UTILIZATION if self.on_gpu else cpu_memory_utilization(
-                base.config, dtype_bytes=dtype_bytes, weight_bytes=weight_bytes, max_sequences=max_sequences,
-                max_model_len=max_model_len)
+            memory = {"kv_cache_memory_bytes": kv_cache_bytes(base.config, dtype_bytes=dtype_bytes,
+                                                              max_sequences=max_sequences, max_model_len=max_model_len)}
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
-                      max_model_len=max_model_len, gpu_memory_utilization=memory_utilization,
+                      max_model_len=max_model_len, **memory,
                       enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager,
                       logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                       max_num_seqs=max(max_sequences, 1), enable_sleep_mode=sleep_mode)
