@@ -349,9 +349,10 @@ class PGConfig:
         if correction.startswith("token") and self.ratio_level in SEQUENCE_RATIO_LEVELS:
             raise ConfigError(f"sampler_correction={correction} weighs tokens, but ratio_level={self.ratio_level} gives one "
                               "loss per sequence; set sampler_correction=sequence_truncate or sequence_mask")
-        for name in ("sampler_correction_max", "sampler_correction_min"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be > 0, or null for no bound")
+        if self.sampler_correction_max is not None and self.sampler_correction_max <= 0:
+            raise ConfigError(f"sampler_correction_max={self.sampler_correction_max} must be > 0, or null for no bound")
+        if self.sampler_correction_min is not None and self.sampler_correction_min < 0:
+            raise ConfigError(f"sampler_correction_min={self.sampler_correction_min} must be >= 0, or null")
         c_min, c_max = self.sampler_correction_bounds
         if c_min is not None and c_max is not None and c_min >= c_max:
             raise ConfigError(f"sampler_correction_min={c_min} must be below sampler_correction_max={c_max}")

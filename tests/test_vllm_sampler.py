@@ -207,3 +207,62 @@ def test_architecture_vllm_lacks_is_one_line(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="LmpgNoSuchForCausalLM.*sampler=lmpg") as e:
         _engine(policy, tokenizer, type("F", (), {"mktemp": staticmethod(lambda n: tmp_path)}))
     assert "\n" not in str(e.value)
+
+
+def test_from_trl_maps_colocated_vllm_and_its_correction(tmp_path):
+    import trl
+
+    def args(**kwargs):
+        return trl.GRPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none", max_steps=2, use_vllm=True,
+                              **kwargs)
+
+    config = PGConfig.from_trl(args(vllm_mode="colocate", vllm_gpu_memory_utilization=0.25,
+                                    vllm_enable_sleep_mode=True))
+    assert (config.sampler, config.vllm_gpu_memory_utilization, config.vllm_enable_sleep_mode) == ("vllm", 0.25, True)
+    # TRL's default correction: sequence_mask with C = 3 and no lower bound
+    trl_default = trl.GRPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none")
+    assert config.sampler_correction == trl_default.vllm_importance_sampling_mode
+    assert config.sampler_correction_bounds == (0.0, trl_default.vllm_importance_sampling_clip_max)
+    config = PGConfig.from_trl(args(vllm_mode="colocate", vllm_importance_sampling_mode="token_truncate",
+                                    vllm_importance_sampling_clip_max=2.0, vllm_importance_sampling_clip_min=0.5))
+    assert (config.sampler_correction, config.sampler_correction_bounds) == ("token_truncate", (0.5, 2.0))
+    config = PGConfig.from_trl(args(vllm_mode="colocate", vllm_importance_sampling_correction=False))
+    assert config.resolved_sampler_correction == "none"
+    with pytest.raises(ConfigError, match="vllm_mode='server'.*no vLLM server mode") as e:
+        PGConfig.from_trl(args(vllm_mode="server"))
+    assert "\n" not in str(e.value)
+
+
+def test_correction_weights_equal_trls_on_the_same_tensors():
+    """TRL 1.16's importance-sampling ratio (`_generate_and_score_completions`, read from its installed
+    source and run unchanged on the same tensors) equals lmpg's weights, for each mode."""
+    import inspect
+    import textwrap
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from lmpg.mismatch import correction_weights
+
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    start = source.index("# Compute the importance sampling ratio when using vLLM")
+    start = source.index("\n", source.index("if self.use_vllm and self.vllm_importance_sampling_correction:", start)) + 1
+    end = source.index("# Compute the per-token log probabilities for the reference model")
+    block = textwrap.dedent(source[start:end])
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(4, 6, generator=g).mul(0.5).sub(2)
+    sampling = old + torch.randn(4, 6, generator=g).mul(0.6)
+    mask = torch.ones(4, 6)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        for c_min, c_max in ((None, 3.0), (0.5, 2.0)):
+            trainer = type("T", (), {"vllm_importance_sampling_mode": mode, "vllm_importance_sampling_clip_min": c_min,
+                                     "vllm_importance_sampling_clip_max": c_max})()
+            scope = {"self": trainer, "completion_mask": mask, "tool_mask": None, "old_per_token_logps": old,
+                     "sampling_per_token_logps": sampling, "torch": torch, "math": __import__("math")}
+            exec(block, scope)
+            trl_ratio = scope["vllm_importance_sampling_ratio"].expand(4, 6)
+            ours, _ = correction_weights(old, sampling, mask.bool(), mode=mode, c_max=c_max,
+                                         c_min=c_min if c_min is not None or mode.endswith("truncate") else 0.0)
+            # on the counted tokens (TRL multiplies the masked per-token loss; off the mask both are unused)
+            assert torch.allclose(ours[mask.bool()], trl_ratio[mask.bool()], rtol=1e-6), (mode, c_min, c_max)
