@@ -108,18 +108,19 @@ class VllmSampler:
     policy: the (unwrapped) model being trained, a transformers causal LM or a peft model of one.
     max_sequences: the most rows sampled at once (this process's batch), for the engine's KV cache.
     workdir: scratch directory for the exported weights and adapter versions.
+    ignore_eos: every turn runs to its token budget (benchmarks of equal lengths).
     """
 
     def __init__(self, policy, tokenizer, *, eos_ids: list[int], temperature: float, top_p: float, top_k: int,
                  max_model_len: int, max_sequences: int, workdir, seed: int = 0,
                  memory_utilization: float | None = None, dtype: str | None = None,
-                 enforce_eager: bool | None = None, sleep_mode: bool = False):
+                 enforce_eager: bool | None = None, sleep_mode: bool = False, ignore_eos: bool = False):
         from lmpg.modeling import is_peft_model
 
         vllm = import_vllm()
         self.tokenizer, self.eos_ids = tokenizer, list(eos_ids)
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.max_model_len = max_model_len
+        self.max_model_len, self.ignore_eos = max_model_len, ignore_eos
         self.workdir = Path(workdir)
         self.on_gpu = torch.cuda.is_available()
         if sleep_mode and not self.on_gpu:
@@ -245,8 +246,9 @@ class VllmSampler:
             self.turns[i] += 1
             prompts.append(TokensPrompt(prompt_token_ids=list(history)))
             params.append(SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
-                                         max_tokens=budget, seed=seed, logprobs=0, stop_token_ids=self.eos_ids,
-                                         detokenize=False))
+                                         max_tokens=budget, seed=seed, logprobs=0, detokenize=False,
+                                         stop_token_ids=[] if self.ignore_eos else self.eos_ids,
+                                         ignore_eos=self.ignore_eos))
             where.append(j)
         if prompts:
             outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
