@@ -143,6 +143,9 @@ class VllmSampler:
                       enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager,
                       logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                       max_num_seqs=max(max_sequences, 1), enable_sleep_mode=sleep_mode)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # one engine per training process, each in the process group the launcher made (TRL's colocate mode)
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if self.serve_adapter:
             kwargs.update(enable_lora=True, max_loras=1,
                           max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora_rank))

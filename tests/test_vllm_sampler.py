@@ -266,3 +266,32 @@ def test_correction_weights_equal_trls_on_the_same_tensors():
                                          c_min=c_min if c_min is not None or mode.endswith("truncate") else 0.0)
             # on the counted tokens (TRL multiplies the masked per-token loss; off the mask both are unused)
             assert torch.allclose(ours[mask.bool()], trl_ratio[mask.bool()], rtol=1e-6), (mode, c_min, c_max)
+
+
+def test_two_processes_each_with_an_engine_sample_what_one_process_samples(tmp_path):
+    """accelerate launch with 2 CPU processes: an engine in each (vLLM's external launcher), each
+    sampling its own prompts from the per-row seeds: the same samples and metrics as one process."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("vllm_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), str(worker.parents[1])]),
+           "OMP_NUM_THREADS": "1"}
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    for cmd in ([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", str(worker), str(tmp_path / "two")],
+                [sys.executable, str(worker), str(tmp_path / "one")]):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def read(run, name):
+        return [json.loads(line) for line in (tmp_path / run / name).read_text().splitlines()]
+
+    one, two = read("one", "metrics.jsonl"), read("two", "metrics.jsonl")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert a["reward_mean"] == b["reward_mean"] and a["completion_len_mean"] == b["completion_len_mean"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+    assert [s["completion"] for s in read("one", "samples.jsonl")] == [s["completion"] for s in read("two", "samples.jsonl")]
