@@ -17,7 +17,9 @@ trajectory. This module computes A_t from the rewards, one visible step at a tim
 3. `normalise_advantages`: optional division by the group or batch standard deviation (GRPO).
 
 Shapes: B sequences (B = number of prompts * G, the G samples of a prompt contiguous), G samples per
-prompt, T completion tokens. `completion_mask` (B, T) is True where a token counts.
+prompt, T completion tokens. `action_mask` (B, T) is True on the policy's own tokens, the actions
+that receive rewards and returns (`TrajectoryBatch.action_mask`); `sample_mask` (B,) is True on the
+samples that have a reward (`TrajectoryBatch.scored`).
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ WEIGHTED_BASELINES = ("optimal", "optimal_token")  # need each token's grad_sq_n
 ADV_NORMS = get_args(AdvNorm)
 
 
-def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.Tensor,
+def discounted_reward_to_go(token_rewards: torch.Tensor, action_mask: torch.Tensor,
                             gamma: float = 1.0, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """ret_t = sum_{t' >= t} gamma^(t'-t) r_t'  over counted tokens, 0 at masked positions.
+    """ret_t = sum_{t' >= t} gamma^(t'-t) r_t'  over the actions, 0 off them.
 
-    token_rewards: (B, T) reward received after each action; completion_mask: (B, T).
+    token_rewards: (B, T) reward received after each action; action_mask: (B, T) True on the actions.
     Computed right to left: ret_t = r_t + gamma * ret_{t+1}. Masked positions carry no reward and
     do not break the chain (padding only ever follows the completion; in a multi-turn episode the
     environment's tokens sit between the actions, masked out of the loss).
@@ -51,7 +53,7 @@ def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.
     those of turn k later times gamma^k (`lmpg.episodes`).
     """
     B, T = token_rewards.shape  # sequences, completion tokens
-    r = torch.where(completion_mask, token_rewards, torch.zeros_like(token_rewards))
+    r = torch.where(action_mask, token_rewards, torch.zeros_like(token_rewards))
     ret = torch.zeros_like(r)
     running = torch.zeros(B, dtype=r.dtype, device=r.device)
     for t in range(T - 1, -1, -1):
@@ -61,10 +63,10 @@ def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.
             discount = gamma ** (turn_ids[:, t + 1] - turn_ids[:, t]).to(r.dtype)
         running = r[:, t] + discount * running
         ret[:, t] = running
-    return torch.where(completion_mask, ret, torch.zeros_like(ret))
+    return torch.where(action_mask, ret, torch.zeros_like(ret))
 
 
-def returns(token_rewards: torch.Tensor, completion_mask: torch.Tensor, reward_to_go: bool = False,
+def returns(token_rewards: torch.Tensor, action_mask: torch.Tensor, reward_to_go: bool = False,
             gamma: float = 1.0, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The return credited to each token, (B, T).
 
@@ -76,11 +78,11 @@ def returns(token_rewards: torch.Tensor, completion_mask: torch.Tensor, reward_t
     turn_ids: (B, T) discount per turn of a multi-turn episode instead of per token (see
         `discounted_reward_to_go`).
     """
-    rtg = discounted_reward_to_go(token_rewards, completion_mask, gamma, turn_ids)
+    rtg = discounted_reward_to_go(token_rewards, action_mask, gamma, turn_ids)
     if reward_to_go:
         return rtg
     whole = rtg[:, :1].expand_as(rtg) if rtg.shape[1] else rtg
-    return torch.where(completion_mask, whole, torch.zeros_like(rtg))
+    return torch.where(action_mask, whole, torch.zeros_like(rtg))
 
 
 def sequence_returns(token_returns: torch.Tensor) -> torch.Tensor:
@@ -188,7 +190,7 @@ def optimal_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int,
     return torch.where(w_sum > 0, weighted, plain).reshape(B)
 
 
-def optimal_token_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int, token_mask: torch.Tensor,
+def optimal_token_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int, action_mask: torch.Tensor,
                            sample_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The per-token variance-minimising baseline, leave-one-out within each group, (B, T).
 
@@ -211,13 +213,13 @@ def optimal_token_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: 
     With the whole return (ret_t = R for every t) this is the optimal per-position baseline for
     REINFORCE, a larger family than `optimal_baseline`'s one constant.
 
-    ret, weight: (B, T); token_mask: (B, T) True where the token counts (an action);
+    ret, weight: (B, T); action_mask: (B, T) True on the actions;
     sample_mask: (B,) True for scored samples.
     """
     B, T = ret.shape  # sequences, completion tokens
     if B % group_size:
         raise ValueError(f"batch of {B} returns is not a whole number of groups of {group_size}")
-    m = token_mask.bool()
+    m = action_mask.bool()
     if sample_mask is not None:
         m = m & sample_mask.bool().unsqueeze(1)
     zero = torch.zeros_like(ret)
@@ -273,7 +275,7 @@ def zero_spread_groups(ret: torch.Tensor, group_size: int,
     return (hi - lo <= 0) | (gm.sum(1) <= 1)
 
 
-def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
+def compute_advantages(token_rewards: torch.Tensor, action_mask: torch.Tensor, group_size: int,
                        baseline_kind: Baseline = "group_mean", adv_norm: AdvNorm = "none",
                        reward_to_go: bool = False, gamma: float = 1.0,
                        sample_mask: torch.Tensor | None = None, eps: float = 1e-6,
@@ -303,15 +305,15 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
         raise ValueError(f"baseline {baseline_kind} needs grad_sq_norm (B, T) from the sampler")
     if baseline_kind == "optimal_token" and adv_norm != "none":
         raise ValueError("baseline optimal_token subtracts a baseline per token; use adv_norm none")
-    ret = returns(token_rewards, completion_mask, reward_to_go, gamma, turn_ids)  # (B, T)
+    ret = returns(token_rewards, action_mask, reward_to_go, gamma, turn_ids)  # (B, T)
     seq_ret = sequence_returns(ret)  # (B,)
     weight = None if grad_sq_norm is None else \
-        torch.where(completion_mask, grad_sq_norm.to(ret.dtype), torch.zeros_like(ret)).sum(1)  # (B,)
+        torch.where(action_mask, grad_sq_norm.to(ret.dtype), torch.zeros_like(ret)).sum(1)  # (B,)
     all_ret, all_m = (seq_ret, m) if gather is None else (gather(seq_ret), gather(m))
     all_w = weight if gather is None or weight is None else gather(weight)
     own = slice(process_index * B, (process_index + 1) * B)
     if baseline_kind == "optimal_token":
-        b_tok = optimal_token_baseline(ret, grad_sq_norm, group_size, completion_mask, m)  # (B, T)
+        b_tok = optimal_token_baseline(ret, grad_sq_norm, group_size, action_mask, m)  # (B, T)
         adv = ret - b_tok
         b_all = sequence_returns(b_tok) if gather is None else gather(sequence_returns(b_tok))
     else:
@@ -320,7 +322,7 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
         b, std = b_all[own].to(ret.device), std_all[own].to(ret.device)  # (B,)
         adv = normalise_advantages(ret - b.unsqueeze(1), std.unsqueeze(1), eps) \
             if adv_norm != "none" else ret - b.unsqueeze(1)
-    keep = completion_mask & m.unsqueeze(1)
+    keep = action_mask & m.unsqueeze(1)
     adv = torch.where(keep, adv, torch.zeros_like(adv))
     stats = {
         "ret_mean": float(masked_mean(all_ret, all_m)),

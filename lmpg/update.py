@@ -63,20 +63,20 @@ def minibatch_order(n_minibatches: int, epoch: int, seed: int, iteration: int) -
     return torch.randperm(n_minibatches, generator=generator).tolist()
 
 
-def surrogate_loss(logp: torch.Tensor, batch: TrajectoryBatch, rows: torch.Tensor, mask: torch.Tensor,
+def surrogate_loss(logp: torch.Tensor, batch: TrajectoryBatch, rows: torch.Tensor, loss_mask: torch.Tensor,
                    config: PGConfig, num_tokens: float, num_sequences: float) -> tuple[torch.Tensor, dict]:
     """The loss of `rows` whose gradient is their share of the minibatch's policy gradient:
     `lmpg.losses.policy_gradient_loss`, plus kl_coef * KL(pi_theta || pi_ref) with kl_in=loss.
     stats: those of policy_gradient_loss, and kl (the KL term, also logged with kl_in=reward)."""
     c = config
     loss, stats = policy_gradient_loss(
-        logp, batch.logp_old[rows], batch.adv[rows], mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
+        logp, batch.logp_old[rows], batch.adv[rows], loss_mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
         clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant,
         num_tokens=num_tokens, num_sequences=num_sequences)
     stats["kl"] = 0.0
     if c.kl_coef > 0:
         kl_tok = kl_estimate(logp, batch.logp_ref[rows], c.kl_estimator)
-        kl_term = aggregate(kl_tok, mask, c.loss_agg, c.resolved_loss_constant, num_tokens, num_sequences)
+        kl_term = aggregate(kl_tok, loss_mask, c.loss_agg, c.resolved_loss_constant, num_tokens, num_sequences)
         stats["kl"] = float(kl_term.detach())
         if c.kl_in == "loss":
             loss = loss + c.kl_coef * kl_term
@@ -191,12 +191,12 @@ class PolicyUpdate:
                                              self.chunk_size)
                     if epoch == 0 and mb == 0 and fill_logp_old:
                         batch.logp_old[idx] = logp.detach()  # theta == theta_old: ratio exactly 1
-                    mask = loss_mask[idx]
-                    loss, stats = surrogate_loss(logp, batch, idx, mask, c, num_tokens, num_sequences)
+                    micro_loss_mask = loss_mask[idx]
+                    loss, stats = surrogate_loss(logp, batch, idx, micro_loss_mask, c, num_tokens, num_sequences)
                     for i, v in enumerate((float(loss.detach()), stats["pg_loss"], stats["kl"])):
                         mb_losses[i] += v
                     for o in observers:
-                        o.micro_batch(epoch, idx, logp, ent, batch.logp_old[idx], mask, stats)
+                        o.micro_batch(epoch, idx, logp, ent, batch.logp_old[idx], micro_loss_mask, stats)
                         o.before_backward(epoch)
                     # DDP averages gradients over processes; each process holds a share of the global sum
                     with acc.no_sync(model) if k < len(micro) - 1 else nullcontext():

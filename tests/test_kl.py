@@ -72,5 +72,5 @@ def test_trainer_with_kl_in_reward_gives_the_advantages_the_penalised_rewards(tm
     expected = scored - 0.1 * kl
     torch.testing.assert_close(batch.token_rewards, expected, atol=1e-6, rtol=0)
     m = batch.loss_mask
-    row_return = (expected * batch.completion_mask).sum(1, keepdim=True).expand(B, T)
+    row_return = (expected * batch.action_mask).sum(1, keepdim=True).expand(B, T)
     torch.testing.assert_close(batch.adv[m], row_return[m], atol=1e-5, rtol=0)
