@@ -24,16 +24,14 @@ samples that have a reward (`TrajectoryBatch.scored`).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
+from lmpg.choices import WEIGHTED_BASELINES, AdvNorm, Baseline
 from lmpg.masked import masked_mean
 
-Baseline = Literal["none", "batch_mean", "group_mean", "leave_one_out", "optimal", "optimal_token"]
-AdvNorm = Literal["none", "group", "batch"]
 BASELINES = get_args(Baseline)
-WEIGHTED_BASELINES = ("optimal", "optimal_token")  # need each token's grad_sq_norm from the sampler
 ADV_NORMS = get_args(AdvNorm)
 
 

@@ -42,19 +42,15 @@ Shapes: B sequences, T completion tokens. All per-token inputs are (B, T).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
+from lmpg.choices import LossAgg, RatioLevel
 from lmpg.masked import masked_mean, masked_min_max, masked_sum
 
-RatioLevel = Literal["token", "sequence", "sequence_mean"]
-LossAgg = Literal["token_mean", "sequence_mean", "sequence_sum", "constant"]
 RATIO_LEVELS = get_args(RatioLevel)
 LOSS_AGGS = get_args(LossAgg)
-# every level but token gives one loss per sequence (averaged over sequences), so loss_agg reaches
-# only the KL term there
-SEQUENCE_RATIO_LEVELS = tuple(level for level in RATIO_LEVELS if level != "token")
 
 
 def importance_ratio(logp: torch.Tensor, logp_old: torch.Tensor, loss_mask: torch.Tensor,
