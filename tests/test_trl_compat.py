@@ -122,7 +122,7 @@ def test_migration_guides_unscored_sample_claim_holds_in_trls_own_code(tmp_path)
     import datasets
     import torch
 
-    from lmpg.advantages import compute_advantages
+    from lmpg.advantages import normalise, returns, subtract_baseline
     from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
 
     rewards = [None, 1.0, 3.0, 0.0, 2.0, None, None, 5.0]  # two groups of G = 4
@@ -147,8 +147,10 @@ def test_migration_guides_unscored_sample_claim_holds_in_trls_own_code(tmp_path)
     assert not torch.allclose(trl_adv, old_claim.flatten(), atol=1e-3)
     # lmpg on the same rewards: same signs and ordering, larger by sqrt(n / (n - 1)) (population std over n scored)
     token_rewards = torch.tensor([[0.0 if r is None else r] for r in rewards])
-    lmpg_adv, _ = compute_advantages(token_rewards, torch.ones(8, 1, dtype=torch.bool), 4, "group_mean", "group",
-                                     sample_mask=scored)
+    actions = torch.ones(8, 1, dtype=torch.bool)
+    adv, _ = subtract_baseline(returns(token_rewards, actions), actions, group_size=4, kind="group_mean",
+                               sample_mask=scored)
+    lmpg_adv = normalise(adv, group_size=4, scope="group", sample_mask=scored)
     n = scored.view(2, 4).sum(1).repeat_interleave(4).float()
     torch.testing.assert_close(lmpg_adv[:, 0] * torch.sqrt((n - 1) / n), trl_adv, rtol=0, atol=2e-4)
     assert lmpg_adv[~scored].eq(0).all()
