@@ -5,41 +5,42 @@ The policy gradient (CS224R lecture 3) is
     grad J(theta) = E_tau [ sum_t grad log pi_theta(a_t | s_t) * A_t ]
 
 where a prompt is the initial state, each generated token a_t is an action and a completion is the
-trajectory. This module computes A_t from the rewards, one visible step at a time:
+trajectory. This module computes A_t from the rewards in three steps, each a call the trainer
+makes (`PGTrainer.compute_advantages`):
 
 1. `returns`: the return credited to each token, either the whole return of the trajectory
    (REINFORCE) or the reward-to-go (causality: an action only gets credit for rewards after it).
-2. `baseline`: a value b subtracted from the return. A baseline that does not depend on the sample's
-   own action leaves the gradient unbiased (E[grad log pi * b] = b * grad sum pi = 0) and cuts its
-   variance. `group_mean` includes the sample's own return, which scales the expected gradient by
-   exactly (G-1)/G; `leave_one_out` (RLOO) excludes it and is exactly unbiased. `optimal` and
-   `optimal_token` are the lecture's variance-minimising baseline (see `optimal_baseline`).
-3. `normalise_advantages`: optional division by the group or batch standard deviation (GRPO).
+2. `subtract_baseline`: A = ret - b, b a value from `baseline`. A baseline that does not depend on
+   the sample's own action leaves the gradient unbiased (E[grad log pi * b] = b * grad sum pi = 0)
+   and cuts its variance. `group_mean` includes the sample's own return, which scales the expected
+   gradient by exactly (G-1)/G; `leave_one_out` (RLOO) excludes it and is exactly unbiased. `optimal`
+   and `optimal_token` are the lecture's variance-minimising baseline (see `optimal_baseline`).
+3. `normalise`: division by the group or batch standard deviation (GRPO), when the config asks.
 
 Shapes: B sequences (B = number of prompts * G, the G samples of a prompt contiguous), G samples per
-prompt, T completion tokens. `completion_mask` (B, T) is True where a token counts.
+prompt, T completion tokens. `action_mask` (B, T) is True on the policy's own tokens, the actions
+that receive rewards and returns (`TrajectoryBatch.action_mask`); `sample_mask` (B,) is True on the
+samples that have a reward (`TrajectoryBatch.scored`).
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
+from lmpg.choices import WEIGHTED_BASELINES, AdvNorm, Baseline
 from lmpg.masked import masked_mean
 
-Baseline = Literal["none", "batch_mean", "group_mean", "leave_one_out", "optimal", "optimal_token"]
-AdvNorm = Literal["none", "group", "batch"]
 BASELINES = get_args(Baseline)
-WEIGHTED_BASELINES = ("optimal", "optimal_token")  # need each token's grad_sq_norm from the sampler
 ADV_NORMS = get_args(AdvNorm)
 
 
-def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.Tensor,
-                            gamma: float = 1.0, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """ret_t = sum_{t' >= t} gamma^(t'-t) r_t'  over counted tokens, 0 at masked positions.
+def discounted_reward_to_go(token_rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float = 1.0, *,
+                            turn_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """ret_t = sum_{t' >= t} gamma^(t'-t) r_t'  over the actions, 0 off them.
 
-    token_rewards: (B, T) reward received after each action; completion_mask: (B, T).
+    token_rewards: (B, T) reward received after each action; action_mask: (B, T) True on the actions.
     Computed right to left: ret_t = r_t + gamma * ret_{t+1}. Masked positions carry no reward and
     do not break the chain (padding only ever follows the completion; in a multi-turn episode the
     environment's tokens sit between the actions, masked out of the loss).
@@ -51,7 +52,7 @@ def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.
     those of turn k later times gamma^k (`lmpg.episodes`).
     """
     B, T = token_rewards.shape  # sequences, completion tokens
-    r = torch.where(completion_mask, token_rewards, torch.zeros_like(token_rewards))
+    r = torch.where(action_mask, token_rewards, torch.zeros_like(token_rewards))
     ret = torch.zeros_like(r)
     running = torch.zeros(B, dtype=r.dtype, device=r.device)
     for t in range(T - 1, -1, -1):
@@ -61,10 +62,10 @@ def discounted_reward_to_go(token_rewards: torch.Tensor, completion_mask: torch.
             discount = gamma ** (turn_ids[:, t + 1] - turn_ids[:, t]).to(r.dtype)
         running = r[:, t] + discount * running
         ret[:, t] = running
-    return torch.where(completion_mask, ret, torch.zeros_like(ret))
+    return torch.where(action_mask, ret, torch.zeros_like(ret))
 
 
-def returns(token_rewards: torch.Tensor, completion_mask: torch.Tensor, reward_to_go: bool = False,
+def returns(token_rewards: torch.Tensor, action_mask: torch.Tensor, *, reward_to_go: bool = False,
             gamma: float = 1.0, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The return credited to each token, (B, T).
 
@@ -76,11 +77,11 @@ def returns(token_rewards: torch.Tensor, completion_mask: torch.Tensor, reward_t
     turn_ids: (B, T) discount per turn of a multi-turn episode instead of per token (see
         `discounted_reward_to_go`).
     """
-    rtg = discounted_reward_to_go(token_rewards, completion_mask, gamma, turn_ids)
+    rtg = discounted_reward_to_go(token_rewards, action_mask, gamma, turn_ids=turn_ids)
     if reward_to_go:
         return rtg
     whole = rtg[:, :1].expand_as(rtg) if rtg.shape[1] else rtg
-    return torch.where(completion_mask, whole, torch.zeros_like(rtg))
+    return torch.where(action_mask, whole, torch.zeros_like(rtg))
 
 
 def sequence_returns(token_returns: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,35 @@ def sequence_returns(token_returns: torch.Tensor) -> torch.Tensor:
     return token_returns[:, 0]
 
 
-def baseline(ret: torch.Tensor, group_size: int, kind: Baseline,
+def mean_within_groups(x: torch.Tensor, n: torch.Tensor, *, weight: torch.Tensor | None = None,
+                       leave_one_out: bool) -> torch.Tensor:
+    """The (weighted) mean over each sample's group, at every sample: the one home of the group and
+    leave-one-out means of `baseline`, `optimal_baseline` and `optimal_token_baseline`.
+
+        leave_one_out=True:   b_i = sum_{j in g(i), j != i} w_j x_j / sum_{j in g(i), j != i} w_j
+        leave_one_out=False:  b_i = sum_{j in g(i)} w_j x_j / sum_{j in g(i)} w_j
+
+    x, n, weight: (B/G, G) or (B/G, G, T), the group along dim 1. x holds the values, 0 where not
+    counted; n is 1 where counted and 0 elsewhere (x's dtype); weight w >= 0, 0 where not counted
+    (None: w_j = n_j, the plain mean). Where the weights sum to 0, b_i is the plain mean of the counted
+    values; where none is counted, 0.
+    """
+    x_sum, count = _group_sum(x, leave_one_out), _group_sum(n, leave_one_out)
+    plain = x_sum / count.clamp(min=1)
+    if weight is None:
+        return plain
+    wx, w_sum = _group_sum(weight * x, leave_one_out), _group_sum(weight, leave_one_out)
+    weighted = wx / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))
+    return torch.where(w_sum > 0, weighted, plain)
+
+
+def _group_sum(t: torch.Tensor, leave_one_out: bool) -> torch.Tensor:
+    """sum over each member's group (dim 1), at every member; without the member itself (leave_one_out)."""
+    total = t.sum(1, keepdim=True)
+    return total - t if leave_one_out else total.expand_as(t)
+
+
+def baseline(ret: torch.Tensor, group_size: int, kind: Baseline, *,
              sample_mask: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The baseline b_i subtracted from sample i's return, (B,).
 
@@ -117,24 +146,19 @@ def baseline(ret: torch.Tensor, group_size: int, kind: Baseline,
         return torch.zeros_like(ret)
     if kind == "batch_mean":
         return (x.sum() / mf.sum().clamp(min=1)).expand(B).clone()
-    groups = x.view(-1, group_size)  # (B/G, G)
-    counts = mf.view(-1, group_size).sum(1, keepdim=True)  # (B/G, 1)
-    sums = groups.sum(1, keepdim=True)
-    if kind == "group_mean":
-        return (sums / counts.clamp(min=1)).expand(-1, group_size).reshape(B).clone()
-    if kind == "leave_one_out":
-        if group_size < 2:
+    if kind in ("group_mean", "leave_one_out"):
+        if kind == "leave_one_out" and group_size < 2:
             raise ValueError("leave_one_out baseline needs group_size >= 2")
-        others = (sums - groups) / (counts - mf.view(-1, group_size)).clamp(min=1)
-        return others.reshape(B)
+        return mean_within_groups(x.view(-1, group_size), mf.view(-1, group_size),  # (B/G, G)
+                                  leave_one_out=kind == "leave_one_out").reshape(B)
     if kind == "optimal":
         if group_size < 2 or weight is None:
             raise ValueError("optimal baseline needs group_size >= 2 and a weight per sample (grad_sq_norm)")
-        return optimal_baseline(ret, weight, group_size, m)
+        return optimal_baseline(ret, weight, group_size, sample_mask=m)
     raise ValueError(f"unknown baseline {kind!r}; choose one of {BASELINES}")
 
 
-def optimal_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int,
+def optimal_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int, *,
                      sample_mask: torch.Tensor | None = None, leave_one_out: bool = True) -> torch.Tensor:
     """The lecture's variance-minimising baseline, estimated within each group, (B,).
 
@@ -180,15 +204,10 @@ def optimal_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int,
     w = torch.where(m, weight.to(ret.dtype), zero).view(-1, group_size)  # (B/G, G)
     x = torch.where(m, ret, zero).view(-1, group_size)
     n = m.to(ret.dtype).view(-1, group_size)
-    terms = (w * x, w, x, n)  # each (B/G, G)
-    wx, w_sum, x_sum, count = ((t.sum(1, keepdim=True) - t) if leave_one_out else t.sum(1, keepdim=True).expand_as(t)
-                               for t in terms)
-    weighted = wx / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))
-    plain = x_sum / count.clamp(min=1)
-    return torch.where(w_sum > 0, weighted, plain).reshape(B)
+    return mean_within_groups(x, n, weight=w, leave_one_out=leave_one_out).reshape(B)
 
 
-def optimal_token_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int, token_mask: torch.Tensor,
+def optimal_token_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: int, *, action_mask: torch.Tensor,
                            sample_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The per-token variance-minimising baseline, leave-one-out within each group, (B, T).
 
@@ -211,26 +230,23 @@ def optimal_token_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: 
     With the whole return (ret_t = R for every t) this is the optimal per-position baseline for
     REINFORCE, a larger family than `optimal_baseline`'s one constant.
 
-    ret, weight: (B, T); token_mask: (B, T) True where the token counts (an action);
+    ret, weight: (B, T); action_mask: (B, T) True on the actions;
     sample_mask: (B,) True for scored samples.
     """
     B, T = ret.shape  # sequences, completion tokens
     if B % group_size:
         raise ValueError(f"batch of {B} returns is not a whole number of groups of {group_size}")
-    m = token_mask.bool()
+    m = action_mask.bool()
     if sample_mask is not None:
         m = m & sample_mask.bool().unsqueeze(1)
     zero = torch.zeros_like(ret)
     w = torch.where(m, weight.to(ret.dtype), zero).view(-1, group_size, T)  # (B/G, G, T)
     x = torch.where(m, ret, zero).view(-1, group_size, T)
     n = m.to(ret.dtype).view(-1, group_size, T)
-    wx, w_sum, x_sum, count = ((t.sum(1, keepdim=True) - t) for t in (w * x, w, x, n))
-    weighted = wx / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))
-    plain = x_sum / count.clamp(min=1)
-    return torch.where(w_sum > 0, weighted, plain).reshape(B, T)
+    return mean_within_groups(x, n, weight=w, leave_one_out=True).reshape(B, T)
 
 
-def advantage_std(adv: torch.Tensor, group_size: int, scope: AdvNorm,
+def advantage_std(adv: torch.Tensor, group_size: int, scope: AdvNorm, *,
                   sample_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Standard deviation used to scale the advantages, per sample (B,).
 
@@ -252,16 +268,6 @@ def advantage_std(adv: torch.Tensor, group_size: int, scope: AdvNorm,
     raise ValueError(f"unknown adv_norm {scope!r}; choose one of {ADV_NORMS}")
 
 
-def normalise_advantages(adv: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """A_i / (std_i + eps) where std_i > 0; 0 where std_i == 0.
-
-    A zero std means every return in the group (or batch) is the same: there is no spread to learn
-    from, and dividing by eps would blow up whatever the baseline left (e.g. baseline none), so the
-    advantage is set to 0, as `zero_spread_groups` counts it.
-    """
-    return torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
-
-
 def zero_spread_groups(ret: torch.Tensor, group_size: int,
                        sample_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B/G,) True for groups whose scored samples all have the same return (no learning signal)."""
@@ -273,54 +279,48 @@ def zero_spread_groups(ret: torch.Tensor, group_size: int,
     return (hi - lo <= 0) | (gm.sum(1) <= 1)
 
 
-def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
-                       baseline_kind: Baseline = "group_mean", adv_norm: AdvNorm = "none",
-                       reward_to_go: bool = False, gamma: float = 1.0,
-                       sample_mask: torch.Tensor | None = None, eps: float = 1e-6,
-                       gather=None, process_index: int = 0, grad_sq_norm: torch.Tensor | None = None,
-                       turn_ids: torch.Tensor | None = None):
-    """All steps above in order; returns (adv (B, T), stats).
+def subtract_baseline(ret: torch.Tensor, action_mask: torch.Tensor, *, group_size: int, kind: Baseline,
+                      sample_mask: torch.Tensor | None = None, grad_sq_norm: torch.Tensor | None = None,
+                      gather=None, process_index: int = 0) -> tuple[torch.Tensor, dict]:
+    """Step 2: the advantages before any normalisation, (B, T), and their stats.
 
-    A_{i,t} = (ret_{i,t} - b_i) / (std_i + eps)   on counted tokens of scored samples, else 0,
-    with ret from `returns`, b from `baseline` on the sequence returns R_i, std from
-    `advantage_std` (1 when adv_norm is none). With reward-to-go the same constant b_i is subtracted
-    from every token's return: it does not depend on sample i's actions, so the gradient stays
-    unbiased (for leave_one_out; group_mean keeps its (G-1)/G factor).
+        A_{i,t} = ret_{i,t} - b_i    on the actions of scored samples, 0 elsewhere,
+
+    ret (B, T) from `returns`, b_i from `baseline` (`kind`) on the sequence returns R_i
+    (`sequence_returns`). With reward-to-go the same constant b_i is subtracted from every token's
+    return: it does not depend on sample i's actions, so the gradient stays unbiased (for
+    leave_one_out; group_mean keeps its (G-1)/G factor).
 
     optimal weights sample j by w_j = sum_t grad_sq_norm_{j,t}; optimal_token subtracts a baseline per
     token, A_{i,t} = ret_{i,t} - b_{i,t} (`optimal_token_baseline`, computed per process: a group never
-    spans processes; adv_norm must be none). grad_sq_norm: (B, T) the per-token
-    `lmpg.logprobs.logit_grad_sq_norm` of the actions (0 elsewhere), needed by both.
+    spans processes). grad_sq_norm: (B, T) the per-token `lmpg.logprobs.logit_grad_sq_norm` of the
+    actions (0 elsewhere), needed by both.
 
-    Across processes, `gather` concatenates a (B,) tensor over processes in rank order (each with
-    the same B); batch-level baselines and stds then see the global batch, and this process keeps
-    its slice `process_index`. The default (None) is one process.
+    Across processes, `gather` concatenates a (B,) tensor over processes in rank order (each with the
+    same B); the baselines then see the global batch, and this process keeps its slice
+    `process_index`. The default (None) is one process.
+
+    stats: ret_mean and baseline_mean over the scored samples of all processes, `advantage_stats` of
+    A on this process, zero_spread_group_frac, and with weights grad_sq_norm_mean and grad_sq_norm_cv.
     """
-    B = token_rewards.shape[0]
-    m = torch.ones(B, dtype=torch.bool, device=token_rewards.device) \
-        if sample_mask is None else sample_mask.bool()
-    if baseline_kind in WEIGHTED_BASELINES and grad_sq_norm is None:
-        raise ValueError(f"baseline {baseline_kind} needs grad_sq_norm (B, T) from the sampler")
-    if baseline_kind == "optimal_token" and adv_norm != "none":
-        raise ValueError("baseline optimal_token subtracts a baseline per token; use adv_norm none")
-    ret = returns(token_rewards, completion_mask, reward_to_go, gamma, turn_ids)  # (B, T)
+    B = ret.shape[0]
+    m = torch.ones(B, dtype=torch.bool, device=ret.device) if sample_mask is None else sample_mask.bool()
+    if kind in WEIGHTED_BASELINES and grad_sq_norm is None:
+        raise ValueError(f"baseline {kind} needs grad_sq_norm (B, T) from the sampler")
     seq_ret = sequence_returns(ret)  # (B,)
     weight = None if grad_sq_norm is None else \
-        torch.where(completion_mask, grad_sq_norm.to(ret.dtype), torch.zeros_like(ret)).sum(1)  # (B,)
+        torch.where(action_mask, grad_sq_norm.to(ret.dtype), torch.zeros_like(ret)).sum(1)  # (B,)
     all_ret, all_m = (seq_ret, m) if gather is None else (gather(seq_ret), gather(m))
     all_w = weight if gather is None or weight is None else gather(weight)
-    own = slice(process_index * B, (process_index + 1) * B)
-    if baseline_kind == "optimal_token":
-        b_tok = optimal_token_baseline(ret, grad_sq_norm, group_size, completion_mask, m)  # (B, T)
-        adv = ret - b_tok
+    if kind == "optimal_token":
+        b_tok = optimal_token_baseline(ret, grad_sq_norm, group_size, action_mask=action_mask, sample_mask=m)
+        adv = ret - b_tok  # (B, T)
         b_all = sequence_returns(b_tok) if gather is None else gather(sequence_returns(b_tok))
     else:
-        b_all = baseline(all_ret, group_size, baseline_kind, all_m, all_w)
-        std_all = advantage_std(all_ret - b_all, group_size, adv_norm, all_m)
-        b, std = b_all[own].to(ret.device), std_all[own].to(ret.device)  # (B,)
-        adv = normalise_advantages(ret - b.unsqueeze(1), std.unsqueeze(1), eps) \
-            if adv_norm != "none" else ret - b.unsqueeze(1)
-    keep = completion_mask & m.unsqueeze(1)
+        b_all = baseline(all_ret, group_size, kind, sample_mask=all_m, weight=all_w)
+        b = b_all[process_index * B:(process_index + 1) * B].to(ret.device)  # (B,) this process's rows
+        adv = ret - b.unsqueeze(1)  # (B, T)
+    keep = action_mask & m.unsqueeze(1)
     adv = torch.where(keep, adv, torch.zeros_like(adv))
     stats = {
         "ret_mean": float(masked_mean(all_ret, all_m)),
@@ -333,6 +333,30 @@ def compute_advantages(token_rewards: torch.Tensor, completion_mask: torch.Tenso
         stats["grad_sq_norm_mean"] = float(w_mean)
         stats["grad_sq_norm_cv"] = float(masked_mean((all_w - w_mean) ** 2, all_m).sqrt() / w_mean.clamp(min=1e-12))
     return adv, stats
+
+
+def normalise(adv: torch.Tensor, *, group_size: int, scope: AdvNorm, sample_mask: torch.Tensor | None = None,
+              eps: float = 1e-6, gather=None, process_index: int = 0) -> torch.Tensor:
+    """Step 3 (GRPO; the config's adv_norm): the advantages divided by their spread, (B, T).
+
+        A'_{i,t} = A_{i,t} / (std_i + eps)    where std_i > 0,    A'_{i,t} = 0 where std_i = 0
+
+    std_i is the population standard deviation (`advantage_std`) of the sequence advantages
+    A_j = A_{j,0} = R_j - b_j of the scored samples j (`sample_mask`) in sample i's group (scope
+    group) or in the whole batch of all processes (scope batch). A zero std means every return in the
+    group (or batch) is the same: there is no spread to learn from, and dividing by eps would blow up
+    whatever the baseline left (e.g. baseline none), so the advantage is set to 0, as
+    `zero_spread_groups` counts it. gather, process_index: as in `subtract_baseline`.
+    """
+    if scope not in ("group", "batch"):
+        raise ValueError(f"normalise takes scope group or batch, not {scope!r} (adv_norm none: no call)")
+    B = adv.shape[0]
+    m = torch.ones(B, dtype=torch.bool, device=adv.device) if sample_mask is None else sample_mask.bool()
+    seq_adv = sequence_returns(adv)  # (B,) A_i, read at the first token like R_i
+    all_adv, all_m = (seq_adv, m) if gather is None else (gather(seq_adv), gather(m))
+    std_all = advantage_std(all_adv, group_size, scope, sample_mask=all_m)
+    std = std_all[process_index * B:(process_index + 1) * B].to(adv.device).unsqueeze(1)  # (B, 1)
+    return torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
 
 
 def advantage_stats(adv: torch.Tensor, keep: torch.Tensor, sample_mask: torch.Tensor) -> dict:

@@ -19,16 +19,25 @@ from typing import Any, Literal
 
 import yaml
 
-from lmpg.advantages import WEIGHTED_BASELINES, AdvNorm, Baseline
+# A leaf: the config imports nothing of lmpg but its errors and the choice Literals (lmpg.choices),
+# so every module may import it and `import lmpg` loads neither torch nor the reward engine.
+from lmpg.choices import (
+    SEQUENCE_RATIO_LEVELS,
+    WEIGHTED_BASELINES,
+    AdvNorm,
+    Baseline,
+    KlEstimator,
+    KlIn,
+    LossAgg,
+    OnError,
+    RatioLevel,
+    RewardExecutor,
+    SamplerCorrection,
+    ToolFormat,
+)
 from lmpg.errors import ConfigError
-from lmpg.kl import KlEstimator, KlIn
-from lmpg.losses import SEQUENCE_RATIO_LEVELS, LossAgg, RatioLevel
-from lmpg.mismatch import SamplerCorrection
-from lmpg.rewards.executors import RewardExecutor
-from lmpg.rewards.scorer import OnError
-from lmpg.tools import ToolFormat
 
-# The choices with no module of their own; a choice field's allowed values are its Literal's
+# The choices no other module implements; a choice field's allowed values are its Literal's
 # arguments (`choices`), so adding a value to a Literal is the only edit a new choice needs.
 Sampler = Literal["lmpg", "generate", "vllm"]
 SamplerCorrectionChoice = Literal["auto", SamplerCorrection]
@@ -408,13 +417,6 @@ class PGConfig:
     # ----- construction -----
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_trl(cls, args, **overrides) -> "PGConfig":
-        """The PGConfig equivalent to a TRL GRPOConfig (lmpg/trl_compat.py, docs/trl_migration.md)."""
-        from lmpg.trl_compat import pgconfig_fields_from_trl
-
-        return cls(**{**pgconfig_fields_from_trl(args), **overrides})
 
     @classmethod
     def from_dict(cls, values: dict) -> "PGConfig":

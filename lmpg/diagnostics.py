@@ -32,8 +32,8 @@ import torch
 
 
 def importance_weight_sums(weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(sum_i w_i, sum_i w_i^2, n) over the counted entries, float64 (3,): what ESS needs, additive
-    over micro-batches and processes."""
+    """(sum_i w_i, sum_i w_i^2, n) over the entries where `mask` is True (all when None), float64 (3,):
+    what ESS needs, additive over micro-batches and processes."""
     w = weights.detach()
     if mask is not None:
         w = w[mask.bool()]
@@ -121,7 +121,7 @@ class UpdateObserver:
     """No-op hooks; an observer overrides the ones it needs."""
 
     def micro_batch(self, epoch: int, rows: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor | None,
-                    logp_old: torch.Tensor, mask: torch.Tensor, stats: dict) -> None:
+                    logp_old: torch.Tensor, loss_mask: torch.Tensor, stats: dict) -> None:
         pass
 
     def before_backward(self, epoch: int) -> None:
@@ -146,8 +146,8 @@ class RatioTally(UpdateObserver):
         self.ratio_sum = self.clip_sum = self.counted = 0.0
         self.ratio_min, self.ratio_max, self.steps = math.inf, -math.inf, 0
 
-    def micro_batch(self, epoch, rows, logp, entropy, logp_old, mask, stats):
-        self.pending.append((stats, float(mask.sum())))
+    def micro_batch(self, epoch, rows, logp, entropy, logp_old, loss_mask, stats):
+        self.pending.append((stats, float(loss_mask.sum())))
 
     def optimizer_step(self, taken, grad_norm, losses):
         pending, self.pending = self.pending, []
@@ -179,9 +179,9 @@ class ImportanceWeightESS(UpdateObserver):
         self.epochs = epochs
         self.sums = torch.zeros(3, dtype=torch.float64)
 
-    def micro_batch(self, epoch, rows, logp, entropy, logp_old, mask, stats):
+    def micro_batch(self, epoch, rows, logp, entropy, logp_old, loss_mask, stats):
         if epoch > 0:
-            self.sums += importance_weight_sums(torch.exp(logp.detach() - logp_old), mask)
+            self.sums += importance_weight_sums(torch.exp(logp.detach() - logp_old), loss_mask)
 
     def result(self, gather):
         sums = gather(self.sums).view(-1, 3).sum(0)
@@ -196,7 +196,7 @@ class EntropyRecorder(UpdateObserver):
     def __init__(self, shape, device):
         self.entropy = torch.zeros(shape, device=device)
 
-    def micro_batch(self, epoch, rows, logp, entropy, logp_old, mask, stats):
+    def micro_batch(self, epoch, rows, logp, entropy, logp_old, loss_mask, stats):
         if epoch == 0:
             self.entropy[rows] = entropy
 

@@ -14,13 +14,13 @@ the usual choice and the penalty is then credited through the returns).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
-KlEstimator = Literal["k1", "k2", "k3"]
+from lmpg.choices import KlEstimator
+
 KL_ESTIMATORS = get_args(KlEstimator)
-KlIn = Literal["loss", "reward"]  # where the penalty goes (module docstring)
 
 
 def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: KlEstimator = "k3") -> torch.Tensor:

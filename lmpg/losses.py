@@ -25,7 +25,7 @@ Clipping (PPO, arXiv 1707.06347 eq. 7, with DAPO's separate epsilons, arXiv 2503
 `clip_eps_low=None` and `clip_eps_high=None` turn clipping off: l = -r A, the plain importance-sampled
 gradient.
 
-Aggregation (`loss_agg`) of token losses l_{i,t} over the counted tokens (completion_mask):
+Aggregation (`loss_agg`) of token losses l_{i,t} over the counted tokens m_{i,t} (`loss_mask`):
 - token_mean:    L = sum_{i,t} l_{i,t} / sum_{i,t} m_{i,t}          (DAPO: every token weighs the same)
 - sequence_mean: L = (1/N) sum_i (sum_t l_{i,t} / sum_t m_{i,t})    (GRPO: every sequence weighs the same)
 - sequence_sum:  L = (1/N) sum_i sum_t l_{i,t}                      (the textbook estimator, unbiased)
@@ -42,31 +42,28 @@ Shapes: B sequences, T completion tokens. All per-token inputs are (B, T).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
+from lmpg.choices import LossAgg, RatioLevel
 from lmpg.masked import masked_mean, masked_min_max, masked_sum
 
-RatioLevel = Literal["token", "sequence", "sequence_mean"]
-LossAgg = Literal["token_mean", "sequence_mean", "sequence_sum", "constant"]
 RATIO_LEVELS = get_args(RatioLevel)
 LOSS_AGGS = get_args(LossAgg)
-# every level but token gives one loss per sequence (averaged over sequences), so loss_agg reaches
-# only the KL term there
-SEQUENCE_RATIO_LEVELS = tuple(level for level in RATIO_LEVELS if level != "token")
 
 
-def importance_ratio(logp: torch.Tensor, logp_old: torch.Tensor, completion_mask: torch.Tensor,
+def importance_ratio(logp: torch.Tensor, logp_old: torch.Tensor, loss_mask: torch.Tensor,
                      ratio_level: RatioLevel = "token") -> torch.Tensor:
-    """pi_theta / pi_old at the chosen level: (B, T) for token, (B,) for the sequence levels."""
-    log_ratio = torch.where(completion_mask, logp - logp_old, torch.zeros_like(logp))
+    """pi_theta / pi_old at the chosen level: (B, T) for token, (B,) for the sequence levels (over the
+    tokens of `loss_mask`)."""
+    log_ratio = torch.where(loss_mask, logp - logp_old, torch.zeros_like(logp))
     if ratio_level == "token":
         return torch.exp(log_ratio)
     if ratio_level == "sequence":
         return torch.exp(log_ratio.sum(1))
     if ratio_level == "sequence_mean":
-        return torch.exp(masked_mean(log_ratio, completion_mask, dim=1))
+        return torch.exp(masked_mean(log_ratio, loss_mask, dim=1))
     raise ValueError(f"unknown ratio_level {ratio_level!r}; choose one of {RATIO_LEVELS}")
 
 
@@ -85,10 +82,11 @@ def clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, clip_eps_low: floa
     return torch.minimum(unclipped, clipped), clipped < unclipped
 
 
-def aggregate(token_loss: torch.Tensor, completion_mask: torch.Tensor, loss_agg: LossAgg,
+def aggregate(token_loss: torch.Tensor, loss_mask: torch.Tensor, loss_agg: LossAgg,
               loss_constant: float | None = None, num_tokens: float | None = None,
               num_sequences: float | None = None) -> torch.Tensor:
-    """Reduce (B, T) token losses to a scalar with `loss_agg` (equations in the module docstring).
+    """Reduce (B, T) token losses over the tokens of `loss_mask` to a scalar with `loss_agg` (equations
+    in the module docstring).
 
     num_tokens / num_sequences: the totals of the whole batch when this call sees only part of it
     (micro-batch or process); default to this part's own totals.
@@ -96,22 +94,22 @@ def aggregate(token_loss: torch.Tensor, completion_mask: torch.Tensor, loss_agg:
     B = token_loss.shape[0]
     n_seq = float(B if num_sequences is None else num_sequences)
     if loss_agg == "token_mean":
-        n_tok = completion_mask.sum().clamp(min=1) if num_tokens is None else max(num_tokens, 1)
-        return masked_sum(token_loss, completion_mask) / n_tok
+        n_tok = loss_mask.sum().clamp(min=1) if num_tokens is None else max(num_tokens, 1)
+        return masked_sum(token_loss, loss_mask) / n_tok
     if loss_agg == "sequence_mean":
-        per_seq = masked_mean(token_loss, completion_mask, dim=1)
+        per_seq = masked_mean(token_loss, loss_mask, dim=1)
         return per_seq.sum() / n_seq
     if loss_agg == "sequence_sum":
-        return masked_sum(token_loss, completion_mask) / n_seq
+        return masked_sum(token_loss, loss_mask) / n_seq
     if loss_agg == "constant":
         if not loss_constant or loss_constant <= 0:
             raise ValueError("loss_agg='constant' needs loss_constant > 0 (e.g. max_new_tokens)")
-        return masked_sum(token_loss, completion_mask) / (n_seq * loss_constant)
+        return masked_sum(token_loss, loss_mask) / (n_seq * loss_constant)
     raise ValueError(f"unknown loss_agg {loss_agg!r}; choose one of {LOSS_AGGS}")
 
 
 def policy_gradient_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
-                         completion_mask: torch.Tensor, *, ratio_level: RatioLevel = "token",
+                         loss_mask: torch.Tensor, *, ratio_level: RatioLevel = "token",
                          clip_eps_low: float | None = None, clip_eps_high: float | None = None,
                          loss_agg: LossAgg = "token_mean", loss_constant: float | None = None,
                          num_tokens: float | None = None, num_sequences: float | None = None):
@@ -121,26 +119,27 @@ def policy_gradient_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.
     logp_old: (B, T) the same under the sampling policy, no grad.
     adv:      (B, T) advantages A_t (for sequence ratio levels the sequence's advantage is read at
               its first counted token, where all tokens share it unless reward-to-go is on).
-    completion_mask: (B, T) bool, True where a token counts.
+    loss_mask: (B, T) bool, True where a token counts in the loss (`TrajectoryBatch.loss_mask`: the
+              actions of scored rows).
 
     Returns (loss, stats) with stats: ratio_min/mean/max (min and max 1.0 where nothing counts, the
     ratio of an unchanged policy), clip_frac (fraction of counted tokens, or sequences, whose
     clipped term was active), pg_loss.
     """
-    mask = completion_mask.bool()
+    loss_mask = loss_mask.bool()
     logp_old = logp_old.detach()
-    ratio = importance_ratio(logp, logp_old, mask, ratio_level)
+    ratio = importance_ratio(logp, logp_old, loss_mask, ratio_level)
     if ratio_level == "token":
         objective, clipped = clipped_objective(ratio, adv, clip_eps_low, clip_eps_high)
-        loss = aggregate(-objective, mask, loss_agg, loss_constant, num_tokens, num_sequences)
-        r_min, r_max = masked_min_max(ratio, mask, empty=1.0)
-        r_mean = masked_mean(ratio.detach(), mask)
-        clip_frac = masked_mean(clipped.float(), mask)
+        loss = aggregate(-objective, loss_mask, loss_agg, loss_constant, num_tokens, num_sequences)
+        r_min, r_max = masked_min_max(ratio, loss_mask, empty=1.0)
+        r_mean = masked_mean(ratio.detach(), loss_mask)
+        clip_frac = masked_mean(clipped.float(), loss_mask)
     else:
-        seq_mask = mask.any(1)  # (B,)
-        seq_adv = _first_counted(adv, mask)  # (B,)
+        seq_mask = loss_mask.any(1)  # (B,) sequences with a counted token
+        seq_adv = _first_counted(adv, loss_mask)  # (B,)
         objective, clipped = clipped_objective(ratio, seq_adv, clip_eps_low, clip_eps_high)
-        n_seq = float(mask.shape[0] if num_sequences is None else num_sequences)
+        n_seq = float(loss_mask.shape[0] if num_sequences is None else num_sequences)
         loss = -masked_sum(objective, seq_mask) / n_seq
         r_min, r_max = masked_min_max(ratio, seq_mask, empty=1.0)
         r_mean = masked_mean(ratio.detach(), seq_mask)

@@ -1,8 +1,9 @@
-"""Masked reductions: the one place where `completion_mask` is applied.
+"""Masked reductions: every reduction over tokens or samples in lmpg goes through these helpers.
 
-`completion_mask` is a boolean tensor, True where a token counts (a generated completion token up to
-and including its EOS), False for prompt tokens and padding. Every reduction over tokens in lmpg goes
-through these helpers so that the mask has one meaning everywhere.
+`mask` is a boolean tensor of x's shape (or one that broadcasts to it), True where an element counts
+and False where it does not. The caller passes the mask that says what counts for its quantity, named
+for what it holds (`lmpg.batch`): `loss_mask` for the loss, `action_mask` for returns and entropy,
+`sample_mask` for per-sample figures. Masked-out entries never reach a result, even NaN or inf.
 """
 
 from __future__ import annotations

@@ -36,13 +36,10 @@ Shapes: B sequences, T tokens after the prompt; per-token inputs (B, T).
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 
+from lmpg.choices import SamplerCorrection
 from lmpg.masked import masked_mean, masked_min_max
-
-SamplerCorrection = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
 
 def sampler_log_ratio(logp_old: torch.Tensor, logp_sampler: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:

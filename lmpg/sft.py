@@ -6,7 +6,7 @@ demonstrated completions given their prompts:
 
     L(theta) = - sum_{b,t} m_{b,t} log pi_theta(y_{b,t} | x_b, y_{b,<t}) / sum_{b,t} m_{b,t}
 
-where `m` is the `completion_mask` (True on completion tokens and the closing EOS; False on prompt
+where `m` is the `target_mask` (True on completion tokens and the closing EOS; False on prompt
 tokens and padding, which are never targets).
 """
 
@@ -24,8 +24,8 @@ def tokenize_demonstrations(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt+completion+EOS token ids, right-padded, with the masks that say which tokens count.
 
-    Returns `(input_ids, attention_mask, completion_mask)`, each `(B, L)`: `attention_mask` is True
-    on real tokens, `completion_mask` is True where token `t` is a target of the loss (a completion
+    Returns `(input_ids, attention_mask, target_mask)`, each `(B, L)`: `attention_mask` is True
+    on real tokens, `target_mask` is True where token `t` is a target of the loss (a completion
     token or the EOS that ends it). Prompt and completion are tokenized separately, without special
     tokens, so the boundary between them is exact.
     """
@@ -38,25 +38,25 @@ def tokenize_demonstrations(
     B = len(rows)
     input_ids = torch.full((B, L), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((B, L), dtype=torch.bool)
-    completion_mask = torch.zeros((B, L), dtype=torch.bool)
+    target_mask = torch.zeros((B, L), dtype=torch.bool)
     for b, (row, prompt) in enumerate(zip(rows, prompt_ids)):
         input_ids[b, : len(row)] = torch.tensor(row)
         attention_mask[b, : len(row)] = True
-        completion_mask[b, len(prompt) : len(row)] = True
-    return input_ids, attention_mask, completion_mask
+        target_mask[b, len(prompt) : len(row)] = True
+    return input_ids, attention_mask, target_mask
 
 
 def imitation_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token negative log-likelihood over the tokens where `completion_mask` is True.
+    """Mean next-token negative log-likelihood over the tokens where `target_mask` is True.
 
     `logits` is `(B, L, V)` from the model run on `input_ids` `(B, L)`; the logits at position t
     predict token t+1. Returns `(loss, stats)` with stats `nll` (the loss) and `n_tokens`.
     """
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # B, L-1, V
     targets = input_ids[:, 1:]  # B, L-1
-    mask = completion_mask[:, 1:]  # B, L-1: the first token has no prediction, and is a prompt token
+    mask = target_mask[:, 1:]  # B, L-1: the first token has no prediction, and is a prompt token
     nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # B, L-1
     n_tokens = mask.sum().clamp(min=1)
     loss = (nll * mask).sum() / n_tokens
@@ -87,8 +87,8 @@ def imitation_warm_start(
     Returns stats: `loss_first` and `loss_last` (mean over the first and last tenth of the steps),
     `losses` (one per step), `steps`, `seconds`.
     """
-    input_ids, attention_mask, completion_mask = tokenize_demonstrations(tokenizer, prompts, completions)
-    return imitate_tokens(model, input_ids, attention_mask, completion_mask, steps=steps, batch_size=batch_size,
+    input_ids, attention_mask, target_mask = tokenize_demonstrations(tokenizer, prompts, completions)
+    return imitate_tokens(model, input_ids, attention_mask, target_mask, steps=steps, batch_size=batch_size,
                           lr=lr, seed=seed, weight_decay=weight_decay, warmup_steps=warmup_steps,
                           max_grad_norm=max_grad_norm, log_every=log_every)
 
@@ -100,7 +100,6 @@ def imitate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """`imitation_warm_start` on token ids already laid out: (B, L) right-padded `input_ids`,
     `attention_mask` and `target_mask` (True where a token is a target). Multi-turn demonstrations
     use it with the environment's tokens in the input but not in the targets (`lmpg.episodes`)."""
-    completion_mask = target_mask
     N = input_ids.shape[0]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -127,7 +126,7 @@ def imitate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         L = int(attention_mask[index].sum(dim=1).max())  # trim padding shared by the whole batch
         batch_ids = input_ids[index, :L]  # B, L
         logits = model(input_ids=batch_ids, attention_mask=attention_mask[index, :L].long()).logits
-        loss, _ = imitation_loss(logits, batch_ids, completion_mask[index, :L])
+        loss, _ = imitation_loss(logits, batch_ids, target_mask[index, :L])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

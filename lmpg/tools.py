@@ -26,11 +26,11 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Callable, get_args
 
+from lmpg.choices import ToolFormat
 from lmpg.errors import ConfigError
 
-ToolFormat = Literal["hermes", "simple"]
 TOOL_FORMATS = get_args(ToolFormat)
 RESERVED_METHODS = ("reset", "step", "get_reward", "close")
 """Methods of an environment class that are never tools."""

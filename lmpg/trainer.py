@@ -8,7 +8,7 @@ Each iteration (CS224R lecture 3, "REINFORCE" with the options of lmpg.advantage
 4. `fill_logp_old`, `fill_logp_ref`: log pi_old and log pi_ref of the actions (no grad; the
    first minibatch's logp_old comes from the update's own forward, `lmpg.update`), and with
    kl_in=reward the KL penalty in the rewards;
-5. `compute_advantages`: A_{i,t} = (ret_{i,t} - b_i) / std_i;
+5. `compute_advantages`: returns ret_{i,t}, A_{i,t} = ret_{i,t} - b_i, and / std_i if adv_norm asks;
 6. `update`: `lmpg.update.PolicyUpdate`, epochs of minibatch steps on the surrogate loss;
 7. `log`: metrics.jsonl (deterministic figures), timings.jsonl (wall clock), samples.jsonl (the
    first `sample_groups_per_iteration` groups).
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from lmpg import distributed, run_dir
-from lmpg.advantages import WEIGHTED_BASELINES, advantage_stats, compute_advantages
+from lmpg.advantages import WEIGHTED_BASELINES, advantage_stats, normalise, returns, subtract_baseline
 from lmpg.batch import TrajectoryBatch
 from lmpg.checkpoint import load_state, load_weights, quiet_hf_progress, rng_state, save_checkpoint, \
     save_weights, set_rng_state
@@ -344,13 +344,19 @@ class PGTrainer:
                                             self.share_prompt_forward, chunk_size=self.logits_chunk_size)
 
     def compute_advantages(self, batch: TrajectoryBatch) -> dict:
-        """Fills batch.adv (`lmpg.advantages.compute_advantages` over the whole batch of all processes)."""
-        c = self.config
-        batch.adv, stats = compute_advantages(
-            batch.rewards_for_returns, batch.action_mask, c.group_size, c.baseline, c.adv_norm, c.reward_to_go,
-            c.gamma, sample_mask=batch.scored, eps=c.adv_eps, gather=self.gather,
-            process_index=self.accelerator.process_index, grad_sq_norm=batch.grad_sq_norm,
-            turn_ids=batch.turn_ids)
+        """Fills batch.adv in the three steps of `lmpg.advantages`, the baseline and the std over the
+        whole batch of all processes; returns their stats."""
+        c, rank = self.config, self.accelerator.process_index
+        ret = returns(batch.rewards_for_returns, batch.action_mask, reward_to_go=c.reward_to_go, gamma=c.gamma,
+                      turn_ids=batch.turn_ids)  # (B, T)
+        adv, stats = subtract_baseline(ret, batch.action_mask, group_size=c.group_size, kind=c.baseline,
+                                       sample_mask=batch.scored, grad_sq_norm=batch.grad_sq_norm,
+                                       gather=self.gather, process_index=rank)  # (B, T)
+        if c.adv_norm != "none":
+            adv = normalise(adv, group_size=c.group_size, scope=c.adv_norm, sample_mask=batch.scored,
+                            eps=c.adv_eps, gather=self.gather, process_index=rank)
+            stats.update(advantage_stats(adv, batch.loss_mask, batch.scored))  # adv_* of what the loss sees
+        batch.adv = adv
         return stats
 
     def correct_sampler_mismatch(self, batch: TrajectoryBatch) -> dict:

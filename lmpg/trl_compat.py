@@ -1,5 +1,6 @@
-"""TRL compatibility: a TRL `GRPOConfig` as the equivalent PGConfig, and a `GRPOTrainer` that takes
-TRL's arguments, so that a TRL GRPO script ports by changing its imports (docs/trl_migration.md).
+"""TRL compatibility: a TRL `GRPOConfig` as the equivalent PGConfig (`config_from_trl`), and a
+`GRPOTrainer` that takes TRL's arguments, so that a TRL GRPO script ports by changing its imports
+(docs/trl_migration.md).
 
 Each GRPOConfig field maps as the table in docs/trl_migration.md says. A field set to something
 lmpg cannot do (vLLM's server mode, loss types lmpg lacks, entropy bonuses, ...) is refused in one line naming
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lmpg.config import PGConfig
 from lmpg.errors import ConfigError
 
 LOSS_AGG = {"grpo": "sequence_mean", "dr_grpo": "constant", "dapo": "token_mean", "bnpo": "token_mean"}
@@ -77,6 +79,13 @@ def _lacking(args: Any) -> list[str]:
     if args.max_steps is None or args.max_steps <= 0:
         problems.append("max_steps unset (lmpg counts sampled batches: set max_steps)")
     return problems
+
+
+def config_from_trl(args: Any, **overrides: Any) -> PGConfig:
+    """The PGConfig equivalent to a TRL GRPOConfig `args`, field by field as docs/trl_migration.md's
+    table maps them; keyword `overrides` (PGConfig fields) win, e.g.
+    `config_from_trl(training_args, reward_timeout=60)`."""
+    return PGConfig(**{**pgconfig_fields_from_trl(args), **overrides})
 
 
 def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
@@ -172,18 +181,17 @@ def environment_spec(factory: Any) -> str:
 def GRPOTrainer(model, reward_funcs=None, args=None, train_dataset=None, processing_class=None,  # noqa: N802
                 peft_config=None, environment_factory=None, **unsupported):
     """A PGTrainer built from TRL GRPOTrainer's arguments: `args` a GRPOConfig (converted with
-    PGConfig.from_trl) or a PGConfig; processing_class the tokenizer; environment_factory an
+    `config_from_trl`) or a PGConfig; processing_class the tokenizer; environment_factory an
     environment class (`environment_spec`). As in TRL, an environment may own the data: without a
     train_dataset every prompt is an empty user message that the environment's reset() fills."""
     import dataclasses
 
-    from lmpg.config import PGConfig
-    from lmpg.trainer import PGTrainer
+    from lmpg.trainer import PGTrainer  # transformers and accelerate: loaded when a trainer is built
 
     given = [name for name, value in unsupported.items() if value is not None]
     if given:
         raise ConfigError(f"GRPOTrainer argument(s) {', '.join(given)} have no lmpg equivalent; leave them out")
-    config = args if isinstance(args, PGConfig) else PGConfig() if args is None else PGConfig.from_trl(args)
+    config = args if isinstance(args, PGConfig) else PGConfig() if args is None else config_from_trl(args)
     if environment_factory is not None:
         config = dataclasses.replace(config, environment=environment_spec(environment_factory))
         if train_dataset is None:  # TRL 1.16's prompt when the environment owns the data

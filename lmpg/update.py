@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lmpg.batch import TrajectoryBatch
+from lmpg.choices import KlEstimator, KlIn, LossAgg, RatioLevel
 from lmpg.config import PGConfig
 from lmpg.diagnostics import EntropyRecorder, GradientSNR, ImportanceWeightESS, RatioTally, UpdateObserver
 from lmpg.errors import TrainingError
@@ -64,24 +65,43 @@ def minibatch_order(n_minibatches: int, epoch: int, seed: int, iteration: int) -
     return torch.randperm(n_minibatches, generator=generator).tolist()
 
 
-def surrogate_loss(logp: torch.Tensor, batch: TrajectoryBatch, rows: torch.Tensor, mask: torch.Tensor,
-                   config: PGConfig, num_tokens: float, num_sequences: float) -> tuple[torch.Tensor, dict]:
-    """The loss of `rows` whose gradient is their share of the minibatch's policy gradient:
-    `lmpg.losses.policy_gradient_loss`, plus kl_coef * KL(pi_theta || pi_ref) with kl_in=loss.
+def surrogate_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, loss_mask: torch.Tensor, *,
+                   logp_ref: torch.Tensor | None = None, ratio_level: RatioLevel = "token",
+                   clip_eps_low: float | None = None, clip_eps_high: float | None = None,
+                   loss_agg: LossAgg = "token_mean", loss_constant: float | None = None, kl_coef: float = 0.0,
+                   kl_estimator: KlEstimator = "k3", kl_in: KlIn = "loss", num_tokens: float | None = None,
+                   num_sequences: float | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss of a micro-batch whose gradient is its share of the minibatch's policy gradient:
+
+        L = L_pg(logp, logp_old, adv)  +  kl_coef * agg_{i,t} KL_{i,t}(pi_theta || pi_ref)
+
+    L_pg is `lmpg.losses.policy_gradient_loss` (ratio_level, clip_eps_low / _high, loss_agg,
+    loss_constant); KL_{i,t} is `lmpg.kl.kl_estimate(logp, logp_ref, kl_estimator)`, aggregated over
+    `loss_mask` as the policy loss is. The KL term joins the loss only with kl_in=loss (with
+    kl_in=reward the penalty is already in the rewards). num_tokens / num_sequences: the whole
+    minibatch's totals (`lmpg.losses.aggregate`). Per-token inputs are (B, T); logp_ref is needed
+    when kl_coef > 0.
     stats: those of policy_gradient_loss, and kl (the KL term, also logged with kl_in=reward)."""
-    c = config
     loss, stats = policy_gradient_loss(
-        logp, batch.logp_old[rows], batch.adv[rows], mask, ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low,
-        clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant,
+        logp, logp_old, adv, loss_mask, ratio_level=ratio_level, clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high, loss_agg=loss_agg, loss_constant=loss_constant,
         num_tokens=num_tokens, num_sequences=num_sequences)
     stats["kl"] = 0.0
-    if c.kl_coef > 0:
-        kl_tok = kl_estimate(logp, batch.logp_ref[rows], c.kl_estimator)
-        kl_term = aggregate(kl_tok, mask, c.loss_agg, c.resolved_loss_constant, num_tokens, num_sequences)
+    if kl_coef > 0:
+        kl_tok = kl_estimate(logp, logp_ref, kl_estimator)
+        kl_term = aggregate(kl_tok, loss_mask, loss_agg, loss_constant, num_tokens, num_sequences)
         stats["kl"] = float(kl_term.detach())
-        if c.kl_in == "loss":
-            loss = loss + c.kl_coef * kl_term
+        if kl_in == "loss":
+            loss = loss + kl_coef * kl_term
     return loss, stats
+
+
+def surrogate_loss_settings(config: PGConfig) -> dict:
+    """The config's numbers that `surrogate_loss` takes, as its keyword arguments."""
+    c = config
+    return dict(ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high,
+                loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant, kl_coef=c.kl_coef,
+                kl_estimator=c.kl_estimator, kl_in=c.kl_in)
 
 
 class NonFiniteGuard:
@@ -161,6 +181,7 @@ class PolicyUpdate:
         # tokens per output-layer chunk of the log-probs (0: full logits); the trainer resolves it
         self.chunk_size = config.logits_chunk_size if chunk_size is None else chunk_size
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loss_settings = surrogate_loss_settings(config)
 
     def observers(self, batch: TrajectoryBatch) -> list[UpdateObserver]:
         c = self.config
@@ -192,12 +213,15 @@ class PolicyUpdate:
                                              self.chunk_size)
                     if epoch == 0 and mb == 0 and fill_logp_old:
                         batch.logp_old[idx] = logp.detach()  # theta == theta_old: ratio exactly 1
-                    mask = loss_mask[idx]
-                    loss, stats = surrogate_loss(logp, batch, idx, mask, c, num_tokens, num_sequences)
+                    micro_loss_mask = loss_mask[idx]
+                    logp_ref = None if batch.logp_ref is None else batch.logp_ref[idx]
+                    loss, stats = surrogate_loss(logp, batch.logp_old[idx], batch.adv[idx], micro_loss_mask,
+                                                 logp_ref=logp_ref, num_tokens=num_tokens,
+                                                 num_sequences=num_sequences, **self.loss_settings)
                     for i, v in enumerate((float(loss.detach()), stats["pg_loss"], stats["kl"])):
                         mb_losses[i] += v
                     for o in observers:
-                        o.micro_batch(epoch, idx, logp, ent, batch.logp_old[idx], mask, stats)
+                        o.micro_batch(epoch, idx, logp, ent, batch.logp_old[idx], micro_loss_mask, stats)
                         o.before_backward(epoch)
                     # DDP averages gradients over processes; each process holds a share of the global sum
                     with acc.no_sync(model) if k < len(micro) - 1 else nullcontext():

@@ -5,20 +5,26 @@ Shapes: B sequences (groups of G consecutive samples per prompt), T completion t
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from lmpg import PGConfig
 from lmpg.advantages import (
+    advantage_stats,
     advantage_std,
     baseline,
-    compute_advantages,
     discounted_reward_to_go,
+    normalise,
     optimal_baseline,
     optimal_token_baseline,
     returns,
     sequence_returns,
+    subtract_baseline,
     zero_spread_groups,
 )
+from lmpg.errors import ConfigError
 
 DT = torch.float64
 BASELINES = ("none", "batch_mean", "group_mean", "leave_one_out")
@@ -39,6 +45,21 @@ def random_batch(B, T, seed, padding_value=float("nan")):
     mask = right_padded_mask(lengths, T)
     r = torch.randn(B, T, generator=g, dtype=DT)
     return torch.where(mask, r, torch.full_like(r, padding_value)), mask
+
+
+def advantages(r, mask, group_size, kind, *, adv_norm="none", reward_to_go=False, gamma=1.0, sample_mask=None,
+               eps=1e-6, grad_sq_norm=None, gather=None, process_index=0):
+    """(adv, stats) from per-token rewards r (B, T): the three steps as PGTrainer.compute_advantages
+    calls them (returns, subtract_baseline, normalise when adv_norm is not none)."""
+    ret = returns(r, mask, reward_to_go=reward_to_go, gamma=gamma)
+    adv, stats = subtract_baseline(ret, mask, group_size=group_size, kind=kind, sample_mask=sample_mask,
+                                   grad_sq_norm=grad_sq_norm, gather=gather, process_index=process_index)
+    if adv_norm != "none":
+        adv = normalise(adv, group_size=group_size, scope=adv_norm, sample_mask=sample_mask, eps=eps, gather=gather,
+                        process_index=process_index)
+        m = torch.ones(len(r), dtype=torch.bool) if sample_mask is None else sample_mask
+        stats.update(advantage_stats(adv, mask & m.unsqueeze(1), m))
+    return adv, stats
 
 
 def last_token_rewards(R, lengths, T):
@@ -81,11 +102,11 @@ def test_returns_by_hand():
     r = torch.tensor([[1.0, 2.0, 3.0, 0.0]], dtype=DT)
     mask = torch.tensor([[True, True, True, False]])
     # gamma 0.5: rtg_2 = 3, rtg_1 = 2 + 0.5 * 3 = 3.5, rtg_0 = 1 + 0.5 * 3.5 = 2.75
-    assert returns(r, mask, True, 0.5).tolist() == [[2.75, 3.5, 3.0, 0.0]]
-    assert returns(r, mask, False, 0.5).tolist() == [[2.75, 2.75, 2.75, 0.0]]
+    assert returns(r, mask, reward_to_go=True, gamma=0.5).tolist() == [[2.75, 3.5, 3.0, 0.0]]
+    assert returns(r, mask, reward_to_go=False, gamma=0.5).tolist() == [[2.75, 2.75, 2.75, 0.0]]
     # gamma 1 with the reward at the last token only: both credits are the same
     last = torch.tensor([[0.0, 0.0, 3.0, 0.0]], dtype=DT)
-    assert returns(last, mask, True).tolist() == returns(last, mask, False).tolist() == [[3.0, 3.0, 3.0, 0.0]]
+    assert returns(last, mask, reward_to_go=True).tolist() == returns(last, mask).tolist() == [[3.0, 3.0, 3.0, 0.0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +148,7 @@ def test_baseline_rejects_bad_groups():
         baseline(RET, 4, "median")
 
 
-def test_compute_advantages_by_hand():
+def test_advantages_by_hand():
     """Sequence rewards at the last token of completions of lengths 1-3: A = R - b on counted tokens."""
     lengths = [3, 1, 2, 3, 2, 2, 1, 3]
     T = 4
@@ -136,17 +157,17 @@ def test_compute_advantages_by_hand():
     expected_b = {"none": [0.0] * 8, "batch_mean": [1.25] * 8, "group_mean": [0.5] * 4 + [2.0] * 4,
                   "leave_one_out": [1 / 3, 2 / 3, 2 / 3, 1 / 3] + [2.0] * 4}
     for kind, b in expected_b.items():
-        adv, stats = compute_advantages(r, mask, 4, kind)
+        adv, stats = advantages(r, mask, 4, kind)
         want = torch.where(mask, (RET - torch.tensor(b, dtype=DT)).unsqueeze(1).expand(8, T), 0.0)
         torch.testing.assert_close(adv, want, rtol=0, atol=1e-15)
         assert stats["ret_mean"] == 1.25
     # adv_norm group (GRPO): group 1 has A = [.5, -.5, -.5, .5], population std 0.5; group 2 A = 0
-    adv, stats = compute_advantages(r, mask, 4, "group_mean", adv_norm="group", eps=1e-6)
+    adv, stats = advantages(r, mask, 4, "group_mean", adv_norm="group", eps=1e-6)
     scale = 0.5 / (0.5 + 1e-6)
     torch.testing.assert_close(adv[:, 0], torch.tensor([scale, -scale, -scale, scale, 0, 0, 0, 0], dtype=DT))
     assert stats["zero_spread_group_frac"] == 0.5
     # adv_norm batch: A = [.5, -.5, -.5, .5, 0, 0, 0, 0], mean 0, std sqrt(1/8)
-    adv, _ = compute_advantages(r, mask, 4, "group_mean", adv_norm="batch", eps=0.0)
+    adv, _ = advantages(r, mask, 4, "group_mean", adv_norm="batch", eps=0.0)
     torch.testing.assert_close(adv[:4, 0], torch.tensor([1.0, -1, -1, 1], dtype=DT) * 0.5 / 0.125 ** 0.5)
 
 
@@ -166,14 +187,14 @@ def test_sample_mask_excludes_unscored_samples_from_baselines():
     # group 1: [1, 0, (9, unscored), 1]; group 2: [2, 4, 6, 8]
     ret = torch.tensor([1.0, 0.0, 9.0, 1.0, 2.0, 4.0, 6.0, 8.0], dtype=DT)
     m = torch.tensor([True, True, False, True, True, True, True, True])
-    torch.testing.assert_close(baseline(ret, 4, "group_mean", m),
+    torch.testing.assert_close(baseline(ret, 4, "group_mean", sample_mask=m),
                                torch.tensor([2 / 3] * 4 + [5.0] * 4, dtype=DT))
     # leave-one-out over the other scored samples: 1 -> (0 + 1)/2, 0 -> (1 + 1)/2, unscored -> 2/3
-    torch.testing.assert_close(baseline(ret, 4, "leave_one_out", m)[:4],
+    torch.testing.assert_close(baseline(ret, 4, "leave_one_out", sample_mask=m)[:4],
                                torch.tensor([0.5, 1.0, 2 / 3, 0.5], dtype=DT))
-    torch.testing.assert_close(baseline(ret, 4, "batch_mean", m), torch.full((8,), 22 / 7, dtype=DT))
+    torch.testing.assert_close(baseline(ret, 4, "batch_mean", sample_mask=m), torch.full((8,), 22 / 7, dtype=DT))
     # std of [1/3, -2/3, 1/3] (the unscored sample left out): sqrt(2/9)
-    std = advantage_std(ret - baseline(ret, 4, "group_mean", m), 4, "group", m)
+    std = advantage_std(ret - baseline(ret, 4, "group_mean", sample_mask=m), 4, "group", sample_mask=m)
     torch.testing.assert_close(std[:4], torch.full((4,), (2 / 9) ** 0.5, dtype=DT))
 
 
@@ -185,13 +206,13 @@ def test_unscored_sample_gets_zero_advantage_even_with_nan_reward():
     m = torch.tensor([True, True, False, True])
     for kind in BASELINES:
         for norm in ("none", "group", "batch"):
-            adv, stats = compute_advantages(r, mask, 4, kind, norm, sample_mask=m)
+            adv, stats = advantages(r, mask, 4, kind, adv_norm=norm, sample_mask=m)
             assert torch.isfinite(adv).all() and all(v == v for v in stats.values()), (kind, norm)
             assert (adv[2] == 0).all()
             # the same as a group of the 3 scored samples alone
-            scored = compute_advantages(r[[0, 1, 3]], mask[[0, 1, 3]], 3, kind, norm)[0]
+            scored = advantages(r[[0, 1, 3]], mask[[0, 1, 3]], 3, kind, adv_norm=norm)[0]
             torch.testing.assert_close(adv[[0, 1, 3]], scored, rtol=0, atol=1e-12)
-    adv, _ = compute_advantages(r, mask, 4, "leave_one_out", sample_mask=m)
+    adv, _ = advantages(r, mask, 4, "leave_one_out", sample_mask=m)
     assert adv[:, 0].tolist() == [0.5, -1.0, 0.0, 0.5]
 
 
@@ -223,7 +244,7 @@ def test_zero_spread_gives_zero_advantage_not_nan(kind, adv_norm):
     zero = slice(4, 8) if adv_norm == "group" else slice(0, 8)
     r = last_token_rewards(R, lengths, 3)
     assert zero_spread_groups(R, 4).tolist() == ([False, True] if adv_norm == "group" else [True, True])
-    adv, _ = compute_advantages(r, mask, 4, kind, adv_norm)
+    adv, _ = advantages(r, mask, 4, kind, adv_norm=adv_norm)
     assert torch.isfinite(adv).all()
     assert (adv[zero] == 0).all(), adv[zero, 0].tolist()  # (none, group): 2 / 1e-6 = 2e6
 
@@ -233,7 +254,7 @@ def test_zero_spread_gives_zero_advantage_not_nan(kind, adv_norm):
 @pytest.mark.parametrize("reward_to_go,gamma", [(False, 1.0), (True, 1.0), (True, 0.9), (False, 0.9)])
 def test_advantages_are_zero_on_padding(kind, adv_norm, reward_to_go, gamma):
     r, mask = random_batch(B=8, T=5, seed=3)  # NaN rewards on the padding
-    adv, stats = compute_advantages(r, mask, 4, kind, adv_norm, reward_to_go, gamma)
+    adv, stats = advantages(r, mask, 4, kind, adv_norm=adv_norm, reward_to_go=reward_to_go, gamma=gamma)
     assert torch.isfinite(adv).all()
     assert (adv[~mask] == 0).all()
     assert all(v == v for v in stats.values())
@@ -244,29 +265,62 @@ def test_reward_to_go_subtracts_one_baseline_per_sequence():
     r = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]], dtype=DT)
     mask = torch.tensor([[True, True, False], [True, True, True]])
     # ret = [[3, 2, 0], [2, 2, 1]], R = [3, 2], group mean 2.5
-    adv, _ = compute_advantages(r, mask, 2, "group_mean", reward_to_go=True)
+    adv, _ = advantages(r, mask, 2, "group_mean", reward_to_go=True)
     assert adv.tolist() == [[0.5, -0.5, 0.0], [-0.5, -0.5, -1.5]]
 
 
+def run_on_two_processes(fn):
+    """[fn(gather, 0), fn(gather, 1)] run side by side on two threads whose `gather` concatenates a
+    tensor over the two in rank order, as `lmpg.distributed.gather` does over processes."""
+    barrier = threading.Barrier(2, timeout=30)
+    shares, results, errors = [None, None], [None, None], []
+
+    def gather(rank):
+        def concatenate(x):
+            shares[rank] = x
+            barrier.wait()
+            out = torch.cat(shares)
+            barrier.wait()  # both have read the shares before either writes its next one
+            return out
+        return concatenate
+
+    def run(rank):
+        try:
+            results[rank] = fn(gather(rank), rank)
+        except Exception as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def test_gather_across_processes_equals_one_process():
-    """Two processes each holding half the batch (fake `gather`) get the halves of the one-process
-    advantages: batch-level baselines and stds see the whole batch."""
+    """Two processes each holding half the batch get the halves of the one-process advantages and
+    the one-process figures: batch-level baselines and stds see the whole batch."""
     r, mask = random_batch(B=8, T=4, seed=4)
     m = torch.tensor([True, True, False, True, True, True, True, True])
-    for kind in BASELINES:
-        for norm in ("none", "group", "batch"):
-            whole, _ = compute_advantages(r, mask, 2, kind, norm, sample_mask=m)
-            full = {torch.bool: m, DT: returns(r, mask)[:, 0]}
-            for p in (0, 1):
-                part = slice(4 * p, 4 * p + 4)
+    g = torch.Generator().manual_seed(6)
+    w = torch.where(mask, torch.rand(8, 4, generator=g, dtype=DT), 0.0)
+    cases = [(kind, norm) for kind in BASELINES + ("optimal",) for norm in ("none", "group", "batch")]
+    for kind, norm in cases + [("optimal_token", "none")]:
+        whole, whole_stats = advantages(r, mask, 2, kind, adv_norm=norm, sample_mask=m, grad_sq_norm=w)
 
-                def gather(x):
-                    torch.testing.assert_close(x, full[x.dtype][part])  # this process's share
-                    return full[x.dtype]
+        def on_process(gather, rank):
+            part = slice(4 * rank, 4 * rank + 4)
+            return advantages(r[part], mask[part], 2, kind, adv_norm=norm, sample_mask=m[part],
+                              grad_sq_norm=w[part], gather=gather, process_index=rank)
 
-                adv, _ = compute_advantages(r[part], mask[part], 2, kind, norm, sample_mask=m[part],
-                                            gather=gather, process_index=p)
-                torch.testing.assert_close(adv, whole[part], rtol=0, atol=1e-12)
+        (adv0, stats0), (adv1, stats1) = run_on_two_processes(on_process)
+        torch.testing.assert_close(torch.cat([adv0, adv1]), whole, rtol=0, atol=1e-12)
+        for key in ("ret_mean", "baseline_mean", "zero_spread_group_frac", "grad_sq_norm_mean", "grad_sq_norm_cv"):
+            assert stats0[key] == stats1[key] == pytest.approx(whole_stats[key], abs=1e-12), (kind, norm, key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +349,10 @@ def test_optimal_baseline_leaves_out_unscored_samples():
     w = torch.tensor([1.0, 3.0, 50.0, 1.0], dtype=DT)
     m = torch.tensor([True, True, False, True])
     # sample 0: (3*2 + 1*4) / 4; sample 1: (1 + 4) / 2; sample 3: (1 + 6) / 4
-    b = optimal_baseline(R, w, 4, m)
+    b = optimal_baseline(R, w, 4, sample_mask=m)
     torch.testing.assert_close(b[[0, 1, 3]], torch.tensor([10 / 4, 5 / 2, 7 / 4], dtype=DT))
     # alone in its group among the scored samples: no comparison, b = 0
-    assert optimal_baseline(R[:2], w[:2], 2, torch.tensor([True, False])).tolist()[0] == 0.0
+    assert optimal_baseline(R[:2], w[:2], 2, sample_mask=torch.tensor([True, False])).tolist()[0] == 0.0
 
 
 def test_optimal_token_baseline_by_hand():
@@ -306,14 +360,14 @@ def test_optimal_token_baseline_by_hand():
     ret = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0], [3.0, 0.0, 0.0], [5.0, 5.0, 5.0]], dtype=DT)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
     w = torch.tensor([[1.0, 2.0, 9.0], [1.0, 1.0, 1.0], [2.0, 9.0, 9.0], [1.0, 1.0, 3.0]], dtype=DT)
-    b = optimal_token_baseline(ret, w, 4, mask)
+    b = optimal_token_baseline(ret, w, 4, action_mask=mask)
     want = torch.tensor([[(2 + 6 + 5) / 4, (2 + 5) / 2, 0],
                          [(1 + 6 + 5) / 4, (2 + 5) / 3, 5.0],
                          [(1 + 2 + 5) / 3, 0, 0],
                          [(1 + 2 + 6) / 4, (2 + 2) / 3, 2.0]], dtype=DT)
     torch.testing.assert_close(torch.where(mask, b, 0.0), torch.where(mask, want, 0.0))
     # the longest sample's tail: no other sample reaches position 2 in a group of (0, 1)
-    assert optimal_token_baseline(ret[:2], w[:2], 2, mask[:2])[1, 2] == 0.0
+    assert optimal_token_baseline(ret[:2], w[:2], 2, action_mask=mask[:2])[1, 2] == 0.0
 
 
 @pytest.mark.parametrize("kind,adv_norm,reward_to_go", [
@@ -328,20 +382,22 @@ def test_optimal_advantages_ignore_padding_and_unscored_samples(kind, adv_norm, 
     r[2], w[2] = float("nan"), float("nan")
     m = torch.ones(8, dtype=torch.bool)
     m[2] = False
-    adv, stats = compute_advantages(r, mask, 4, kind, adv_norm, reward_to_go, sample_mask=m, grad_sq_norm=w)
+    adv, stats = advantages(r, mask, 4, kind, adv_norm=adv_norm, reward_to_go=reward_to_go, sample_mask=m,
+                            grad_sq_norm=w)
     assert torch.isfinite(adv).all() and (adv[~mask] == 0).all() and (adv[2] == 0).all()
     assert all(v == v for v in stats.values())
     keep = [0, 1, 3]
-    alone = compute_advantages(r[keep], mask[keep], 3, kind, adv_norm, reward_to_go, grad_sq_norm=w[keep])[0]
+    alone = advantages(r[keep], mask[keep], 3, kind, adv_norm=adv_norm, reward_to_go=reward_to_go,
+                       grad_sq_norm=w[keep])[0]
     torch.testing.assert_close(adv[keep], alone, rtol=0, atol=1e-12)
 
 
-def test_compute_advantages_optimal_weights_are_summed_over_the_tokens():
+def test_optimal_weights_are_summed_over_the_tokens():
     lengths = [3, 1, 2, 2]
     mask = right_padded_mask(lengths, 3)
     r = last_token_rewards([1.0, 2.0, 3.0, 4.0], lengths, 3)
     w_tok = torch.where(mask, torch.tensor([[0.5, 0.25, 0.25], [0.0, 7, 7], [1, 1, 7], [0.5, 0.5, 7]], dtype=DT), 0.0)
-    adv, stats = compute_advantages(r, mask, 4, "optimal", grad_sq_norm=w_tok)  # w = [1, 0, 2, 1]
+    adv, stats = advantages(r, mask, 4, "optimal", grad_sq_norm=w_tok)  # w = [1, 0, 2, 1]
     b = torch.tensor([10 / 3, 11 / 4, 5 / 2, 7 / 3], dtype=DT)
     torch.testing.assert_close(adv[:, 0], torch.tensor([1.0, 2, 3, 4], dtype=DT) - b)
     assert stats["grad_sq_norm_mean"] == 1.0
@@ -350,8 +406,9 @@ def test_compute_advantages_optimal_weights_are_summed_over_the_tokens():
 def test_optimal_baselines_refuse_what_they_cannot_do():
     r, mask = random_batch(B=4, T=3, seed=0)
     with pytest.raises(ValueError, match="needs grad_sq_norm"):
-        compute_advantages(r, mask, 4, "optimal")
-    with pytest.raises(ValueError, match="adv_norm none"):
-        compute_advantages(r, mask, 4, "optimal_token", "group", grad_sq_norm=torch.ones(4, 3))
+        subtract_baseline(returns(r, mask), mask, group_size=4, kind="optimal")
+    # a per-token baseline has no sequence advantage to take a std of: refused when the config is built
+    with pytest.raises(ConfigError, match="optimal_token subtracts a baseline per token; set adv_norm=none"):
+        PGConfig(baseline="optimal_token", adv_norm="group")
     with pytest.raises(ValueError, match="group_size >= 2"):
         baseline(RET, 1, "optimal", weight=torch.ones(8, dtype=DT))

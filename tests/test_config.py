@@ -71,6 +71,21 @@ def test_the_maths_modules_tuples_are_their_literals():
     assert scorer.ON_ERROR == get_args(scorer.OnError)
 
 
+def test_the_config_is_a_leaf_that_imports_neither_torch_nor_the_reward_engine():
+    """`import lmpg.config` (and so `import lmpg`) loads the config, its errors and its choices only: the
+    reward engine, the maths, the trainer and trl_compat import the config, never the other way round."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, lmpg.config; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('lmpg', 'torch', 'transformers', 'accelerate', 'trl')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])  # this checkout's lmpg
+    assert ast.literal_eval(out.stdout) == ["lmpg", "lmpg.choices", "lmpg.config", "lmpg.errors"]
+
+
 def test_every_choice_is_accepted_and_anything_else_refused_in_one_line():
     from lmpg.config import choices
 

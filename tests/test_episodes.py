@@ -8,7 +8,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, trainers
 
-from lmpg.advantages import compute_advantages
+from lmpg.advantages import returns, subtract_baseline
 from lmpg.environments import EpisodeEnv
 from lmpg.episodes import ChatBridge, EpisodeLimits, environment_token_rewards, episode_metrics, sample_episodes
 from lmpg.errors import ConfigError
@@ -127,8 +127,8 @@ def test_environment_tokens_and_padding_never_contribute(char_setup):
     model, tok = char_setup
     batch = run(model, tok)
     r, has = environment_token_rewards(batch)
-    adv, _ = compute_advantages(r, batch.action_mask, 2, "leave_one_out", reward_to_go=True,
-                                turn_ids=batch.turn_ids)
+    ret = returns(r, batch.action_mask, reward_to_go=True, turn_ids=batch.turn_ids)
+    adv, _ = subtract_baseline(ret, batch.action_mask, group_size=2, kind="leave_one_out")
     assert bool((adv[~batch.action_mask] == 0).all())
     logp = batch.sampler_logp.clone().requires_grad_(True)
     loss, _ = policy_gradient_loss(logp, batch.sampler_logp, adv, batch.action_mask, loss_agg="sequence_sum")

@@ -26,7 +26,7 @@ import itertools
 import torch
 from torch.autograd.functional import jacobian
 
-from lmpg.advantages import compute_advantages
+from lmpg.advantages import returns, subtract_baseline
 from lmpg.losses import policy_gradient_loss
 
 DT = torch.float64
@@ -97,8 +97,8 @@ def expected_estimate(mdp, prompts, G, *, baseline="none", reward_to_go=False, g
     turns = mdp.turn_ids[batches].reshape(K * N, 3)
     # (with loss_mask="completion" the environment's token gets a return of its own, as it would in
     # a trainer that took every token after the prompt for an action)
-    adv, _ = compute_advantages(rewards, mask, G, baseline, reward_to_go=reward_to_go, gamma=gamma,
-                                turn_ids=turns)
+    ret = returns(rewards, mask, reward_to_go=reward_to_go, gamma=gamma, turn_ids=turns)
+    adv, _ = subtract_baseline(ret, mask, group_size=G, kind=baseline)
     logp = mdp.token_logp(mdp.theta)[pid, batches].reshape(K * N, 3).clone().requires_grad_(True)
     loss, _ = policy_gradient_loss(logp, logp.detach(), adv, mask, loss_agg="sequence_sum",
                                    clip_eps_low=None, clip_eps_high=None, num_sequences=N)
@@ -161,9 +161,10 @@ def test_per_token_discount_is_not_per_turn():
     grad_J = MDP.grad_J(prompts, gamma)
     per_turn, _ = expected_estimate(MDP, prompts, 1, gamma=gamma)
     torch.testing.assert_close(per_turn, grad_J, **EXACT)
-    adv_tok, _ = compute_advantages(MDP.token_rewards[0], MDP.action_mask, 1, "none", gamma=gamma)
-    adv_turn, _ = compute_advantages(MDP.token_rewards[0], MDP.action_mask, 1, "none", gamma=gamma,
-                                     turn_ids=MDP.turn_ids)
+    ret_tok = returns(MDP.token_rewards[0], MDP.action_mask, gamma=gamma)
+    ret_turn = returns(MDP.token_rewards[0], MDP.action_mask, gamma=gamma, turn_ids=MDP.turn_ids)
+    adv_tok, _ = subtract_baseline(ret_tok, MDP.action_mask, group_size=1, kind="none")
+    adv_turn, _ = subtract_baseline(ret_turn, MDP.action_mask, group_size=1, kind="none")
     expected = MDP.token_rewards[0, :, 0] + gamma * MDP.token_rewards[0, :, 2]
     torch.testing.assert_close(adv_turn[:, 0], expected, **EXACT)
     assert not torch.allclose(adv_tok[:, 0], expected)

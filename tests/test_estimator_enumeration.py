@@ -7,7 +7,7 @@ L <= 3 tokens) is small enough to list every trajectory tau and its probability 
   that finite sum;
 - a batch is G i.i.d. completions per prompt; its outcomes are finitely many too, so the expectation
   E[g] and the total variance E||g - E g||^2 of the estimate g = grad_theta(-loss), with the loss
-  from lmpg's `compute_advantages` and `policy_gradient_loss`, are finite sums over all joint
+  from lmpg's `returns`, `subtract_baseline` and `policy_gradient_loss`, are finite sums over all joint
   outcomes weighted by their probability (product over samples).
 
 Nothing is sampled: every assertion holds to float64 round-off. The why is CS224R lecture 3:
@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from lmpg.advantages import WEIGHTED_BASELINES, compute_advantages, optimal_baseline, returns
+from lmpg.advantages import WEIGHTED_BASELINES, optimal_baseline, returns, subtract_baseline
 from lmpg.advantages import baseline as lmpg_baseline
 from lmpg.logprobs import logit_grad_sq_norm
 from lmpg.losses import policy_gradient_loss
@@ -173,19 +173,19 @@ def estimator(policy, prompts, G, token_rewards, *, baseline="none", theta=None,
     prob = policy.seq_logp(theta_old)[pid, batches].sum(1).exp()  # (K,)
     mask = policy.mask[batches]  # (K, N, L)
     rewards = token_rewards[pid, batches]  # (K, N, L)
-    adv_kw = dict(reward_to_go=reward_to_go, gamma=gamma)
-    if baseline in WEIGHTED_BASELINES:
-        adv_kw["grad_sq_norm"] = policy.grad_sq_norm(theta_old)[pid, batches].view(K * N, L)
+    grad_sq_norm = policy.grad_sq_norm(theta_old)[pid, batches].view(K * N, L) \
+        if baseline in WEIGHTED_BASELINES else None
+    ret = returns(rewards.view(K * N, L), mask.view(K * N, L), reward_to_go=reward_to_go, gamma=gamma)
     if baseline == "batch_mean":
         # The mean of one batch is the group mean of a "group" spanning that batch (checked for every
         # batch with lmpg's `baseline`), so all K batches still go through one stacked call.
-        R = returns(rewards.view(K * N, L), mask.view(K * N, L), reward_to_go, gamma)[:, 0].view(K, N)
+        R = ret[:, 0].view(K, N)
         b = torch.stack([lmpg_baseline(R[k], G, "batch_mean") for k in range(K)])
         torch.testing.assert_close(b, R.mean(1, keepdim=True).expand(K, N), rtol=0, atol=1e-12)
         G, baseline = N, "group_mean"
     # group baselines only see their own group, never a neighbouring batch
-    adv = compute_advantages(rewards.view(K * N, L), mask.view(K * N, L), G, baseline,
-                             **adv_kw)[0].view(K, N, L)
+    adv = subtract_baseline(ret, mask.view(K * N, L), group_size=G, kind=baseline,
+                            grad_sq_norm=grad_sq_norm)[0].view(K, N, L)
     if adv_weight is not None:
         adv = adv * adv_weight
     with torch.no_grad():
@@ -257,7 +257,7 @@ def test_fast_path_equals_plain_loop(baseline):
     for batch in batches:
         b = torch.tensor(batch)
         mask = policy.mask[b]
-        adv, _ = compute_advantages(rewards[p, b], mask, G, baseline)
+        adv, _ = subtract_baseline(returns(rewards[p, b], mask), mask, group_size=G, kind=baseline)
         row = []
         for loss_kw in LOSS_KWS:
             th = theta.clone().requires_grad_(True)
@@ -560,7 +560,7 @@ def per_group(kind):
 
 
 def test_leave_one_out_optimal_baseline_is_exactly_unbiased():
-    """E[g] = grad J for baseline=optimal through lmpg's compute_advantages (every CASE), and for the
+    """E[g] = grad J for baseline=optimal through lmpg's subtract_baseline (every CASE), and for the
     direct G-sample form at G = 2, 4, 8."""
     for policy, prompts, G in CASES.values():
         rewards = sequence_rewards(policy, 7)
@@ -612,7 +612,7 @@ def test_optimal_baseline_variance_beside_b_star_and_leave_one_out_mean():
                 8: [0.001646, 0.013156, 0.008708, 0.013842]}
     for G in table:
         assert table[G] == pytest.approx(expected[G], abs=2e-6), (G, table[G])
-    # the direct form is lmpg's compute_advantages + loss: same variance through the estimator
+    # the direct form is lmpg's returns, subtract_baseline and loss: same variance through the estimator
     for kind in ("optimal", "leave_one_out"):
         _, var = moments(*estimator(SKEWED, [0, 0, 0, 0], 4, sequence_rewards_from(SKEWED, R),
                                     baseline=kind, loss_agg="sequence_sum"))

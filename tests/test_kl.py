@@ -76,7 +76,7 @@ def test_trainer_with_kl_in_reward_gives_the_advantages_the_penalised_rewards(tm
     torch.testing.assert_close(batch.kl_penalised_rewards, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(batch.token_rewards, scored, atol=0, rtol=0)  # the task's rewards stay
     m = batch.loss_mask
-    row_return = (expected * batch.completion_mask).sum(1, keepdim=True).expand(B, T)
+    row_return = (expected * batch.action_mask).sum(1, keepdim=True).expand(B, T)
     torch.testing.assert_close(batch.adv[m], row_return[m], atol=1e-5, rtol=0)
 
 

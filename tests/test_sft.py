@@ -15,21 +15,21 @@ def tokenizer():
 
 
 def test_tokenize_demonstrations_masks_by_hand(tokenizer):
-    input_ids, attention_mask, completion_mask = tokenize_demonstrations(tokenizer, ["1+2=", "10+20="], ["3", "03"])
+    input_ids, attention_mask, target_mask = tokenize_demonstrations(tokenizer, ["1+2=", "10+20="], ["3", "03"])
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     assert tokenizer.decode(input_ids[0, :5]) == "1+2=3" and input_ids[0, 5] == eos
     assert input_ids[0, 6:].tolist() == [pad] * 3
     assert tokenizer.decode(input_ids[1, :8]) == "10+20=03" and input_ids[1, 8] == eos
     assert attention_mask.tolist() == [[1] * 6 + [0] * 3, [1] * 9]
-    assert completion_mask.int().tolist() == [[0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1, 1]]
+    assert target_mask.int().tolist() == [[0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1, 1]]
 
 
 def test_uniform_logits_give_log_vocabulary_size():
     V = 7
     logits = torch.zeros(2, 5, V)  # B, L, V
     input_ids = torch.randint(V, (2, 5))
-    completion_mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
-    loss, stats = imitation_loss(logits, input_ids, completion_mask)
+    target_mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    loss, stats = imitation_loss(logits, input_ids, target_mask)
     assert loss.item() == pytest.approx(math.log(V))
     assert stats["n_tokens"] == 6
 
@@ -43,27 +43,27 @@ def test_loss_by_hand_on_one_completion_token():
 
 
 def test_gradient_ignores_prompt_and_padding_targets(tokenizer):
-    input_ids, _, completion_mask = tokenize_demonstrations(tokenizer, ["1+2=", "10+20="], ["3", "03"])
+    input_ids, _, target_mask = tokenize_demonstrations(tokenizer, ["1+2=", "10+20="], ["3", "03"])
     logits = torch.randn(*input_ids.shape, len(tokenizer), requires_grad=True)  # B, L, V
-    loss, _ = imitation_loss(logits, input_ids, completion_mask)
+    loss, _ = imitation_loss(logits, input_ids, target_mask)
     (grad,) = torch.autograd.grad(loss, logits)
-    predicts_target = completion_mask[:, 1:]  # logits at t predict token t+1
+    predicts_target = target_mask[:, 1:]  # logits at t predict token t+1
     assert grad[:, :-1][~predicts_target].abs().max() == 0
     assert grad[:, -1].abs().max() == 0
     assert grad[:, :-1][predicts_target].abs().sum(-1).min() > 0
-    scrambled = torch.where(completion_mask, input_ids, torch.randint_like(input_ids, len(tokenizer)))
-    assert imitation_loss(logits, scrambled, completion_mask)[0].item() == pytest.approx(loss.item())
+    scrambled = torch.where(target_mask, input_ids, torch.randint_like(input_ids, len(tokenizer)))
+    assert imitation_loss(logits, scrambled, target_mask)[0].item() == pytest.approx(loss.item())
 
 
 def test_padding_does_not_change_a_rows_loss(tokenizer):
     model = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0)
     prompts, completions = ["1+2=", "10+20="], ["3", "03"]
-    input_ids, attention_mask, completion_mask = tokenize_demonstrations(tokenizer, prompts, completions)
+    input_ids, attention_mask, target_mask = tokenize_demonstrations(tokenizer, prompts, completions)
     with torch.no_grad():
         padded_logits = model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
         alone = tokenize_demonstrations(tokenizer, prompts[:1], completions[:1])
         alone_logits = model(input_ids=alone[0], attention_mask=alone[1].long()).logits
-    padded_loss, _ = imitation_loss(padded_logits[:1], input_ids[:1], completion_mask[:1])
+    padded_loss, _ = imitation_loss(padded_logits[:1], input_ids[:1], target_mask[:1])
     alone_loss, _ = imitation_loss(alone_logits, alone[0], alone[2])
     assert padded_loss.item() == pytest.approx(alone_loss.item(), abs=1e-5)
 

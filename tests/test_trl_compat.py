@@ -1,4 +1,4 @@
-"""PGConfig.from_trl on real TRL GRPOConfig objects, and a TRL GRPO script ported by its imports."""
+"""config_from_trl on real TRL GRPOConfig objects, and a TRL GRPO script ported by its imports."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import trl
 
 from lmpg import PGConfig
 from lmpg.errors import ConfigError
+from lmpg.trl_compat import config_from_trl
 
 
 def grpo_config(tmp_path, **kwargs):
@@ -26,7 +27,7 @@ def test_the_migration_guides_side_by_side_run_converts_to_its_pgconfig(tmp_path
                        num_iterations=1, max_completion_length=256, learning_rate=1e-6, beta=0.0, epsilon=0.2,
                        epsilon_high=0.28, loss_type="dapo", scale_rewards="group", temperature=1.0, max_steps=500,
                        lr_scheduler_type="constant", gradient_checkpointing=False)
-    config = PGConfig.from_trl(args)
+    config = config_from_trl(args)
     expected = PGConfig(output_dir=str(tmp_path / "out"), group_size=8, batch_size=32, minibatch_size=32,
                         micro_batch_size=8, epochs_per_batch=1, max_new_tokens=256, learning_rate=1e-6,
                         kl_coef=0.0, clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token_mean",
@@ -41,7 +42,7 @@ def test_fields_map_one_by_one(tmp_path):
                        scale_rewards="none", importance_sampling_level="token", beta=0.04, top_p=0.9, top_k=20,
                        reward_weights=[1.0, 0.5], lr_scheduler_type="cosine", warmup_steps=0.1, seed=3,
                        max_completion_length=32, adam_epsilon=1e-6, save_total_limit=5, logging_steps=1)
-    config = PGConfig.from_trl(args, rewards=["a", "b"])
+    config = config_from_trl(args, rewards=["a", "b"])
     # a generation batch of 4 x 4 = 16 completions, optimizer steps on 4 x 2 = 8: 2 minibatches x 2 epochs
     assert (config.batch_size, config.minibatch_size, config.micro_batch_size) == (16, 8, 4)
     assert (config.epochs_per_batch, config.iterations, config.warmup_steps) == (2, 10, 4)
@@ -52,17 +53,17 @@ def test_fields_map_one_by_one(tmp_path):
     assert (config.reward_weights, config.adam_eps, config.keep_last, config.log_every) == ([1.0, 0.5], 1e-6, 5, 1)
     assert config.gradient_checkpointing  # TRL's default is on
     # GSPO: lmpg averages one loss per sequence over sequences, which is TRL's sequence level with grpo only
-    gspo = PGConfig.from_trl(grpo_config(tmp_path, max_steps=10, loss_type="grpo", importance_sampling_level="sequence"))
+    gspo = config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="grpo", importance_sampling_level="sequence"))
     assert (gspo.ratio_level, gspo.loss_agg) == ("sequence_mean", "sequence_mean")
     with pytest.raises(ConfigError, match="importance_sampling_level='sequence' with loss_type='dr_grpo'"):
-        PGConfig.from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
+        config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
 
 
 def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
     args = grpo_config(tmp_path, max_steps=10, loss_type="vespo", multi_objective_aggregation="normalize_then_sum",
                        entropy_coef=0.1, mask_truncated_completions=True)
     with pytest.raises(ConfigError) as error:
-        PGConfig.from_trl(args)
+        config_from_trl(args)
     message = str(error.value)
     assert "\n" not in message
     for fragment in ("loss_type='vespo'", "multi_objective_aggregation='normalize_then_sum'", "entropy_coef=0.1",
@@ -71,23 +72,23 @@ def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
     args = grpo_config(tmp_path, max_steps=10, chat_template_kwargs={"enable_thinking": False},
                        model_init_kwargs={"dtype": "bfloat16"}, shuffle_dataset=False)
     with pytest.raises(ConfigError) as error:
-        PGConfig.from_trl(args)
+        config_from_trl(args)
     message = str(error.value)
     assert "\n" not in message
     for fragment in ("chat_template_kwargs={'enable_thinking': False}", "model_init_kwargs={'dtype': 'bfloat16'}",
                      "shuffle_dataset=False"):
         assert fragment in message
     with pytest.raises(ConfigError, match="max_steps unset"):
-        PGConfig.from_trl(grpo_config(tmp_path))
+        config_from_trl(grpo_config(tmp_path))
 
 
 def test_tool_calling_iterations_become_turns(tmp_path):
     """TRL's max_tool_calling_iterations N: N rounds of tool calls after the first turn, so N + 1 turns;
     max_completion_length caps the whole multi-turn completion, tool results included."""
-    config = PGConfig.from_trl(grpo_config(tmp_path, max_steps=4, max_tool_calling_iterations=2,
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4, max_tool_calling_iterations=2,
                                            max_completion_length=64))
     assert (config.max_turns, config.max_new_tokens, config.max_episode_tokens) == (3, 64, 64)
-    assert PGConfig.from_trl(grpo_config(tmp_path, max_steps=4)).max_turns == PGConfig().max_turns
+    assert config_from_trl(grpo_config(tmp_path, max_steps=4)).max_turns == PGConfig().max_turns
 
 
 def migration_script() -> str:
@@ -121,7 +122,7 @@ def test_migration_guides_unscored_sample_claim_holds_in_trls_own_code(tmp_path)
     import datasets
     import torch
 
-    from lmpg.advantages import compute_advantages
+    from lmpg.advantages import normalise, returns, subtract_baseline
     from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
 
     rewards = [None, 1.0, 3.0, 0.0, 2.0, None, None, 5.0]  # two groups of G = 4
@@ -146,8 +147,10 @@ def test_migration_guides_unscored_sample_claim_holds_in_trls_own_code(tmp_path)
     assert not torch.allclose(trl_adv, old_claim.flatten(), atol=1e-3)
     # lmpg on the same rewards: same signs and ordering, larger by sqrt(n / (n - 1)) (population std over n scored)
     token_rewards = torch.tensor([[0.0 if r is None else r] for r in rewards])
-    lmpg_adv, _ = compute_advantages(token_rewards, torch.ones(8, 1, dtype=torch.bool), 4, "group_mean", "group",
-                                     sample_mask=scored)
+    actions = torch.ones(8, 1, dtype=torch.bool)
+    adv, _ = subtract_baseline(returns(token_rewards, actions), actions, group_size=4, kind="group_mean",
+                               sample_mask=scored)
+    lmpg_adv = normalise(adv, group_size=4, scope="group", sample_mask=scored)
     n = scored.view(2, 4).sum(1).repeat_interleave(4).float()
     torch.testing.assert_close(lmpg_adv[:, 0] * torch.sqrt((n - 1) / n), trl_adv, rtol=0, atol=2e-4)
     assert lmpg_adv[~scored].eq(0).all()
@@ -238,8 +241,8 @@ def test_every_trl_loss_type_maps_or_is_refused_in_one_line(tmp_path, loss_type)
     assert (args.multi_objective_aggregation, grpo_config(tmp_path).loss_type) == ("sum_then_normalize", "dapo")
     if loss_type in ("cispo", "sapo", "luspo", "vespo"):
         with pytest.raises(ConfigError, match=f"loss_type='{loss_type}'") as error:
-            PGConfig.from_trl(args)
+            config_from_trl(args)
         assert "\n" not in str(error.value)
     else:
-        assert PGConfig.from_trl(args).loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean",
+        assert config_from_trl(args).loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean",
                                                     "dr_grpo": "constant", "dapo": "token_mean"}[loss_type]

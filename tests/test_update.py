@@ -10,7 +10,8 @@ from lmpg.errors import TrainingError
 from lmpg.forward import batch_logprobs
 from lmpg.optim import make_adamw, make_scheduler
 from lmpg.rollout import sample_completions
-from lmpg.update import NonFiniteGuard, PolicyUpdate, logp_old_rows_before_update, minibatch_order, surrogate_loss
+from lmpg.update import NonFiniteGuard, PolicyUpdate, logp_old_rows_before_update, minibatch_order, surrogate_loss, \
+    surrogate_loss_settings
 
 
 def config(tmp_path=None, **overrides):
@@ -112,7 +113,8 @@ def test_surrogate_loss_adds_kl_coef_times_the_kl_only_with_kl_in_loss(kl_in):
     and kl_in=loss the loss is -1 + 0.1 * 0.25 = -0.975; with kl_in=reward the KL is only reported."""
     batch, logp, mask = hand_batch(logp_ref=torch.tensor([[-1.5, -2.0, -1.0]]))
     c = config(kl_coef=0.1, kl_in=kl_in, kl_estimator="k1")
-    loss, stats = surrogate_loss(logp, batch, torch.tensor([0]), mask, c, num_tokens=2.0, num_sequences=1.0)
+    loss, stats = surrogate_loss(logp, batch.logp_old, batch.adv, mask, logp_ref=batch.logp_ref, num_tokens=2.0,
+                                 num_sequences=1.0, **surrogate_loss_settings(c))
     assert stats["pg_loss"] == pytest.approx(-1.0)
     assert stats["kl"] == pytest.approx(0.25)
     assert float(loss.detach()) == pytest.approx(-0.975 if kl_in == "loss" else -1.0)
@@ -122,9 +124,20 @@ def test_surrogate_loss_adds_kl_coef_times_the_kl_only_with_kl_in_loss(kl_in):
     torch.testing.assert_close(grad, torch.tensor([[-0.5, -0.5, 0.0]]) + kl_grad)
 
 
+def test_surrogate_loss_settings_are_the_numbers_of_the_config():
+    c = config(kl_coef=0.1, kl_in="reward", kl_estimator="k2", loss_agg="constant", loss_constant=5,
+               clip_eps_low=0.1, clip_eps_high=0.3)
+    assert surrogate_loss_settings(c) == dict(ratio_level="token", clip_eps_low=0.1, clip_eps_high=0.3,
+                                              loss_agg="constant", loss_constant=5.0, kl_coef=0.1,
+                                              kl_estimator="k2", kl_in="reward")
+    c = config(ratio_level="sequence_mean", loss_agg="sequence_mean")  # loss_constant: max_new_tokens
+    assert surrogate_loss_settings(c)["ratio_level"] == "sequence_mean"
+    assert surrogate_loss_settings(c)["loss_constant"] == float(c.max_new_tokens) == 6.0
+
+
 def test_surrogate_loss_without_kl_reports_zero_kl():
     batch, logp, mask = hand_batch(logp_ref=None)
-    loss, stats = surrogate_loss(logp, batch, torch.tensor([0]), mask, config(), num_tokens=2.0, num_sequences=1.0)
+    loss, stats = surrogate_loss(logp, batch.logp_old, batch.adv, mask, num_tokens=2.0, num_sequences=1.0)
     assert float(loss.detach()) == pytest.approx(-1.0) and stats["kl"] == 0.0
 
 

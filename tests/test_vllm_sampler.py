@@ -19,6 +19,7 @@ from lmpg import PGConfig, PGTrainer
 from lmpg.errors import ConfigError
 from lmpg.sampler import filter_logits
 from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+from lmpg.trl_compat import config_from_trl
 from lmpg.vllm_sampler import VllmSampler
 
 ALPHABET = "0123456789+=ab"
@@ -216,20 +217,20 @@ def test_from_trl_maps_colocated_vllm_and_its_correction(tmp_path):
         return trl.GRPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none", max_steps=2, use_vllm=True,
                               **kwargs)
 
-    config = PGConfig.from_trl(args(vllm_mode="colocate", vllm_gpu_memory_utilization=0.25,
+    config = config_from_trl(args(vllm_mode="colocate", vllm_gpu_memory_utilization=0.25,
                                     vllm_enable_sleep_mode=True))
     assert (config.sampler, config.vllm_gpu_memory_utilization, config.vllm_enable_sleep_mode) == ("vllm", 0.25, True)
     # TRL's default correction: sequence_mask with C = 3 and no lower bound
     trl_default = trl.GRPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none")
     assert config.sampler_correction == trl_default.vllm_importance_sampling_mode
     assert config.sampler_correction_bounds == (0.0, trl_default.vllm_importance_sampling_clip_max)
-    config = PGConfig.from_trl(args(vllm_mode="colocate", vllm_importance_sampling_mode="token_truncate",
+    config = config_from_trl(args(vllm_mode="colocate", vllm_importance_sampling_mode="token_truncate",
                                     vllm_importance_sampling_clip_max=2.0, vllm_importance_sampling_clip_min=0.5))
     assert (config.sampler_correction, config.sampler_correction_bounds) == ("token_truncate", (0.5, 2.0))
-    config = PGConfig.from_trl(args(vllm_mode="colocate", vllm_importance_sampling_correction=False))
+    config = config_from_trl(args(vllm_mode="colocate", vllm_importance_sampling_correction=False))
     assert config.resolved_sampler_correction == "none"
     with pytest.raises(ConfigError, match="vllm_mode='server'.*no vLLM server mode") as e:
-        PGConfig.from_trl(args(vllm_mode="server"))
+        config_from_trl(args(vllm_mode="server"))
     assert "\n" not in str(e.value)
 
 

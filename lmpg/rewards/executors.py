@@ -35,14 +35,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple, get_args
 
+from lmpg.choices import RewardExecutor
 from lmpg.errors import RewardError
 from lmpg.rewards.calling import CallPlan, RewardLog, call_reward_fn
 from lmpg.rewards.checks import CallResult
 from lmpg.rewards.specs import load_reward_fn, one_line
 
-RewardExecutor = Literal["serial", "thread", "process"]
 EXECUTORS = get_args(RewardExecutor)
 
 

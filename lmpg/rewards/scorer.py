@@ -10,10 +10,11 @@ import pickle
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 
+from lmpg.choices import OnError
 from lmpg.errors import RewardError
 from lmpg.rewards.calling import RESERVED, RewardState, call_plan, check_arguments
 from lmpg.rewards.checks import CallResult, check_call
@@ -30,7 +31,6 @@ from lmpg.rewards.placement import token_rewards
 from lmpg.rewards.specs import load_reward_fn, one_line
 from lmpg.rewards.types import is_async_reward_fn, reward_fn_name
 
-OnError = Literal["raise", "none"]  # a reward function that raises: stop the run, or score the sample None
 ON_ERROR = get_args(OnError)
 
 
