@@ -38,7 +38,8 @@ def test_valid_combinations_pass():
 
 # ----------------------------------------------------------------------------- choices from Literals
 CHOICE_FIELDS = {"baseline", "adv_norm", "ratio_level", "loss_agg", "kl_estimator", "kl_in", "reward_on_error",
-                 "sampler", "logp_old_source", "tool_format", "reward_executor", "lr_scheduler", "mixed_precision"}
+                 "sampler", "logp_old_source", "tool_format", "reward_executor", "lr_scheduler", "mixed_precision",
+                 "sampler_correction"}
 
 
 def test_every_choice_field_is_a_literal_and_its_choices_are_the_literals_values():
