@@ -95,6 +95,25 @@ class StepResult:
     """This process's batch with every field filled."""
 
 
+def policy_turn_endings(batch: TrajectoryBatch, eos_ids: list[int], max_turns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Why each row stopped, as two (B,) bool masks with one meaning each:
+    cut: the policy's last turn has no EOS (it reached max_new_tokens, or an episode's token
+    budget, mid-turn); single-turn, this is `batch.truncated`.
+    out_of_turns: an episode that was truncated after a whole turn (EOS) with max_turns turns
+    taken: the environment was not done when the turns ran out. Always False single-turn."""
+    if batch.episodes is None:
+        return batch.truncated.bool(), torch.zeros_like(batch.truncated, dtype=torch.bool)
+    actions = batch.action_mask
+    T = actions.shape[1]
+    positions = torch.arange(T, device=actions.device).expand_as(actions)
+    last = torch.where(actions, positions, -1).max(1).values  # (B,) the last action token, -1 if none
+    last_token = batch.completion_ids.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1)
+    ends_on_eos = (last >= 0) & torch.isin(last_token, torch.tensor(eos_ids, device=actions.device))
+    turns = torch.tensor([e.turns for e in batch.episodes], device=actions.device)
+    out_of_turns = batch.truncated.bool() & ends_on_eos & (turns >= max_turns)
+    return ~ends_on_eos, out_of_turns
+
+
 class PGTrainer:
     """Fine-tune a causal LM with the policy gradient.
 
@@ -365,9 +384,12 @@ class PGTrainer:
         gather = self.gather
         seq_reward = gather(batch.token_rewards.sum(1).float().cpu())
         scored = gather(batch.scored.cpu())
-        lengths = gather(mask.sum(1).float().cpu())
-        truncated = gather(batch.truncated.float().cpu())
-        empty = gather((mask.sum(1) == 1).float().cpu() * (~batch.truncated).float().cpu())
+        # the policy's own tokens: in an episode the environment's tokens are not the policy's length
+        action_lengths = batch.action_mask.sum(1)
+        lengths = gather(action_lengths.float().cpu())
+        cut, out_of_turns = policy_turn_endings(batch, self.eos_ids, self.config.max_turns)
+        cut = gather(cut.float().cpu())
+        empty = gather((action_lengths == 1).float().cpu() * (~batch.truncated).float().cpu())
         r = seq_reward[scored]
         m = {"iteration": self.iteration,
              "reward_mean": float(r.mean()) if r.numel() else float("nan"),
@@ -385,10 +407,14 @@ class PGTrainer:
                   if k in update_stats})
         m["entropy"] = float(masked_mean(entropy.float(), entropy_mask))
         m.update({"completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
-                  "truncated_frac": float(truncated.mean()), "eos_first_frac": float(empty.mean()),
+                  "truncated_frac": float(cut.mean()), "eos_first_frac": float(empty.mean()),
                   "prompts_truncated": batch.prompts_truncated, "skipped_updates_total": self.guard.total})
         if batch.episodes is not None:
             m.update(episode_metrics(gather(episode_counts(batch.episodes))))
+            episode_lengths = gather(mask.sum(1).float().cpu())  # the policy's and the environment's tokens
+            m.update({"episode_len_mean": float(episode_lengths.mean()),
+                      "episode_len_max": float(episode_lengths.max()),
+                      "max_turns_frac": float(gather(out_of_turns.float().cpu()).mean())})
         return m
 
     def iteration_timings(self, batch: TrajectoryBatch, time_sample: float, time_score: float, time_logp: float,
