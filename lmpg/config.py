@@ -262,6 +262,8 @@ class PGConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.tool_timeout <= 0:
+            raise ConfigError(f"tool_timeout={self.tool_timeout} must be > 0 (seconds a tool call may run)")
         if self.logits_chunk_size < 0:
             raise ConfigError(f"logits_chunk_size={self.logits_chunk_size} must be >= 0 (0: full logits)")
         if self.sample_groups_per_iteration is not None and self.sample_groups_per_iteration < 0:

@@ -11,6 +11,8 @@ from lmpg.errors import ConfigError
     (dict(logp_old_source="sampler", sampler="generate"), "logp_old_source=sampler needs sampler=lmpg"),
     (dict(loss_constant=8.0, loss_agg="token_mean"), "only applies to loss_agg=constant"),
     (dict(baseline="leave_one_out", group_size=1, batch_size=4), "leave_one_out needs group_size >= 2"),
+    (dict(tool_timeout=-1), r"tool_timeout=-1.0 must be > 0"),
+    (dict(tool_timeout=0), r"tool_timeout=0.0 must be > 0"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
