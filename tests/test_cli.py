@@ -385,6 +385,17 @@ def test_sample_tool_timeout_reaches_the_tools(capsys, tmp_path, monkeypatch):
     assert "assistant: ab()" in out and "error: ab timed out after 0.2 s" in out, out
 
 
+def test_a_reward_needing_environments_without_one_is_told_to_pass_environment(capsys, workspace):
+    (workspace / "env_reward.py").write_text(
+        "def solved(completions, environments, **kwargs):\n"
+        "    return [float(env.solved) for env in environments]\n")
+    for argv in (["sample", workspace / "model", "1+1="], ["eval", workspace / "model", workspace / "data.jsonl"]):
+        code, _, err = run_cli(capsys, argv + ["--max-new-tokens", "2", "--reward",
+                                               f"{workspace / 'env_reward.py'}:solved"])
+        assert_one_line_error(code, err, "needs argument 'environments'", "--environment SPEC")
+        assert "--column" not in err
+
+
 def test_rewards_lists_every_builtin_with_a_description(capsys):
     from reward_fns import BUILTIN_REWARDS
 
