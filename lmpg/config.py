@@ -94,7 +94,8 @@ class PGConfig:
     environment: str | None = None
     """Multi-turn episodes: 'package.module:Class' or 'path/file.py:Class', one instance per episode
     (TRL-shaped: reset(**row) and tools as public methods, optional get_reward(); or step(action_text) ->
-    (observation, reward, done)). None: one completion per prompt."""
+    (observation, reward, done)). In Python the class itself, kept as its 'module:Class'. None: one
+    completion per prompt."""
     tool_format: ToolFormat = "hermes"
     """How the policy writes tool calls: 'hermes' (<tool_call>{json}</tool_call>, Qwen / Hermes templates) or
     'simple' (name(arg, arg), for tiny models)."""
@@ -222,6 +223,8 @@ class PGConfig:
     number of processes); None: all."""
 
     def __post_init__(self):
+        if self.environment is not None and not isinstance(self.environment, str):  # a class: its import path
+            self.environment = import_path(self.environment, "environment")
         _check_types(self)
         self._validate()
 
@@ -381,8 +384,26 @@ class PGConfig:
                 values[key] = raw
         return cls.from_dict(values)
 
-    def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def save_yaml(self, path: str | Path, notes: list[str] = ()) -> None:
+        """The config as YAML; each note becomes a comment line at the top."""
+        Path(path).write_text("".join(f"# {note}\n" for note in notes) + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def import_path(obj, name: str) -> str:
+    """'module:qualname' of a class or function defined at the top level of a module (the running
+    script's too: '__main__:Class'), which another process can import again; for a config field that
+    stays plain text (config.yaml, resume). ConfigError for anything else (a local class, a lambda)."""
+    import importlib
+
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    try:
+        found = getattr(importlib.import_module(module), qualname, None) if module else None
+    except ImportError:
+        found = None
+    if found is not obj:
+        raise ConfigError(f"{name}={obj!r} is not a class or function at the top level of a module; define it "
+                          f"there, or set {name}='file.py:Class'")
+    return f"{module}:{qualname}"
 
 
 def choices() -> dict[str, tuple[str, ...]]:

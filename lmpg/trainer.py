@@ -130,6 +130,9 @@ class PGTrainer:
         self.config = c = config if config is not None else PGConfig()
         if not isinstance(c, PGConfig):
             raise ConfigError(f"config must be a PGConfig, not {type(c).__name__}; build one with PGConfig(...)")
+        # config.yaml names the model, data and rewards given here, so that `lmpg train` can rerun it
+        c, self.config_notes = run_dir.described_config(c, model, train_dataset, reward_fns, reward_weights, peft_config)
+        self.config = c
         distributed.allow_new_mixed_precision(c.mixed_precision)
         self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision, cpu=distributed.no_accelerator(),
                                              log_with=c.report_to or None, project_dir=c.output_dir)
@@ -466,7 +469,7 @@ class PGTrainer:
         replace = run_dir.must_replace(c, out, resume_from)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            run_dir.create_run_dir(c, out, replace)
+            run_dir.create_run_dir(c, out, replace, self.config_notes)
         acc.wait_for_everyone()
         if resume_from is not None:
             self.load_checkpoint(resume_from)

@@ -316,3 +316,29 @@ def test_episode_lengths_count_the_policys_tokens_and_truncation_names_its_cause
     timings = read_jsonl(tmp_path / "run" / "timings.jsonl")[0]
     undocumented = [k for k in [*metrics[0], *timings] if f"`{k}`" not in documented and not k.startswith("reward/")]
     assert set(undocumented) == {"iteration"}, undocumented  # every figure an episode run logs is in the docs
+
+
+def test_config_yaml_of_a_python_run_reruns_with_lmpg_train(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    """A run started from Python with a model path, a dataset file and an importable reward writes a
+    config.yaml naming them, and `lmpg train` on it gives the same run; what has no name is a comment."""
+    import yaml
+
+    from lmpg.cli import main
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    prompts_dataset.to_json(tmp_path / "data.jsonl")
+    config = small_config(tmp_path, iterations=1)
+    PGTrainer(str(tmp_path / "model"), [count_a], str(tmp_path / "data.jsonl"), config).train()
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (written["model"], written["dataset"], written["rewards"]) == \
+        (str(tmp_path / "model"), str(tmp_path / "data.jsonl"), ["conftest:count_a"])
+    assert main(["train", str(tmp_path / "run" / "config.yaml"), f"output_dir={tmp_path / 'again'}"]) == 0
+    assert (tmp_path / "again" / "metrics.jsonl").read_text() == (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    PGTrainer(tiny_model, [lambda completions, **kw: [0.0] * len(completions)], prompts_dataset,
+              small_config(tmp_path / "mem", iterations=1), tokenizer=tokenizer).train()
+    text = (tmp_path / "mem" / "run" / "config.yaml").read_text()
+    notes = [line.split(":")[0] for line in text.splitlines() if line.startswith("# ")]
+    assert notes == ["# model", "# dataset", "# rewards"], text
+    assert yaml.safe_load(text)["model"] is None and yaml.safe_load(text)["rewards"] == []
