@@ -87,7 +87,7 @@ def cmd_eval(args) -> int:
                       greedy=args.greedy, success_threshold=args.threshold, prompt_column=args.prompt_column,
                       split=args.split, limit=args.limit, seed=args.seed, reward_weights=args.weights,
                       on_error=args.on_error, environment=args.environment, tool_format=args.tool_format,
-                      max_turns=args.max_turns)
+                      max_turns=args.max_turns, tool_timeout=args.tool_timeout)
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                           for k, v in result.items()}, indent=2))
@@ -124,7 +124,7 @@ def cmd_sample(args) -> int:
                                temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                greedy=args.greedy, seed=args.seed, reward_weights=args.weights,
                                on_error=args.on_error, environment=args.environment, tool_format=args.tool_format,
-                               max_turns=args.max_turns)
+                               max_turns=args.max_turns, tool_timeout=args.tool_timeout)
     print(f"prompt: {args.prompt!r}")
     for i, rec in enumerate(records):
         parts = [f"[{i}]"]
@@ -173,6 +173,8 @@ def _add_generation_args(p: argparse.ArgumentParser, n_help: str) -> None:
     p.add_argument("--tool-format", choices=TOOL_FORMATS, default="hermes",
                    help="how the policy writes tool calls (default hermes: <tool_call>{json}</tool_call>)")
     p.add_argument("--max-turns", type=int, default=4, help="policy turns per episode (default 4)")
+    p.add_argument("--tool-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a tool call running longer becomes an error observation (default 10)")
     p.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="a reward function that raises: stop (raise, default) or score the sample None")
 

@@ -132,7 +132,8 @@ class PGConfig:
     environment: str | None = None
     """Multi-turn episodes: 'package.module:Class' or 'path/file.py:Class', one instance per episode
     (TRL-shaped: reset(**row) and tools as public methods, optional get_reward(); or step(action_text) ->
-    (observation, reward, done)). None: one completion per prompt."""
+    (observation, reward, done)). In Python the class itself, kept as its 'module:Class'. None: one
+    completion per prompt."""
     tool_format: ToolFormat = "hermes"
     """How the policy writes tool calls: 'hermes' (<tool_call>{json}</tool_call>, Qwen / Hermes templates) or
     'simple' (name(arg, arg), for tiny models)."""
@@ -260,6 +261,8 @@ class PGConfig:
     number of processes); None: all."""
 
     def __post_init__(self):
+        if self.environment is not None and not isinstance(self.environment, str):  # a class: its import path
+            self.environment = import_path(self.environment, "environment")
         _check_types(self)
         self._validate()
 
@@ -321,6 +324,8 @@ class PGConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.tool_timeout <= 0:
+            raise ConfigError(f"tool_timeout={self.tool_timeout} must be > 0 (seconds a tool call may run)")
         if self.logits_chunk_size < 0:
             raise ConfigError(f"logits_chunk_size={self.logits_chunk_size} must be >= 0 (0: full logits)")
         if self.sample_groups_per_iteration is not None and self.sample_groups_per_iteration < 0:
@@ -457,8 +462,26 @@ class PGConfig:
                 values[key] = raw
         return cls.from_dict(values)
 
-    def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def save_yaml(self, path: str | Path, notes: list[str] = ()) -> None:
+        """The config as YAML; each note becomes a comment line at the top."""
+        Path(path).write_text("".join(f"# {note}\n" for note in notes) + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def import_path(obj, name: str) -> str:
+    """'module:qualname' of a class or function defined at the top level of a module (the running
+    script's too: '__main__:Class'), which another process can import again; for a config field that
+    stays plain text (config.yaml, resume). ConfigError for anything else (a local class, a lambda)."""
+    import importlib
+
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    try:
+        found = getattr(importlib.import_module(module), qualname, None) if module else None
+    except ImportError:
+        found = None
+    if found is not obj:
+        raise ConfigError(f"{name}={obj!r} is not a class or function at the top level of a module; define it "
+                          f"there, or set {name}='file.py:Class'")
+    return f"{module}:{qualname}"
 
 
 def choices() -> dict[str, tuple[str, ...]]:

@@ -82,7 +82,8 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
                      temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
                      greedy: bool = False, batch_size: int = 8, max_prompt_length: int = 512,
                      reward_weights: list | None = None, on_error: str = "raise", seed: int = 0,
-                     environment=None, tool_format: str = "hermes", max_turns: int = 4) -> list[dict]:
+                     environment=None, tool_format: str = "hermes", max_turns: int = 4,
+                     tool_timeout: float = 10.0) -> list[dict]:
     """n completions per prompt, each scored: one record per completion, the n of a prompt contiguous.
 
     A record (`lmpg.samples.completion_records`, the keys of training's samples.jsonl) holds
@@ -95,7 +96,8 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
     environment: an environment spec or factory (`lmpg.environments`): each sample is then a
     multi-turn episode (max_new_tokens per turn, at most max_turns turns), scored by the reward
     functions and the environment's own rewards; its record holds `turns` (the messages after the
-    prompt), `num_turns`, `tool_calls` and `tool_errors`.
+    prompt), `num_turns`, `tool_calls` and `tool_errors`; a tool call running past tool_timeout
+    seconds becomes an error observation.
     """
     from lmpg.rewards import RewardScorer
 
@@ -105,11 +107,15 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
         raise ConfigError(f"n={n}, batch_size={batch_size} and max_new_tokens={max_new_tokens} must all be >= 1")
     if not greedy and temperature <= 0:
         raise ConfigError(f"temperature={temperature} must be > 0; use greedy decoding for the argmax")
+    if environment is not None and max_turns < 1:
+        raise ConfigError(f"max_turns={max_turns} must be >= 1 (policy turns per episode)")
+    if environment is not None and not tool_timeout > 0:
+        raise ConfigError(f"tool_timeout={tool_timeout} must be > 0 (seconds a tool call may run)")
     fns = [reward_fns] if callable(reward_fns) or isinstance(reward_fns, str) else list(reward_fns or [])
     scorer = RewardScorer(fns, reward_weights, on_error=on_error) if fns else None
     if environment is not None:
         return _episode_records(model, tokenizer, prompts, scorer, n, columns or {}, seed, environment, tool_format,
-                                max_turns, dict(temperature=1.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                max_turns, tool_timeout, dict(temperature=1.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
                                                 top_k=1 if greedy else 0, max_new_tokens=max_new_tokens,
                                                 max_prompt_length=max_prompt_length, batch_size=batch_size))
     columns = columns or {}
@@ -135,14 +141,14 @@ def sample_and_score(model, tokenizer, prompts: list, reward_fns=(), n: int = 1,
 
 
 def _episode_records(model, tokenizer, prompts, scorer, n, columns, seed, environment, tool_format, max_turns,
-                     gen) -> list[dict]:
+                     tool_timeout, gen) -> list[dict]:
     """`sample_and_score` over multi-turn episodes (lmpg.episodes)."""
     from types import SimpleNamespace
 
     from lmpg.episodes import EpisodeSampler, score_episodes
 
     config = SimpleNamespace(environment=environment, max_turns=max_turns, max_new_tokens=gen["max_new_tokens"],
-                             max_episode_tokens=None, tool_format=tool_format, tool_timeout=10.0, seed=seed,
+                             max_episode_tokens=None, tool_format=tool_format, tool_timeout=tool_timeout, seed=seed,
                              group_size=n, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
                              max_prompt_length=gen["max_prompt_length"], cache_across_turns=True)
     sampler = EpisodeSampler(config, tokenizer, eos_token_ids(tokenizer, model))
@@ -222,7 +228,7 @@ def evaluate(model, tokenizer, dataset, reward_fns, k: int = 1, n: int | None = 
              split: str = "train", max_prompt_length: int = 512, reward_weights: list | None = None,
              on_error: str = "raise", limit: int | None = None, seed: int = 0,
              return_samples: bool = False, environment=None, tool_format: str = "hermes",
-             max_turns: int = 4) -> dict:
+             max_turns: int = 4, tool_timeout: float = 10.0) -> dict:
     """Sample n completions per prompt (default n = k), score them, and summarise (see `summarise`).
 
     dataset: a datasets.Dataset, a list of rows, or a local .jsonl/.json/.csv/.parquet file with a
@@ -252,7 +258,7 @@ def evaluate(model, tokenizer, dataset, reward_fns, k: int = 1, n: int | None = 
                                top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy, batch_size=batch_size,
                                max_prompt_length=max_prompt_length, reward_weights=reward_weights,
                                on_error=on_error, seed=seed, environment=environment, tool_format=tool_format,
-                               max_turns=max_turns)
+                               max_turns=max_turns, tool_timeout=tool_timeout)
     out = summarise(records, n, k, success_threshold)
     out.update(k=k, temperature=None if greedy else temperature, greedy=greedy)
     if return_samples:

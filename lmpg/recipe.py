@@ -38,14 +38,17 @@ def recipe_settings(argv: list[str] | None, *, description: str, settings_cls, d
                         help="run directory, new or empty (default: output_dir of the YAML, with _fast for --fast, "
                              "where a second run replaces the first)")
     parser.add_argument("--fast", action="store_true", help="a short smoke run (what the tests run)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value after --fast too, as the usage line writes it
     if "=" in args.config:  # no YAML given: the first positional is an override
         args.overrides.insert(0, args.config)
         args.config = parser.get_default("config")
     overrides = (fast_overrides if args.fast else []) + args.overrides
     overrides += [f"output_dir={args.output_dir}"] if args.output_dir else []
     settings, config = split_settings(settings_cls, args.config, overrides)
-    chosen = bool(args.output_dir) or args.config != parser.get_default("config") or any(
+    # the recipe's own YAML named on the command line (`recipes/NAME.yaml`, as the README writes it)
+    # is still the recipe's own directory; only a YAML of the user's names a directory of theirs
+    own_yaml = Path(args.config).resolve() == Path(default_config).resolve()
+    chosen = bool(args.output_dir) or not own_yaml or any(
         item.partition("=")[0].strip() == "output_dir" for item in args.overrides)
     return settings, prepare_recipe_dir(config, chosen=chosen, fast=args.fast, marker=marker)
 

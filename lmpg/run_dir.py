@@ -17,11 +17,12 @@ recipe's previous run and is replaced (`lmpg.recipe.prepare_recipe_dir`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from lmpg.checkpoint import latest_checkpoint
-from lmpg.config import PGConfig
+from lmpg.config import PGConfig, import_path
 from lmpg.errors import ConfigError
 from lmpg.metrics import JsonlWriter, read_jsonl
 
@@ -58,9 +59,60 @@ def must_replace(config: PGConfig, out: Path, resume_from: Path | None) -> bool:
                       "overwrite_output_dir=true to replace it, or choose another output_dir")
 
 
-def create_run_dir(config: PGConfig, out: Path, replace: bool) -> None:
+def described_config(config: PGConfig, model, dataset, reward_fns, reward_weights=None,
+                     peft_config=None) -> tuple[PGConfig, list[str]]:
+    """(config, notes): what a run started from Python writes to config.yaml, so that `lmpg train`
+    can run it again. The model, dataset and reward functions PGTrainer was given fill the config
+    fields left unset where they have a name to load again (a model's name or path, or its
+    `name_or_path`; a dataset's path; a reward's spec or 'module:function'); each that has none, and
+    an environment class of the script that ran (`__main__`), gets a note (a comment in config.yaml)."""
+    changes, notes = {}, []
+    rerun = "to rerun this file with `lmpg train`"
+    if config.model is None:
+        name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
+        if isinstance(name, str) and name:
+            changes["model"] = name
+            if not isinstance(model, (str, Path)):
+                notes.append("model: the name_or_path of the model object passed in Python (weights changed "
+                             "after it was loaded are not in it)")
+        else:
+            notes.append(f"model: a model built in Python, with no name or path; set model: NAME_OR_PATH {rerun}")
+    if config.dataset is None:
+        if isinstance(dataset, (str, Path)):
+            changes["dataset"] = str(dataset)
+        else:
+            notes.append(f"dataset: prompts passed in memory; save them to a .jsonl file and set dataset: FILE {rerun}")
+    if not config.rewards and reward_fns:
+        fns = [reward_fns] if callable(reward_fns) or isinstance(reward_fns, str) else list(reward_fns)
+        specs = [fn if isinstance(fn, str) else _importable(fn, "rewards") for fn in fns]
+        if all(specs):
+            changes["rewards"] = specs
+            if reward_weights is not None and config.reward_weights is None:
+                changes["reward_weights"] = [float(w) for w in reward_weights]
+        else:
+            names = ", ".join(getattr(fn, "__name__", type(fn).__name__) for fn, spec in zip(fns, specs) if not spec)
+            notes.append(f"rewards: {names} passed in Python cannot be imported by name; move them to a module "
+                         f"or a file and set rewards: [file.py:function, ...] {rerun}")
+    if peft_config is not None and config.lora_r == 0:
+        notes.append(f"lora: a peft_config passed in Python; set lora_r, lora_alpha, ... {rerun}")
+    if (config.environment or "").startswith("__main__:"):
+        notes.append(f"environment: {config.environment} is a class of the script that ran, which `lmpg train` "
+                     f"cannot import; move it to a module or a file and set environment: file.py:Class {rerun}")
+    return (dataclasses.replace(config, **changes) if changes else config), notes
+
+
+def _importable(fn, name: str) -> str | None:
+    """'module:function' of fn when another process can import it by that name, else None."""
+    try:
+        spec = import_path(fn, name)
+    except ConfigError:
+        return None
+    return None if spec.startswith("__main__:") else spec
+
+
+def create_run_dir(config: PGConfig, out: Path, replace: bool, notes: list[str] = ()) -> None:
     """(Main process.) Remove a replaced run's logs, make the directory, check it is writable, write
-    config.yaml."""
+    config.yaml (notes as comments at its top)."""
     if replace:
         for name in LOG_FILES:
             (out / name).unlink(missing_ok=True)
@@ -71,7 +123,7 @@ def create_run_dir(config: PGConfig, out: Path, replace: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose a writable directory") from None
-    config.save_yaml(out / "config.yaml")
+    config.save_yaml(out / "config.yaml", notes)
 
 
 def write_marker(out: Path, iteration: int, iterations: int, finished: bool) -> None:

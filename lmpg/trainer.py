@@ -106,6 +106,25 @@ class StepResult:
     """This process's batch with every field filled."""
 
 
+def policy_turn_endings(batch: TrajectoryBatch, eos_ids: list[int], max_turns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Why each row stopped, as two (B,) bool masks with one meaning each:
+    cut: the policy's last turn has no EOS (it reached max_new_tokens, or an episode's token
+    budget, mid-turn); single-turn, this is `batch.truncated`.
+    out_of_turns: an episode that was truncated after a whole turn (EOS) with max_turns turns
+    taken: the environment was not done when the turns ran out. Always False single-turn."""
+    if batch.episodes is None:
+        return batch.truncated.bool(), torch.zeros_like(batch.truncated, dtype=torch.bool)
+    actions = batch.action_mask
+    T = actions.shape[1]
+    positions = torch.arange(T, device=actions.device).expand_as(actions)
+    last = torch.where(actions, positions, -1).max(1).values  # (B,) the last action token, -1 if none
+    last_token = batch.completion_ids.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1)
+    ends_on_eos = (last >= 0) & torch.isin(last_token, torch.tensor(eos_ids, device=actions.device))
+    turns = torch.tensor([e.turns for e in batch.episodes], device=actions.device)
+    out_of_turns = batch.truncated.bool() & ends_on_eos & (turns >= max_turns)
+    return ~ends_on_eos, out_of_turns
+
+
 class PGTrainer:
     """Fine-tune a causal LM with the policy gradient.
 
@@ -122,6 +141,9 @@ class PGTrainer:
         self.config = c = config if config is not None else PGConfig()
         if not isinstance(c, PGConfig):
             raise ConfigError(f"config must be a PGConfig, not {type(c).__name__}; build one with PGConfig(...)")
+        # config.yaml names the model, data and rewards given here, so that `lmpg train` can rerun it
+        c, self.config_notes = run_dir.described_config(c, model, train_dataset, reward_fns, reward_weights, peft_config)
+        self.config = c
         distributed.allow_new_mixed_precision(c.mixed_precision)
         self.accelerator = acc = Accelerator(mixed_precision=c.mixed_precision, cpu=distributed.no_accelerator(),
                                              log_with=c.report_to or None, project_dir=c.output_dir)
@@ -421,9 +443,12 @@ class PGTrainer:
         gather = self.gather
         seq_reward = gather(batch.token_rewards.sum(1).float().cpu())
         scored = gather(batch.scored.cpu())
-        lengths = gather(mask.sum(1).float().cpu())
-        truncated = gather(batch.truncated.float().cpu())
-        empty = gather((mask.sum(1) == 1).float().cpu() * (~batch.truncated).float().cpu())
+        # the policy's own tokens: in an episode the environment's tokens are not the policy's length
+        action_lengths = batch.action_mask.sum(1)
+        lengths = gather(action_lengths.float().cpu())
+        cut, out_of_turns = policy_turn_endings(batch, self.eos_ids, self.config.max_turns)
+        cut = gather(cut.float().cpu())
+        empty = gather((action_lengths == 1).float().cpu() * (~batch.truncated).float().cpu())
         m = {"iteration": self.iteration, **mean_std("reward", seq_reward[scored]),
              "unscored_frac": float((~scored).float().mean())}
         if batch.kl_penalised_rewards is not None:  # kl_in=reward: the task reward minus the KL penalty
@@ -440,10 +465,14 @@ class PGTrainer:
                   if k in update_stats})
         m["entropy"] = float(masked_mean(entropy.float(), entropy_mask))
         m.update({"completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
-                  "truncated_frac": float(truncated.mean()), "eos_first_frac": float(empty.mean()),
+                  "truncated_frac": float(cut.mean()), "eos_first_frac": float(empty.mean()),
                   "prompts_truncated": batch.prompts_truncated, "skipped_updates_total": self.guard.total})
         if batch.episodes is not None:
             m.update(episode_metrics(gather(episode_counts(batch.episodes))))
+            episode_lengths = gather(mask.sum(1).float().cpu())  # the policy's and the environment's tokens
+            m.update({"episode_len_mean": float(episode_lengths.mean()),
+                      "episode_len_max": float(episode_lengths.max()),
+                      "max_turns_frac": float(gather(out_of_turns.float().cpu()).mean())})
         return m
 
     def iteration_timings(self, batch: TrajectoryBatch, time_sample: float, time_score: float, time_logp: float,
@@ -496,7 +525,7 @@ class PGTrainer:
         replace = run_dir.must_replace(c, out, resume_from)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            run_dir.create_run_dir(c, out, replace)
+            run_dir.create_run_dir(c, out, replace, self.config_notes)
         acc.wait_for_everyone()
         if resume_from is not None:
             self.load_checkpoint(resume_from)

@@ -160,22 +160,14 @@ def environment_spec(factory: Any) -> str:
     """The `environment` spec ('module:Class') of TRL's `environment_factory`: a class or function
     defined at the top level of a module, the running script included (`__main__`), which every
     process of a run imports again, so that the config stays plain text (config.yaml, resume)."""
-    import importlib
+    from lmpg.config import import_path
 
     if isinstance(factory, str):
         return factory
     if isinstance(factory, dict):
         raise ConfigError("environment_factory as a dict of several environments has no lmpg equivalent; "
                           "run one environment class per run")
-    module, name = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
-    try:
-        found = getattr(importlib.import_module(module), name, None) if module else None
-    except ImportError:
-        found = None
-    if found is not factory:
-        raise ConfigError(f"environment_factory {factory!r} is not a class or function at the top level of a module;"
-                          " define it there, or set PGConfig(environment='file.py:Class')")
-    return f"{module}:{name}"
+    return import_path(factory, "environment")
 
 
 def GRPOTrainer(model, reward_funcs=None, args=None, train_dataset=None, processing_class=None,  # noqa: N802

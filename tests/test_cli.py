@@ -319,6 +319,83 @@ def test_sample_with_a_reference_reward_and_no_column_says_how_to_pass_one(capsy
     assert code == 0 and "reward None" not in out and "--column NAME=VALUE" not in out
 
 
+STEP_GAME = '''
+class Game:
+    def reset(self, **row):
+        return ":"
+
+    def step(self, action):
+        return "ok", 1.0, False
+'''
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+@pytest.mark.parametrize("flag, fragment", [(["--max-turns", "0"], "max_turns=0 must be >= 1"),
+                                            (["--tool-timeout", "0"], "tool_timeout=0.0 must be > 0"),
+                                            (["--tool-timeout", "-1"], "tool_timeout=-1.0 must be > 0")])
+def test_eval_and_sample_refuse_bad_episode_limits_in_one_line(capsys, workspace, command, flag, fragment):
+    (workspace / "game.py").write_text(STEP_GAME)
+    where = [workspace / "data.jsonl"] if command == "eval" else ["1+1="]
+    code, _, err = run_cli(capsys, [command, workspace / "model", *where, "--environment",
+                                    f"{workspace / 'game.py'}:Game", "--max-new-tokens", "2", *flag])
+    assert_one_line_error(code, err, fragment)
+
+
+SLOW_TOOL = '''
+import time
+
+
+class SlowTool:
+    def reset(self, **row):
+        return None
+
+    def ab(self) -> str:
+        """Answers after two seconds."""
+        time.sleep(2)
+        return "late"
+'''
+
+
+def test_sample_tool_timeout_reaches_the_tools(capsys, tmp_path, monkeypatch):
+    """A policy scripted to write `ab()` then EOS: the tool sleeps 2 s, --tool-timeout 0.2 makes it an error."""
+    import torch
+
+    import lmpg.evaluate
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    tok = make_char_tokenizer("ab()q")
+    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=16, n_head=2, seed=0)
+    script = [tok.convert_tokens_to_ids(c) for c in "ab()"] + [tok.eos_token_id]
+    forwards = []
+
+    def scripted(module, inputs, output):  # one forward per sampled token (one episode, cached turns)
+        target = script[len(forwards)] if len(forwards) < len(script) else tok.eos_token_id
+        forwards.append(target)
+        forced = torch.full_like(output, -1e4)
+        forced[..., target] = 0.0
+        return forced
+
+    model.lm_head.register_forward_hook(scripted)
+    monkeypatch.setattr(lmpg.evaluate, "load_policy", lambda path: (model, tok))
+    (tmp_path / "slow.py").write_text(SLOW_TOOL)
+    code, out, err = run_cli(capsys, ["sample", "scripted", "q", "--greedy", "--environment",
+                                      f"{tmp_path / 'slow.py'}:SlowTool", "--tool-format", "simple",
+                                      "--max-turns", "2", "--max-new-tokens", "6", "--tool-timeout", "0.2"])
+    assert code == 0, err
+    assert "assistant: ab()" in out and "error: ab timed out after 0.2 s" in out, out
+
+
+def test_a_reward_needing_environments_without_one_is_told_to_pass_environment(capsys, workspace):
+    (workspace / "env_reward.py").write_text(
+        "def solved(completions, environments, **kwargs):\n"
+        "    return [float(env.solved) for env in environments]\n")
+    for argv in (["sample", workspace / "model", "1+1="], ["eval", workspace / "model", workspace / "data.jsonl"]):
+        code, _, err = run_cli(capsys, argv + ["--max-new-tokens", "2", "--reward",
+                                               f"{workspace / 'env_reward.py'}:solved"])
+        assert_one_line_error(code, err, "needs argument 'environments'", "--environment SPEC")
+        assert "--column" not in err
+
+
 def test_rewards_lists_every_builtin_with_a_description(capsys):
     from reward_fns import BUILTIN_REWARDS
 

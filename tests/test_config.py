@@ -17,6 +17,8 @@ from lmpg.errors import ConfigError
      r"baseline=optimal needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
     (dict(baseline="optimal_token", environment="tasks:Calculator"),
      r"baseline=optimal_token needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
+    (dict(tool_timeout=-1), r"tool_timeout=-1.0 must be > 0"),
+    (dict(tool_timeout=0), r"tool_timeout=0.0 must be > 0"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -232,4 +234,25 @@ def test_split_settings_builds_the_scripts_settings_and_the_config(tmp_path):
     assert settings == Settings(2, 1e-3) and (config.iterations, config.batch_size) == (7, 8)
     with pytest.raises(ConfigError, match=r"n_digits='two' is not a valid int; e.g. n_digits=3") as err:
         split_settings(Settings, None, ["n_digits=two"])
+    assert "\n" not in str(err.value)
+
+
+def test_an_environment_class_is_kept_as_its_import_path(tmp_path):
+    """In Python the environment may be the class itself, as GRPOTrainer's environment_factory is; the
+    config keeps its 'module:Class', so that config.yaml stays plain text a later run imports."""
+    import yaml
+
+    from lmpg.tasks.calculator import Calculator
+
+    config = PGConfig(environment=Calculator)
+    assert config.environment == "lmpg.tasks.calculator:Calculator"
+    config.save_yaml(tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["environment"] == "lmpg.tasks.calculator:Calculator"
+
+    class Local:
+        def reset(self, **row):
+            return None
+
+    with pytest.raises(ConfigError, match="not a class or function at the top level of a module") as err:
+        PGConfig(environment=Local)
     assert "\n" not in str(err.value)

@@ -1,6 +1,9 @@
 """The docs' reward function (quickstart.md, README's "Use it") works on every prompt format the quickstart advertises."""
 
 import json
+import math
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,21 @@ def test_the_docs_correct_on_the_completions_lmpg_gives_for_chat_prompts(tmp_pat
     chat[0]["answer"] = completion
     again = evaluate(tiny_model, tokenizer, chat, [docs_correct(doc)], n=1, greedy=True, max_new_tokens=3)
     assert again["accuracy"] == 1.0, completion
+
+
+def test_the_quickstarts_sample_command_scores_every_sample(tmp_path, tiny_model, tokenizer, capsys):
+    """Section 5's `lmpg sample ... --reward exact_match` as written (the tiny model in place of
+    runs/sums/final): every sample gets a number, not None."""
+    from lmpg.cli import main
+
+    (line,) = [line for line in (ROOT / "docs" / "quickstart.md").read_text().splitlines()
+               if line.startswith("lmpg sample ")]
+    argv = shlex.split(line)[1:]
+    assert argv[:2] == ["sample", "runs/sums/final"] and "exact_match" in argv
+    tiny_model.save_pretrained(tmp_path / "final")
+    tokenizer.save_pretrained(tmp_path / "final")
+    argv[1] = str(tmp_path / "final")
+    assert main(argv + ["--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    rewards = [re.search(r"reward (\S+)", line).group(1) for line in out.splitlines() if line.startswith("[")]
+    assert len(rewards) == 4 and all(r != "None" and math.isfinite(float(r)) for r in rewards), out

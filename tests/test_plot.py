@@ -66,5 +66,47 @@ def test_the_reward_panel_shows_the_task_reward_and_with_kl_in_reward_the_penali
     assert title == "reward (mean ± std)" and band == "reward_std"
     assert lines == [("reward_mean", "task reward"), ("kl_penalised_reward_mean", "minus KL penalty (kl_in=reward)")]
     assert [k for k, _ in _panels([full_row(1)])[0][1]] == ["reward_mean"]
+
+
+def episode_row(i):
+    return {**full_row(i), "entropy": 4.4912 + 1e-5 * i, "episode_len_mean": 30.0 + i, "turns_mean": 1.5 + 0.1 * i,
+            "turns_max": 3, "tool_calls_per_episode": 0.5, "tool_errors_per_episode": 0.1, "truncated_episodes": 2,
+            "truncated_frac": 0.25, "max_turns_frac": 0.125}
+
+
+def test_axes_have_integer_iteration_ticks_and_no_offset(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmpg.plot import metrics_figure
+
+    write_metrics(tmp_path / "run", [episode_row(i) for i in range(1, 6)])  # 5 points: default ticks every 0.5
+    fig = metrics_figure(tmp_path / "run")
+    fig.canvas.draw()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    try:
+        for ax in axes:
+            low, high = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if low <= t <= high]
+            assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+            assert ax.yaxis.get_offset_text().get_text() == "", ax.get_title()
+        (entropy,) = [ax for ax in axes if ax.get_title().startswith("entropy")]
+        labels = [label.get_text() for label in entropy.get_yticklabels() if label.get_text()]
+        assert labels and all(text.startswith("4.491") for text in labels), labels  # the values, not offsets
+    finally:
+        plt.close(fig)
+
+
+def test_episode_panels_when_the_run_had_episodes(tmp_path):
+    rows = [episode_row(i) for i in range(1, 4)]
+    panels = {title: [k for k, _ in lines] for title, lines, _ in _panels(rows)}
+    assert panels["turns per episode"] == ["turns_mean", "turns_max"]
+    assert panels["tool calls per episode"] == ["tool_calls_per_episode", "tool_errors_per_episode"]
+    assert panels["truncated episodes (fraction)"] == ["truncated_frac", "max_turns_frac"]
+    assert panels["completion length (tokens)"] == ["completion_len_mean", "completion_len_max", "episode_len_mean"]
+    single_turn = {title for title, _, _ in _panels([full_row(i) for i in range(1, 4)])}
+    assert not {"turns per episode", "tool calls per episode", "truncated episodes (fraction)"} & single_turn
     write_metrics(tmp_path / "run", rows)
     assert plot_run(tmp_path / "run").read_bytes()[:8] == PNG_MAGIC

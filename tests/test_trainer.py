@@ -1,6 +1,8 @@
 """The trainer end to end on a tiny model: learning, masking, exact first-step ratio, KL, determinism."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +246,99 @@ def test_samples_jsonl_keeps_the_first_groups_of_each_iteration(tmp_path, tokeni
 def test_sample_groups_per_iteration_must_not_be_negative(tmp_path):
     with pytest.raises(ConfigError, match="sample_groups_per_iteration=-1 must be >= 0"):
         small_config(tmp_path, sample_groups_per_iteration=-1)
+
+
+def test_policy_turn_endings_tell_a_cut_turn_from_running_out_of_turns():
+    """Hand-built episodes (EOS = 1, environment tokens 7): a turn cut mid-way, an episode out of
+    turns, one the environment finished, one truncated after a whole turn short of max_turns."""
+    from types import SimpleNamespace
+
+    from lmpg.batch import TrajectoryBatch
+    from lmpg.trainer import policy_turn_endings
+
+    rows = [([5, 1, 7, 7, 5, 1], [1, 1, 0, 0, 1, 1], 2, True),  # out of turns (max_turns = 2)
+            ([5, 5, 5, 0, 0, 0], [1, 1, 1, 0, 0, 0], 1, True),  # cut at max_new_tokens
+            ([5, 1, 7, 1, 0, 0], [1, 1, 0, 1, 0, 0], 2, False),  # the environment said done
+            ([5, 1, 7, 0, 0, 0], [1, 1, 0, 0, 0, 0], 1, True)]  # truncated after a whole turn, turns left
+    ids = torch.tensor([r[0] for r in rows])
+    actions = torch.tensor([r[1] for r in rows], dtype=torch.bool)
+    batch = TrajectoryBatch(prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1, dtype=torch.bool),
+                            completion_ids=ids, completion_mask=ids != 0, action_mask=actions,
+                            truncated=torch.tensor([r[3] for r in rows]), group=torch.arange(4),
+                            policy_version=torch.zeros(4, dtype=torch.long), completions=[""] * 4,
+                            episodes=[SimpleNamespace(turns=r[2]) for r in rows])
+    cut, out_of_turns = policy_turn_endings(batch, [1], max_turns=2)
+    assert cut.tolist() == [False, True, False, False]
+    assert out_of_turns.tolist() == [True, False, False, False]
+    single_turn = dataclasses.replace(batch, episodes=None)
+    assert policy_turn_endings(single_turn, [1], max_turns=2)[0].tolist() == [True, True, False, True]
+
+
+GAME_WITH_LONG_OBSERVATIONS = '''
+class Game:
+    def reset(self, **row):
+        self.turn = 0
+        return ":"
+
+    def step(self, action):
+        self.turn += 1
+        return "0123456789" * 2, 1.0, self.turn == 3
+'''
+
+
+def test_episode_lengths_count_the_policys_tokens_and_truncation_names_its_cause(tmp_path, tiny_model, tokenizer,
+                                                                                 prompts_dataset):
+    """completion_len_* counts the policy's own tokens, episode_len_* all tokens after the prompt;
+    a game that needs 3 turns under max_turns=2 ends every episode cut mid-turn or out of turns."""
+    def eos_bias(module, inputs, output):  # random weights: end turns quickly so that some finish them
+        out = output.clone()
+        out[..., tokenizer.eos_token_id] += 3.0
+        return out
+
+    tiny_model.lm_head.register_forward_hook(eos_bias)
+    (tmp_path / "game.py").write_text(GAME_WITH_LONG_OBSERVATIONS)
+    config = small_config(tmp_path, environment=f"{tmp_path / 'game.py'}:Game", max_turns=2, max_new_tokens=4,
+                          max_episode_tokens=64)
+    trainer = PGTrainer(tiny_model, None, prompts_dataset, config, tokenizer=tokenizer)
+    batches, iteration_metrics = [], trainer.iteration_metrics
+    trainer.iteration_metrics = lambda batch, *args: batches.append(batch) or iteration_metrics(batch, *args)
+    metrics = trainer.train()
+    for m, batch in zip(metrics, batches):
+        actions, tokens = batch.action_mask.sum(1).float(), batch.completion_mask.sum(1).float()
+        assert m["completion_len_mean"] == pytest.approx(float(actions.mean()))
+        assert m["completion_len_max"] == float(actions.max())
+        assert m["episode_len_mean"] == pytest.approx(float(tokens.mean()))
+        assert m["episode_len_mean"] > m["completion_len_mean"]  # the observations are long
+        assert m["truncated_episodes"] == 8
+        assert m["truncated_frac"] + m["max_turns_frac"] == pytest.approx(1.0)
+    assert sum(m["max_turns_frac"] for m in metrics) > 0 and sum(m["truncated_frac"] for m in metrics) > 0
+    documented = (Path(__file__).parents[1] / "docs" / "diagnostics.md").read_text()
+    timings = read_jsonl(tmp_path / "run" / "timings.jsonl")[0]
+    undocumented = [k for k in [*metrics[0], *timings] if f"`{k}`" not in documented and not k.startswith("reward/")]
+    assert set(undocumented) == {"iteration"}, undocumented  # every figure an episode run logs is in the docs
+
+
+def test_config_yaml_of_a_python_run_reruns_with_lmpg_train(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    """A run started from Python with a model path, a dataset file and an importable reward writes a
+    config.yaml naming them, and `lmpg train` on it gives the same run; what has no name is a comment."""
+    import yaml
+
+    from lmpg.cli import main
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    prompts_dataset.to_json(tmp_path / "data.jsonl")
+    config = small_config(tmp_path, iterations=1)
+    PGTrainer(str(tmp_path / "model"), [count_a], str(tmp_path / "data.jsonl"), config).train()
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (written["model"], written["dataset"], written["rewards"]) == \
+        (str(tmp_path / "model"), str(tmp_path / "data.jsonl"), ["conftest:count_a"])
+    assert main(["train", str(tmp_path / "run" / "config.yaml"), f"output_dir={tmp_path / 'again'}"]) == 0
+    assert (tmp_path / "again" / "metrics.jsonl").read_text() == (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    PGTrainer(tiny_model, [lambda completions, **kw: [0.0] * len(completions)], prompts_dataset,
+              small_config(tmp_path / "mem", iterations=1), tokenizer=tokenizer).train()
+    text = (tmp_path / "mem" / "run" / "config.yaml").read_text()
+    notes = [line.split(":")[0] for line in text.splitlines() if line.startswith("# ")]
+    assert notes == ["# model", "# dataset", "# rewards"], text
+    assert yaml.safe_load(text)["model"] is None and yaml.safe_load(text)["rewards"] == []

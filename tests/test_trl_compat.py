@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 # trl is a test dependency (pyproject [test], TRL 1.16): missing, this module fails, never skips
 import trl
+import yaml
 
 from lmpg import PGConfig
 from lmpg.errors import ConfigError
@@ -217,7 +218,12 @@ def test_a_trl_environment_factory_script_ports_by_its_import(tmp_path):
     run = tmp_path / "env_out"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [1, 2] and all(1 <= m["turns_max"] <= 2 for m in metrics)
-    assert "environment: __main__:IncrementEnv" in (run / "config.yaml").read_text()
+    written = (run / "config.yaml").read_text()
+    assert "\nenvironment: __main__:IncrementEnv\n" in written
+    assert yaml.safe_load(written)["model"] == str(tmp_path / "model")  # was null
+    notes = [line for line in written.splitlines() if line.startswith("# ")]
+    assert any(n.startswith("# environment: __main__:IncrementEnv is a class of the script") for n in notes), notes
+    assert any(n.startswith("# dataset: prompts passed in memory") for n in notes), notes
 
 
 def test_environment_factory_must_be_importable_by_name():

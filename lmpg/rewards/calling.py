@@ -92,6 +92,11 @@ def check_arguments(plan: CallPlan, available: set[str]) -> None:
     """RewardError if the function needs a keyword the batch does not have (usually a data column)."""
     given = available | ({"prompts", "completions"} if plan.positional else set())
     missing = [name for name in plan.required if name not in given]
+    if missing == ["environments"]:  # not a column: the episodes' environment instances
+        raise RewardError(
+            f"reward function '{plan.name}' needs argument 'environments', the environment instances of a "
+            "multi-turn run; set environment: SPEC in the config, or pass --environment SPEC to lmpg eval / "
+            "lmpg sample")
     if missing:
         columns = sorted(available - set(RESERVED))
         raise RewardError(
