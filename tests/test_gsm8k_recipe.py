@@ -58,7 +58,7 @@ def test_gsm8k_recipe_runs_on_a_tiny_model(tmp_path, saved_tiny_model, monkeypat
         str(Path(gsm8k_lora.__file__).with_suffix(".yaml")), f"model={saved_tiny_model}", f"dataset={data}",
         f"output_dir={out}", "iterations=2", "batch_size=8", "group_size=4", "minibatch_size=4",
         "micro_batch_size=2", "max_new_tokens=8", "mixed_precision=no", "lora_r=4", "save_every=1",
-        "warmup_steps=0", "reward_weights=[0.5, 0.2]", "--eval-dataset", str(data), "--eval-questions", "4"])
+        "warmup_steps=0", "sampler=lmpg", "vllm_enable_sleep_mode=false", "reward_weights=[0.5, 0.2]", "--eval-dataset", str(data), "--eval-questions", "4"])
     assert result == {"greedy_accuracy_before": 0.75, "greedy_accuracy_after": 0.75, "eval_questions": 4}
     assert json.loads((out / "eval.json").read_text()) == result
     assert not wrong_references
