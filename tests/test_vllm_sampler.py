@@ -296,3 +296,44 @@ def test_two_processes_each_with_an_engine_sample_what_one_process_samples(tmp_p
         assert a["reward_mean"] == b["reward_mean"] and a["completion_len_mean"] == b["completion_len_mean"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
     assert [s["completion"] for s in read("one", "samples.jsonl")] == [s["completion"] for s in read("two", "samples.jsonl")]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run_with_vllm(tmp_path):
+    """The engine is rebuilt from the checkpoint's weights and the per-row seeds give the same samples:
+    a run killed after its first checkpoint and resumed ends as the uninterrupted one (same machine)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from lmpg.checkpoint import list_checkpoints
+
+    worker = Path(__file__).with_name("vllm_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), str(worker.parents[1])]),
+           "OMP_NUM_THREADS": "1"}
+
+    def start(out, resume):
+        return subprocess.Popen([sys.executable, str(worker), str(out), resume, "3"], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    reference = start(tmp_path / "ref", "never")
+    assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()[-3000:]
+    killed = start(tmp_path / "killed", "never")
+    deadline = time.time() + 300
+    while not list_checkpoints(tmp_path / "killed") or int(list_checkpoints(tmp_path / "killed")[-1].name.split("-")[1]) < 1:
+        assert killed.poll() is None, killed.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = start(tmp_path / "killed", "auto")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
+    assert (tmp_path / "ref" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+    ref_w = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    res_w = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    for name in ref_w:
+        assert torch.equal(ref_w[name], res_w[name]), name

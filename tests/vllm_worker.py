@@ -1,5 +1,6 @@
-"""One run with sampler=vllm, for tests/test_vllm_sampler.py: `python vllm_worker.py OUT` (one process) or
-under `accelerate launch --num_processes 2` (an engine in each process, each sampling its own prompts)."""
+"""One run with sampler=vllm, for tests/test_vllm_sampler.py: `python vllm_worker.py OUT [RESUME ITERATIONS]`
+(one process; a checkpoint every iteration) or under `accelerate launch --num_processes 2` (an engine in
+each process, each sampling its own prompts)."""
 
 import sys
 
@@ -18,7 +19,8 @@ def count_a(prompts, completions, **kwargs):
 if __name__ == "__main__":
     tokenizer = make_char_tokenizer("0123456789+=ab")
     model = make_tiny_causal_lm(tokenizer, n_layer=2, n_embd=128, n_head=4, max_position_embeddings=64, seed=0)
-    config = PGConfig(output_dir=sys.argv[1], iterations=2, batch_size=16, group_size=4, max_new_tokens=8,
+    resume, iterations = (sys.argv[2], int(sys.argv[3])) if len(sys.argv) > 3 else ("never", 2)
+    config = PGConfig(output_dir=sys.argv[1], iterations=iterations, batch_size=16, group_size=4, max_new_tokens=8,
                       sampler="vllm", learning_rate=1e-3, seed=5, sample_groups_per_iteration=None,
-                      progress_bar=False, sample_log_every=0)
+                      progress_bar=False, sample_log_every=0, save_every=1, keep_last=2, resume=resume)
     PGTrainer(model, [count_a], datasets.Dataset.from_dict({"prompt": PROMPTS}), config, tokenizer=tokenizer).train()
