@@ -47,9 +47,8 @@ from lmpg.batch import TrajectoryBatch
 from lmpg.data import is_conversational
 from lmpg.environments import EpisodeEnv
 from lmpg.errors import ConfigError, DataError
-from lmpg.kvcache import cache_kwarg, returned_cache
+from lmpg.generation import LmpgTurnSampler, SampledTurn, TurnSampler
 from lmpg.rollout import encode_prompts
-from lmpg.sampler import filter_logits, gumbel_noise
 
 
 @dataclass
@@ -147,30 +146,70 @@ def render_episode_prompt(tokenizer, prompt, first_observation: str | None, tool
     return prompt + (first_observation or ""), True
 
 
-@torch.no_grad()
-def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env: Callable[[], EpisodeEnv],
-                    group_size: int, *, seeds: list[int], env_seeds: list[int], limits: EpisodeLimits,
-                    eos_ids: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    max_prompt_length: int = 512, carry_cache: bool = True, policy_version: int = 0) -> TrajectoryBatch:
-    """G episodes per prompt, all live episodes generating together at each turn.
+@dataclass
+class EpisodeState:
+    """One episode while the loop runs it: its environment, its tokens so far, whether it goes on."""
 
-    prompts / rows: one per group (the dataset rows go to `reset(**row)`); seeds: (B,) one random
-    stream per episode, continued across its turns; env_seeds: one per group, so a group's G
-    episodes start from the same state (checked: their first observations must agree).
-    carry_cache: keep the KV cache across turns (finished episodes' rows dropped, the next turn's
-    new tokens appended) instead of prefilling the whole history again each turn.
-    """
+    env: EpisodeEnv
+    episode: Episode
+    prompt_ids: list[int]
+    """The rendered prompt (reset's text included), no padding."""
+    ids: list[int] = field(default_factory=list)
+    """Every token after the prompt: the policy's turns and the environment's observations."""
+    is_action: list[bool] = field(default_factory=list)
+    """Per token of `ids`: the policy sampled it (an action), or the environment wrote it."""
+    turn_of: list[int] = field(default_factory=list)
+    """Per token of `ids`: the turn it belongs to (an observation belongs to the turn it answers)."""
+    logp: list[float] = field(default_factory=list)
+    """Per token of `ids`: the sampler's log-prob of an action, 0.0 for the environment's tokens."""
+    live: bool = True
+
+    @property
+    def history(self) -> list[int]:
+        """What the policy's next turn conditions on: the prompt and everything after it."""
+        return self.prompt_ids + self.ids
+
+    def append(self, ids: list[int], turn: int, logp: list[float] | None = None) -> None:
+        """Tokens of one turn: the policy's (with their log-probs) or the environment's (logp None)."""
+        self.ids += ids
+        self.is_action += [logp is not None] * len(ids)
+        self.turn_of += [turn] * len(ids)
+        self.logp += logp if logp is not None else [0.0] * len(ids)
+
+    def end(self, truncated: bool) -> None:
+        self.live, self.episode.truncated = False, truncated
+
+
+def _timed(episode: Episode, fn, *args):
+    """fn(*args), its wall time added to the episode's environment time."""
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        episode.env_seconds += time.perf_counter() - t0
+
+
+@dataclass
+class EpisodeBatch:
+    """The episodes of one batch as they start: one state per row and the rendered prompts."""
+
+    states: list[EpisodeState]
+    prompt_ids: torch.Tensor
+    """(B, P) left-padded prompts, reset's text included."""
+    prompt_mask: torch.Tensor
+    prompts_truncated: int
+    bridge: ChatBridge
+    """The tokens around the environment's messages (`ChatBridge`)."""
+
+
+def start_episodes(tokenizer, prompts: list, rows: list[dict], make_env: Callable[[], EpisodeEnv], group_size: int, *,
+                   env_seeds: list[int], max_prompt_length: int, device) -> EpisodeBatch:
+    """One environment per episode, reset from its group's row and seed; the prompts rendered with
+    reset's text (the G episodes of a group must agree on it) and the tools' schemas."""
     B, G = len(prompts) * group_size, group_size
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    eos = torch.tensor(eos_ids, device=device)
     envs = [make_env() for _ in range(B)]
     episodes = [Episode() for _ in range(B)]
-    first = []
-    for i, env in enumerate(envs):
-        t0 = time.perf_counter()
-        first.append(env.reset(rows[i // G], env_seeds[i // G]))
-        episodes[i].env_seconds += time.perf_counter() - t0
+    first = [_timed(episodes[i], env.reset, rows[i // G], env_seeds[i // G]) for i, env in enumerate(envs)]
     for g in range(len(prompts)):
         if len(set(first[g * G:(g + 1) * G])) > 1:
             raise DataError(f"the {G} episodes of prompt {g} got different first observations from reset with one "
@@ -182,151 +221,127 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
     prompt_ids, prompt_mask, n_trunc = encode_prompts(tokenizer, [t for t, _ in rendered], max_prompt_length,
                                                       rendered[0][1], device)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-    bridge = ChatBridge(tokenizer, envs[0].observation_role, tools)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    prompt_rows = [prompt_ids[i][prompt_mask[i]].tolist() for i in range(B)]
-    hist = [[] for _ in range(B)]  # token ids after the prompt
-    is_action = [[] for _ in range(B)]
-    turn_of = [[] for _ in range(B)]
-    logps = [[] for _ in range(B)]
-    pending = [list(r) for r in prompt_rows]  # tokens not yet in the KV cache
-    done = [False] * B
-    past, past_mask, past_rows, cache_arg = None, None, None, cache_kwarg(model)
-    was_training = model.training
-    model.eval()
-    try:
-        for turn in range(limits.max_turns):
-            live = [i for i in range(B) if not done[i]]
-            if not live:
-                break
-            budget = [min(limits.max_new_tokens, limits.episode_tokens - len(hist[i])) for i in live]
-            if past is not None and carry_cache and hasattr(past, "batch_select_indices"):
-                keep = torch.tensor([past_rows.index(i) for i in live], device=device)
-                past.batch_select_indices(keep)
-                past_mask = past_mask[keep]
-                blocks = [pending[i] for i in live]
-            else:
-                past, past_mask = None, None
-                blocks = [prompt_rows[i] + hist[i] for i in live]
-            tokens, token_logp, past, past_mask = _sample_turn(
-                model, past, past_mask, blocks, [generators[i] for i in live], budget, eos, pad,
-                temperature, top_k, top_p, cache_arg, device)
-            past_rows = live
-            for j, i in enumerate(live):
-                ep = episodes[i]
-                row = tokens[j]
-                ended = bool(row) and int(row[-1]) in eos_ids
-                start = len(hist[i])
-                hist[i] += row
-                is_action[i] += [True] * len(row)
-                turn_of[i] += [turn] * len(row)
-                logps[i] += token_logp[j]
-                ep.turns += 1
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                ep.messages.append({"role": "assistant", "content": text})
-                if not ended:  # out of tokens mid-turn: cut short, not finished
-                    ep.truncated, done[i] = True, True
-                    continue
-                t0 = time.perf_counter()
-                result = envs[i].step(text)
-                ep.env_seconds += time.perf_counter() - t0
-                ep.tool_calls += result.tool_calls
-                ep.tool_errors += result.tool_errors
-                if result.reward is not None:
-                    ep.rewards.append((start + len(row) - 1, result.reward))
-                if result.done:
-                    ep.truncated, done[i] = result.truncated, True
-                    continue
-                obs = bridge.ids(result.observation or "")
-                ep.messages.append({"role": envs[i].observation_role, "content": result.observation or ""})
-                if len(hist[i]) + len(obs) + 1 > limits.episode_tokens or turn == limits.max_turns - 1:
-                    ep.truncated, done[i] = True, True  # no room (or no turn left) to answer
-                    continue
-                hist[i] += obs
-                is_action[i] += [False] * len(obs)
-                turn_of[i] += [turn] * len(obs)
-                logps[i] += [0.0] * len(obs)
-                pending[i] = [row[-1]] + obs  # the EOS was sampled, never fed
-    finally:
-        model.train(was_training)
-    for i, env in enumerate(envs):
-        t0 = time.perf_counter()
-        final = env.final_reward()
-        episodes[i].env_seconds += time.perf_counter() - t0
+    states = [EpisodeState(env, ep, prompt_ids[i][prompt_mask[i]].tolist())
+              for i, (env, ep) in enumerate(zip(envs, episodes))]
+    return EpisodeBatch(states, prompt_ids, prompt_mask, n_trunc, ChatBridge(tokenizer, envs[0].observation_role, tools))
+
+
+def take_turn(sampler: TurnSampler, states: list[EpisodeState], live: list[int], turn: int,
+              limits: EpisodeLimits) -> list[SampledTurn]:
+    """The policy's next turn in each live episode, appended to its tokens: at most max_new_tokens,
+    and no more than the episode has room for."""
+    budget = [min(limits.max_new_tokens, limits.episode_tokens - len(states[i].ids)) for i in live]
+    sampled = sampler.sample(live, [states[i].history for i in live], budget)
+    for i, out in zip(live, sampled):
+        states[i].append(out.token_ids, turn, out.logp)
+        states[i].episode.turns += 1
+    return sampled
+
+
+def step_environment(state: EpisodeState, action: SampledTurn, turn: int, *, limits: EpisodeLimits, bridge: ChatBridge,
+                     tokenizer, eos_ids: list[int]) -> None:
+    """The environment's answer to the turn the policy just took: its reward on the turn's last
+    token, and its observation appended for the next turn, or the episode's end."""
+    ep, tokens = state.episode, action.token_ids
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    ep.messages.append({"role": "assistant", "content": text})
+    if not (tokens and tokens[-1] in eos_ids):  # out of tokens mid-turn: cut short, not finished
+        state.end(truncated=True)
+        return
+    result = _timed(ep, state.env.step, text)
+    ep.tool_calls += result.tool_calls
+    ep.tool_errors += result.tool_errors
+    if result.reward is not None:
+        ep.rewards.append((len(state.ids) - 1, result.reward))
+    if result.done:
+        state.end(truncated=result.truncated)
+        return
+    obs = bridge.ids(result.observation or "")
+    ep.messages.append({"role": state.env.observation_role, "content": result.observation or ""})
+    if len(state.ids) + len(obs) + 1 > limits.episode_tokens or turn == limits.max_turns - 1:
+        state.end(truncated=True)  # no room (or no turn left) to answer
+        return
+    state.append(obs, turn)
+
+
+def finish_episodes(states: list[EpisodeState]) -> None:
+    """The environments' final rewards (get_reward), on each episode's last action token."""
+    for s in states:
+        final = _timed(s.episode, s.env.final_reward)
         if final is not None:
-            last = max(t for t, a in enumerate(is_action[i]) if a) if any(is_action[i]) else 0
-            episodes[i].rewards.append((last, final))
-        episodes[i].environment = env.instance
-    T = max(len(h) for h in hist)
+            last = max(t for t, a in enumerate(s.is_action) if a) if any(s.is_action) else 0
+            s.episode.rewards.append((last, final))
+        s.episode.environment = s.env.instance
+
+
+def to_batch(started: EpisodeBatch, tokenizer, *, group_size: int, policy_version: int, device) -> TrajectoryBatch:
+    """The episodes as one TrajectoryBatch: the tokens after each prompt right-padded, the
+    environment's tokens holes in action_mask, the sampler's log-probs, turn ids."""
+    states, pad = started.states, tokenizer.pad_token_id
+    B, T = len(states), max(len(s.ids) for s in states)
     completion_ids = torch.full((B, T), pad, dtype=torch.long)
     completion_mask = torch.zeros(B, T, dtype=torch.bool)
     action_mask = torch.zeros(B, T, dtype=torch.bool)
     turn_ids = torch.zeros(B, T, dtype=torch.long)
     sampler_logp = torch.zeros(B, T)
-    for i in range(B):
-        n = len(hist[i])
-        completion_ids[i, :n] = torch.tensor(hist[i], dtype=torch.long)
+    for i, s in enumerate(states):
+        n = len(s.ids)
+        completion_ids[i, :n] = torch.tensor(s.ids, dtype=torch.long)
         completion_mask[i, :n] = True
-        action_mask[i, :n] = torch.tensor(is_action[i], dtype=torch.bool)
-        turn_ids[i, :n] = torch.tensor(turn_of[i], dtype=torch.long)
-        turn_ids[i, n:] = turn_of[i][-1] if n else 0
-        sampler_logp[i, :n] = torch.tensor(logps[i])
-    completions = tokenizer.batch_decode(hist, skip_special_tokens=True)
+        action_mask[i, :n] = torch.tensor(s.is_action, dtype=torch.bool)
+        turn_ids[i, :n] = torch.tensor(s.turn_of, dtype=torch.long)
+        turn_ids[i, n:] = s.turn_of[-1] if n else 0
+        sampler_logp[i, :n] = torch.tensor(s.logp)
+    episodes = [s.episode for s in states]
     return TrajectoryBatch(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids.to(device),
+        prompt_ids=started.prompt_ids, prompt_mask=started.prompt_mask, completion_ids=completion_ids.to(device),
         completion_mask=completion_mask.to(device), action_mask=action_mask.to(device),
         truncated=torch.tensor([e.truncated for e in episodes], device=device),
-        group=torch.arange(B, device=device) // G, policy_version=torch.full((B,), policy_version, device=device),
-        completions=completions, sampler_logp=sampler_logp.to(device), prompts_truncated=n_trunc,
-        episodes=episodes, turn_ids=turn_ids.to(device))
+        group=torch.arange(B, device=device) // group_size,
+        policy_version=torch.full((B,), policy_version, device=device),
+        completions=tokenizer.batch_decode([s.ids for s in states], skip_special_tokens=True),
+        sampler_logp=sampler_logp.to(device), prompts_truncated=started.prompts_truncated, episodes=episodes,
+        turn_ids=turn_ids.to(device))
 
 
-def _sample_turn(model, past, past_mask, blocks, generators, budget, eos, pad, temperature, top_k, top_p,
-                 cache_arg, device):
-    """One turn for the live rows: feed each row's new tokens (left padded) on the cache, then
-    sample until every row has its EOS or its token budget. Returns per row the sampled tokens and
-    their log-probs under softmax(z / tau), the cache and its (rows, length) attention mask (pads
-    and finished rows' columns masked out, so the cache can serve the next turn)."""
-    n = len(blocks)
-    W = max(len(b) for b in blocks)
-    block = torch.full((n, W), pad, dtype=torch.long, device=device)
-    block_mask = torch.zeros(n, W, dtype=torch.long, device=device)
-    for j, b in enumerate(blocks):
-        block[j, W - len(b):] = torch.tensor(b, dtype=torch.long, device=device)
-        block_mask[j, W - len(b):] = 1
-    cached = past_mask.sum(1, keepdim=True) if past_mask is not None else torch.zeros(n, 1, dtype=torch.long, device=device)
-    positions = (cached + block_mask.cumsum(1) - 1).clamp(min=0)
-    mask = block_mask if past_mask is None else torch.cat([past_mask, block_mask], 1)
-    kwargs = {cache_arg: past} if past is not None else {}
-    out = model(input_ids=block, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
-    past = returned_cache(out)
-    logits = out.logits[:, -1, :]
-    next_position = positions[:, -1:] + 1
-    budget_t = torch.tensor(budget, device=device)
-    finished = budget_t <= 0
-    tokens, logps = [[] for _ in range(n)], [[] for _ in range(n)]
-    step = 0
-    while not bool(finished.all()):
-        z = logits.float() / temperature
-        logp_all = torch.log_softmax(z, dim=-1)
-        token = torch.argmax(filter_logits(z, top_k, top_p) + gumbel_noise(generators, z.shape[-1], device), dim=-1)
-        logp = logp_all.gather(1, token.unsqueeze(1)).squeeze(1)
-        for j in (~finished).nonzero().flatten().tolist():
-            tokens[j].append(int(token[j]))
-            logps[j].append(float(logp[j]))
-        step += 1
-        was_live = ~finished
-        finished = finished | torch.isin(token, eos) | (step >= budget_t)
-        feed = was_live & ~finished  # a row's last token (its EOS) is not fed: the next turn feeds it
-        if bool(finished.all()):
-            break
-        mask = torch.cat([mask, feed.long().unsqueeze(1)], 1)
-        out = model(input_ids=torch.where(feed, token, torch.full_like(token, pad)).unsqueeze(1),
-                    attention_mask=mask, position_ids=next_position, use_cache=True, **{cache_arg: past})
-        past = returned_cache(out)
-        logits = out.logits[:, -1, :]
-        next_position = next_position + feed.long().unsqueeze(1)
-    return tokens, logps, past, mask
+def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env: Callable[[], EpisodeEnv],
+                    group_size: int, *, seeds: list[int], env_seeds: list[int], limits: EpisodeLimits,
+                    eos_ids: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    max_prompt_length: int = 512, carry_cache: bool = True, policy_version: int = 0,
+                    turn_sampler: TurnSampler | None = None) -> TrajectoryBatch:
+    """G episodes per prompt, all live episodes taking their turn together.
+
+    prompts / rows: one per group (the dataset rows go to `reset(**row)`); seeds: (B,) one random
+    stream per episode, continued across its turns; env_seeds: one per group, so a group's G
+    episodes start from the same state (checked: their first observations must agree).
+    turn_sampler: what generates the turns (`lmpg.generation`); default `LmpgTurnSampler` on
+    `model` with the sampling settings given here (carry_cache: keep the KV cache across turns
+    instead of prefilling the whole history again each turn).
+    """
+    device = next(model.parameters()).device
+    if turn_sampler is None:
+        turn_sampler = LmpgTurnSampler(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, carry_cache=carry_cache)
+    # 1. one environment per episode, reset; the prompts rendered with reset's text
+    started = start_episodes(tokenizer, prompts, rows, make_env, group_size, env_seeds=env_seeds,
+                             max_prompt_length=max_prompt_length, device=device)
+    states = started.states
+    turn_sampler.start(seeds)
+    try:
+        for turn in range(limits.max_turns):
+            live = [i for i, s in enumerate(states) if s.live]
+            if not live:
+                break
+            # 2. the policy's turn in every live episode, 3. each environment's answer
+            actions = take_turn(turn_sampler, states, live, turn, limits)
+            for i, action in zip(live, actions):
+                step_environment(states[i], action, turn, limits=limits, bridge=started.bridge, tokenizer=tokenizer,
+                                 eos_ids=eos_ids)
+    finally:
+        turn_sampler.finish()
+    # 4. the environments' final rewards, 5. one batch
+    finish_episodes(states)
+    return to_batch(started, tokenizer, group_size=group_size, policy_version=policy_version, device=device)
 
 
 def reward_completions(batch: TrajectoryBatch, conversational: bool) -> list:
@@ -383,18 +398,26 @@ class EpisodeSampler:
     def make_env(self) -> EpisodeEnv:
         return EpisodeEnv(self.factory(), self.config.tool_format, self.config.tool_timeout)
 
-    def sample(self, policy, prompts, rows, positions, iteration, seeds, greedy: bool = False) -> TrajectoryBatch:
+    def turn_sampler(self, policy, greedy: bool = False) -> LmpgTurnSampler:
+        """lmpg's own turn sampler on `policy` with the config's sampling settings (top_k=1: greedy)."""
+        c = self.config
+        return LmpgTurnSampler(policy, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
+                               temperature=c.temperature, top_k=1 if greedy else c.top_k, top_p=c.top_p,
+                               carry_cache=c.cache_across_turns)
+
+    def sample(self, policy, prompts, rows, positions, iteration, seeds, greedy: bool = False,
+               turn_sampler: TurnSampler | None = None) -> TrajectoryBatch:
         """G episodes per prompt (a TrajectoryBatch with action_mask holes, turn_ids, episodes,
-        sampler_logp); positions: the prompts' places in the global batch (for the seeds)."""
+        sampler_logp); positions: the prompts' places in the global batch (for the seeds);
+        turn_sampler: what generates the turns (default: `self.turn_sampler(policy, greedy)`)."""
         from lmpg.sampler import row_seed
 
         c = self.config
         env_seeds = [row_seed(c.seed, iteration, p, ENV_SEED_SAMPLE) for p in positions]
         return sample_episodes(policy, self.tokenizer, prompts, rows, self.make_env, c.group_size, seeds=seeds,
                                env_seeds=env_seeds, limits=self.limits, eos_ids=self.eos_ids,
-                               temperature=c.temperature, top_k=1 if greedy else c.top_k, top_p=c.top_p,
-                               max_prompt_length=c.max_prompt_length, carry_cache=c.cache_across_turns,
-                               policy_version=iteration)
+                               max_prompt_length=c.max_prompt_length, policy_version=iteration,
+                               turn_sampler=turn_sampler or self.turn_sampler(policy, greedy))
 
 
 def score_episodes(scorer, batch: TrajectoryBatch, prompts, rows, prompt_column, step):

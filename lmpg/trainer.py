@@ -270,7 +270,8 @@ class PGTrainer:
         policy = self.accelerator.unwrap_model(self.model)
         if self.episodes is not None:
             rows = [{k: v[i] for k, v in prompts.rows.items()} for i in range(len(prompts.prompts))]
-            return self.episodes.sample(policy, prompts.prompts, rows, prompts.positions, self.iteration, seeds)
+            return self.episodes.sample(policy, prompts.prompts, rows, prompts.positions, self.iteration, seeds,
+                                        turn_sampler=self.episodes.turn_sampler(policy))
         return sample_completions(policy, self.tokenizer, prompts.texts, c.group_size,
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, max_prompt_length=c.max_prompt_length,

@@ -288,3 +288,72 @@ def test_cli_trains_with_an_environment_from_yaml(tmp_path, tiny_model, tokenize
     assert main(["train", str(tmp_path / "config.yaml")]) == 0
     (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert 1 <= metrics["turns_mean"] <= metrics["turns_max"] <= 2 and "tool_calls_per_episode" in metrics
+
+
+class ScriptedSampler:
+    """A TurnSampler that writes fixed turns and records what it was given: the loop's contract
+    with any sampler (lmpg.generation), a vLLM one included."""
+
+    def __init__(self, turns):
+        self.turns, self.calls, self.started, self.finished = turns, [], None, False
+
+    def start(self, seeds):
+        self.started = list(seeds)
+
+    def sample(self, rows, histories, max_new_tokens):
+        from lmpg.generation import SampledTurn
+
+        self.calls.append((list(rows), [list(h) for h in histories], list(max_new_tokens)))
+        return [SampledTurn(list(self.turns[len(self.calls) - 1]), [-0.5] * len(self.turns[len(self.calls) - 1]))
+                for _ in rows]
+
+    def finish(self):
+        self.finished = True
+
+
+def test_any_turn_sampler_plugs_into_the_loop_with_whole_histories(char_setup):
+    model, tok = char_setup
+    eos = tok.eos_token_id
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    sampler = ScriptedSampler([[a, eos], [b, b, eos], [a, eos]])
+    batch = sample_episodes(model, tok, ["ab", "ba"], [{}] * 2, lambda: EpisodeEnv(CountingGame(), "simple"), 2,
+                            seeds=[7, 8, 9, 10], env_seeds=[0, 1], limits=EpisodeLimits(3, 5), eos_ids=[eos],
+                            turn_sampler=sampler)
+    assert sampler.started == [7, 8, 9, 10] and sampler.finished and len(sampler.calls) == 3
+    bridge = ChatBridge(tok, "user")
+    prompt_rows = [batch.prompt_ids[i][batch.prompt_mask[i]].tolist() for i in range(4)]
+    rows, histories, budgets = sampler.calls[2]
+    assert rows == [0, 1, 2, 3] and budgets == [5] * 4
+    # the whole history: prompt (no padding), then every turn and observation so far
+    assert histories[0] == prompt_rows[0] + [a, eos] + bridge.ids("[1]") + [b, b, eos] + bridge.ids("[2]")
+    ids = batch.completion_ids[0][batch.completion_mask[0]].tolist()
+    assert ids == histories[0][len(prompt_rows[0]):] + [a, eos]
+    assert batch.sampler_logp[batch.action_mask].eq(-0.5).all() and batch.sampler_logp[~batch.action_mask].eq(0).all()
+    assert [r for _, r in batch.episodes[0].rewards] == [0.5] * 3
+
+
+def test_lmpg_turn_sampler_prefills_in_full_a_history_its_cache_does_not_hold(char_setup):
+    """The KV-cache sampler on its own, call by call against one that prefills every history in
+    full: an extended history is fed on the cache, one that does not extend it (another row's, an
+    edited one) is prefilled in full; both sample the same tokens."""
+    from lmpg.generation import LmpgTurnSampler
+
+    model, tok = char_setup
+    ids = tok.encode("ab", add_special_tokens=False)
+    outputs = []
+    for carry in (True, False):
+        s = LmpgTurnSampler(model, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id], carry_cache=carry)
+        model.train()
+        s.start([3, 4])
+        assert not model.training
+        first = s.sample([0, 1], [ids, ids], [4, 4])
+        carried = s.sample([0, 1], [ids + first[0].token_ids + ids, ids + first[1].token_ids + ids], [4, 4])
+        edited = s.sample([1], [ids + ids], [4])  # row 1's cache holds another history
+        s.finish()
+        assert model.training  # the mode it found is restored
+        outputs.append([first, carried, edited])
+    model.eval()
+    for a, b in zip(*outputs):
+        assert [t.token_ids for t in a] == [t.token_ids for t in b]
+        for x, y in zip(a, b):
+            torch.testing.assert_close(torch.tensor(x.logp), torch.tensor(y.logp), rtol=0, atol=1e-5)
