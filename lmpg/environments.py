@@ -157,8 +157,13 @@ class EpisodeEnv:
             out = out[0]
         return None if out is None else str(out)
 
-    def step(self, action_text: str) -> TurnResult:
-        """The environment's answer to one turn of the policy (its text, special tokens skipped)."""
+    def step(self, action_text: str, last_turn: bool = False) -> TurnResult:
+        """The environment's answer to one turn of the policy (its text, special tokens skipped but
+        the call markers kept, `lmpg.tools.decode_turn`).
+
+        last_turn: no turn follows. A step API still steps (its reward counts); the tool calls of a
+        TRL-shaped environment are not run, as TRL's `max_tool_calling_iterations` stops after its
+        N rounds of calls: the episode ends, truncated when the turn called a tool."""
         if self.kind == "step":
             out = self.instance.step(action_text)
             if not isinstance(out, tuple) or len(out) not in (3, 5):
@@ -171,6 +176,8 @@ class EpisodeEnv:
         calls = parse_tool_calls(action_text, self.tool_format, self._schema_by_name)
         if not calls:  # TRL's rule: a turn without a tool call is the final answer
             return TurnResult(None, None, done=True)
+        if last_turn:
+            return TurnResult(None, None, done=True, truncated=True)
         results = [call_tool(self.tools, call, self.tool_timeout) for call in calls]
         return TurnResult("\n".join(r.content for r in results), None, done=False, tool_calls=len(results),
                           tool_errors=sum(r.error for r in results))

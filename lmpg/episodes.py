@@ -49,6 +49,7 @@ from lmpg.environments import EpisodeEnv
 from lmpg.errors import ConfigError, DataError
 from lmpg.generation import LmpgTurnSampler, SampledTurn, TurnSampler
 from lmpg.rollout import encode_prompts
+from lmpg.tools import call_marker_ids, decode_turn
 
 
 @dataclass
@@ -239,16 +240,17 @@ def take_turn(sampler: TurnSampler, states: list[EpisodeState], live: list[int],
 
 
 def step_environment(state: EpisodeState, action: SampledTurn, turn: int, *, limits: EpisodeLimits, bridge: ChatBridge,
-                     tokenizer, eos_ids: list[int]) -> None:
+                     tokenizer, eos_ids: list[int], call_markers: set[int] = frozenset()) -> None:
     """The environment's answer to the turn the policy just took: its reward on the turn's last
-    token, and its observation appended for the next turn, or the episode's end."""
+    token, and its observation appended for the next turn, or the episode's end. call_markers:
+    special tokens kept in the turn's text (`lmpg.tools.call_marker_ids`)."""
     ep, tokens = state.episode, action.token_ids
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    text = decode_turn(tokenizer, tokens, call_markers)
     ep.messages.append({"role": "assistant", "content": text})
     if not (tokens and tokens[-1] in eos_ids):  # out of tokens mid-turn: cut short, not finished
         state.end(truncated=True)
         return
-    result = _timed(ep, state.env.step, text)
+    result = _timed(ep, state.env.step, text, turn == limits.max_turns - 1)
     ep.tool_calls += result.tool_calls
     ep.tool_errors += result.tool_errors
     if result.reward is not None:
@@ -326,6 +328,7 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
     started = start_episodes(tokenizer, prompts, rows, make_env, group_size, env_seeds=env_seeds,
                              max_prompt_length=max_prompt_length, device=device)
     states = started.states
+    markers = call_marker_ids(tokenizer, states[0].env.tool_format) if states[0].env.kind == "tools" else set()
     turn_sampler.start(seeds)
     try:
         for turn in range(limits.max_turns):
@@ -336,7 +339,7 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
             actions = take_turn(turn_sampler, states, live, turn, limits)
             for i, action in zip(live, actions):
                 step_environment(states[i], action, turn, limits=limits, bridge=started.bridge, tokenizer=tokenizer,
-                                 eos_ids=eos_ids)
+                                 eos_ids=eos_ids, call_markers=markers)
     finally:
         turn_sampler.finish()
     # 4. the environments' final rewards, 5. one batch
