@@ -46,11 +46,14 @@ class TurnResult:
     reward: float | None = None
     """Reward for this turn (placed on its last token), or None."""
     done: bool = False
-    """The episode ended (terminated)."""
-    truncated: bool = False
-    """The environment cut the episode short (gymnasium's truncated)."""
+    """The episode ended."""
+    ended: str = "done"
+    """Why, when done: 'done', 'env_truncated' (gymnasium's truncated) or 'max_turns' (the last
+    allowed turn called tools, which are not run)."""
     tool_calls: int = 0
     tool_errors: int = 0
+    calls: list | None = None
+    """The turn's tool calls as TRL writes them in an assistant message's "tool_calls"."""
 
 
 def load_environment(spec) -> Callable:
@@ -89,6 +92,22 @@ def environment_kind(instance) -> str:
         raise ConfigError(f"environment {type(instance).__name__} has no reset method; define "
                           "reset(**row) -> str | None (TRL) or gymnasium's reset(seed=None, options=None)")
     return "step" if callable(getattr(instance, "step", None)) else "tools"
+
+
+def rewards_itself(instance) -> bool:
+    """The environment gives rewards of its own: a step API (a reward with each turn) or get_reward()."""
+    return environment_kind(instance) == "step" or callable(getattr(instance, "get_reward", None))
+
+
+def require_reward_source(spec) -> None:
+    """ConfigError (one line) for a run whose only reward source would be an environment that gives
+    none: every episode would be unscored and the run would train on nothing (`reward nan`)."""
+    instance = load_environment(spec)()
+    if not rewards_itself(instance):
+        name = type(instance).__name__
+        raise ConfigError(f"nothing rewards the episodes: environment {name} has no get_reward() and no step(), and "
+                          f"no reward function is given; define {name}.get_reward() or pass reward_fns=[...] "
+                          "(rewards: in the config)")
 
 
 def _takes(fn, name: str) -> bool:
@@ -163,7 +182,7 @@ class EpisodeEnv:
 
         last_turn: no turn follows. A step API still steps (its reward counts); the tool calls of a
         TRL-shaped environment are not run, as TRL's `max_tool_calling_iterations` stops after its
-        N rounds of calls: the episode ends, truncated when the turn called a tool."""
+        N rounds of calls: the episode ends (`ended` max_turns) when the turn called a tool."""
         if self.kind == "step":
             out = self.instance.step(action_text)
             if not isinstance(out, tuple) or len(out) not in (3, 5):
@@ -172,15 +191,18 @@ class EpisodeEnv:
             observation, reward = out[0], out[1]
             done, truncated = bool(out[2]), bool(out[3]) if len(out) == 5 else False
             return TurnResult(None if observation is None else str(observation),
-                              None if reward is None else float(reward), done or truncated, truncated)
+                              None if reward is None else float(reward), done or truncated,
+                              "env_truncated" if truncated else "done")
         calls = parse_tool_calls(action_text, self.tool_format, self._schema_by_name)
         if not calls:  # TRL's rule: a turn without a tool call is the final answer
             return TurnResult(None, None, done=True)
+        as_trl = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                  for c in calls if c.error is None]
         if last_turn:
-            return TurnResult(None, None, done=True, truncated=True)
+            return TurnResult(None, None, done=True, ended="max_turns", calls=as_trl)
         results = [call_tool(self.tools, call, self.tool_timeout) for call in calls]
         return TurnResult("\n".join(r.content for r in results), None, done=False, tool_calls=len(results),
-                          tool_errors=sum(r.error for r in results))
+                          tool_errors=sum(r.error for r in results), calls=as_trl)
 
     def final_reward(self) -> float | None:
         """get_reward() of an environment that scores itself, once the episode ended; else None.

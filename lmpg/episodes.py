@@ -45,7 +45,7 @@ import torch
 
 from lmpg.batch import TrajectoryBatch
 from lmpg.data import is_conversational
-from lmpg.environments import EpisodeEnv
+from lmpg.environments import EpisodeEnv, rewards_itself
 from lmpg.errors import ConfigError, DataError
 from lmpg.generation import LmpgTurnSampler, SampledTurn, TurnSampler
 from lmpg.rollout import encode_prompts
@@ -59,7 +59,7 @@ class EpisodeLimits:
     max_turns: int = 4
     """Policy turns per episode."""
     max_new_tokens: int = 64
-    """Tokens per policy turn (a turn that reaches it without EOS truncates the episode)."""
+    """Tokens per policy turn (a turn that reaches it without EOS ends the episode, `ENDINGS`)."""
     max_episode_tokens: int | None = None
     """Tokens after the prompt, the policy's and the environment's (default: max_turns * max_new_tokens * 2)."""
 
@@ -68,21 +68,63 @@ class EpisodeLimits:
         return self.max_episode_tokens or 2 * self.max_turns * self.max_new_tokens
 
 
+ENDINGS = ("done", "env_truncated", "max_turns", "max_new_tokens", "max_episode_tokens", "error", "timeout")
+"""Why an episode ended (`Episode.ended`, counted per iteration as `episodes_ended/<why>`):
+
+- done: the environment ended it (step's done, or a turn without a tool call: the final answer);
+- env_truncated: the environment cut it short (gymnasium's truncated);
+- max_turns: the last allowed turn passed and the episode would have gone on (its tool calls, if
+  any, are not run, as TRL's max_tool_calling_iterations has it);
+- max_new_tokens: a turn reached max_new_tokens without its EOS. A step-API environment still
+  gets step() of the cut action (its reward counts); a TRL-shaped one's cut calls are not run. The
+  episode is scored (get_reward, the reward functions), then ends;
+- max_episode_tokens: the episode's tokens (max_episode_tokens) ran out: a turn cut by it, or an
+  observation with no room left to answer it;
+- error, timeout: environment code raised or returned something unusable, or did not return
+  within env_timeout (`reward_on_error`: the episode unscored, or the run stopped).
+"""
+TRUNCATING = ("env_truncated", "max_turns", "max_new_tokens", "max_episode_tokens")
+"""Endings that truncate an episode (`Episode.truncated`)."""
+
+
 @dataclass
 class Episode:
     """One episode as it happened: the turns, what the environment said, and the counts."""
 
     messages: list = field(default_factory=list)
-    """[{"role": "assistant" | "tool" | "user", "content": ...}, ...] after the prompt, turn by turn."""
+    """The conversation after the prompt as the policy lived it: each of its turns
+    ({"role": "assistant", "content": text} with TRL's "tool_calls" when it called tools) and each
+    observation it read ({"role": "tool" | "user", "content": ...}). It ends with the policy's last
+    turn; reward functions get it as `completions` for chat prompts (TRL's convention)."""
+    transcript: list = field(default_factory=list)
+    """The whole episode for the logs: `messages` plus the observations the policy never read (the
+    environment's last answer), the environment's reward of a turn as "reward" on its message."""
+    first_observation: str | None = None
+    """What reset() returned (appended to the prompt)."""
     rewards: list = field(default_factory=list)
     """(position after the prompt, reward) of each reward the environment gave."""
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
     truncated: bool = False
+    ended: str | None = None
+    """Why it ended, one of `ENDINGS`."""
+    error: str | None = None
+    """What failed in the environment's code (ended 'error' or 'timeout'), one line."""
     env_seconds: float = 0.0
     environment: object = None
     """The environment instance, for reward functions that read its state (TRL's `environments`)."""
+
+    @property
+    def final_answer(self) -> str:
+        """The text of the policy's last turn ('' before its first)."""
+        said = [m["content"] for m in self.messages if m["role"] == "assistant"]
+        return said[-1] if said else ""
+
+    @property
+    def env_reward(self) -> float | None:
+        """The environment's own reward of the episode (its per-turn rewards and get_reward), or None."""
+        return sum(r for _, r in self.rewards) if self.rewards else None
 
 
 class ChatBridge:
@@ -177,8 +219,10 @@ class EpisodeState:
         self.turn_of += [turn] * len(ids)
         self.logp += logp if logp is not None else [0.0] * len(ids)
 
-    def end(self, truncated: bool) -> None:
-        self.live, self.episode.truncated = False, truncated
+    def end(self, why: str) -> None:
+        """The episode is over, for the reason `why` (one of `ENDINGS`)."""
+        self.live = False
+        self.episode.ended, self.episode.truncated = why, why in TRUNCATING
 
 
 def _timed(episode: Episode, fn, *args):
@@ -222,6 +266,8 @@ def start_episodes(tokenizer, prompts: list, rows: list[dict], make_env: Callabl
     prompt_ids, prompt_mask, n_trunc = encode_prompts(tokenizer, [t for t, _ in rendered], max_prompt_length,
                                                       rendered[0][1], device)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+    for ep, text in zip(episodes, first):
+        ep.first_observation = text
     states = [EpisodeState(env, ep, prompt_ids[i][prompt_mask[i]].tolist())
               for i, (env, ep) in enumerate(zip(envs, episodes))]
     return EpisodeBatch(states, prompt_ids, prompt_mask, n_trunc, ChatBridge(tokenizer, envs[0].observation_role, tools))
@@ -242,38 +288,55 @@ def take_turn(sampler: TurnSampler, states: list[EpisodeState], live: list[int],
 def step_environment(state: EpisodeState, action: SampledTurn, turn: int, *, limits: EpisodeLimits, bridge: ChatBridge,
                      tokenizer, eos_ids: list[int], call_markers: set[int] = frozenset()) -> None:
     """The environment's answer to the turn the policy just took: its reward on the turn's last
-    token, and its observation appended for the next turn, or the episode's end. call_markers:
-    special tokens kept in the turn's text (`lmpg.tools.call_marker_ids`)."""
-    ep, tokens = state.episode, action.token_ids
+    token, and its observation appended for the next turn, or the episode's end (`ENDINGS`).
+    call_markers: special tokens kept in the turn's text (`lmpg.tools.call_marker_ids`)."""
+    ep, env, tokens = state.episode, state.env, action.token_ids
     text = decode_turn(tokenizer, tokens, call_markers)
-    ep.messages.append({"role": "assistant", "content": text})
-    if not (tokens and tokens[-1] in eos_ids):  # out of tokens mid-turn: cut short, not finished
-        state.end(truncated=True)
-        return
-    result = _timed(ep, state.env.step, text, turn == limits.max_turns - 1)
+    said = {"role": "assistant", "content": text}
+    ep.messages.append(said)
+    ep.transcript.append(dict(said))
+    cut = None
+    if not (tokens and tokens[-1] in eos_ids):  # out of tokens mid-turn
+        cut = "max_new_tokens" if len(tokens) >= limits.max_new_tokens else "max_episode_tokens"
+        if env.kind == "tools":  # a call cut short is not run; get_reward still scores the episode
+            state.end(cut)
+            return
+    result = _timed(ep, env.step, text, turn == limits.max_turns - 1)
     ep.tool_calls += result.tool_calls
     ep.tool_errors += result.tool_errors
+    if result.calls:
+        said["tool_calls"] = ep.transcript[-1]["tool_calls"] = result.calls
     if result.reward is not None:
         ep.rewards.append((len(state.ids) - 1, result.reward))
-    if result.done:
-        state.end(truncated=result.truncated)
+        ep.transcript[-1]["reward"] = result.reward
+    observation = {"role": env.observation_role, "content": result.observation or ""}
+    if result.observation is not None or not (cut or result.done):
+        ep.transcript.append(observation)
+    if cut or result.done:
+        state.end(cut or result.ended)
         return
-    obs = bridge.ids(result.observation or "")
-    ep.messages.append({"role": state.env.observation_role, "content": result.observation or ""})
-    if len(state.ids) + len(obs) + 1 > limits.episode_tokens or turn == limits.max_turns - 1:
-        state.end(truncated=True)  # no room (or no turn left) to answer
-        return
-    state.append(obs, turn)
+    obs = bridge.ids(observation["content"])
+    if len(state.ids) + len(obs) + 1 > limits.episode_tokens:
+        state.end("max_episode_tokens")  # no room to answer it
+    elif turn == limits.max_turns - 1:
+        state.end("max_turns")
+    else:
+        ep.messages.append(observation)
+        state.append(obs, turn)
 
 
 def finish_episodes(states: list[EpisodeState]) -> None:
     """The environments' final rewards (get_reward), on each episode's last action token."""
     for s in states:
-        final = _timed(s.episode, s.env.final_reward)
+        ep = s.episode
+        final = _timed(ep, s.env.final_reward)
         if final is not None:
             last = max(t for t, a in enumerate(s.is_action) if a) if any(s.is_action) else 0
-            s.episode.rewards.append((last, final))
-        s.episode.environment = s.env.instance
+            ep.rewards.append((last, final))
+            said = [m for m in ep.transcript if m["role"] == "assistant"]
+            if said:
+                said[-1]["reward"] = said[-1].get("reward", 0.0) + final
+        ep.environment = s.env.instance
 
 
 def to_batch(started: EpisodeBatch, tokenizer, *, group_size: int, policy_version: int, device) -> TrajectoryBatch:
@@ -301,7 +364,7 @@ def to_batch(started: EpisodeBatch, tokenizer, *, group_size: int, policy_versio
         truncated=torch.tensor([e.truncated for e in episodes], device=device),
         group=torch.arange(B, device=device) // group_size,
         policy_version=torch.full((B,), policy_version, device=device),
-        completions=tokenizer.batch_decode([s.ids for s in states], skip_special_tokens=True),
+        completions=[e.final_answer for e in episodes],
         sampler_logp=sampler_logp.to(device), prompts_truncated=started.prompts_truncated, episodes=episodes,
         turn_ids=turn_ids.to(device))
 
@@ -348,11 +411,17 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
 
 
 def reward_completions(batch: TrajectoryBatch, conversational: bool) -> list:
-    """What reward functions get as `completions` for episodes: the messages after the prompt, turn by
-    turn, for chat prompts (TRL's convention); the whole text after the prompt otherwise."""
+    """What reward functions get as `completions` for episodes (docs/rewards.md):
+
+    - chat prompts: the messages after the prompt as the policy lived them (`Episode.messages`,
+      TRL 1.16's convention), ending with the policy's last turn, so `c[-1]["content"]` is its final
+      answer, never the tool's (an observation it did not get to answer is not in them);
+    - plain-text prompts: the text of the policy's last turn, its final answer (the whole episode is
+      in the `episodes` column).
+    """
     if conversational:
         return [ep.messages for ep in batch.episodes]
-    return list(batch.completions)
+    return [ep.final_answer for ep in batch.episodes]
 
 
 def environment_token_rewards(batch: TrajectoryBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,20 +437,25 @@ def environment_token_rewards(batch: TrajectoryBatch) -> tuple[torch.Tensor, tor
 
 
 def episode_counts(episodes: list[Episode]) -> torch.Tensor:
-    """(B, 4) float64: turns, tool calls, tool errors, truncated of each episode (gathered over processes)."""
-    return torch.tensor([[e.turns, e.tool_calls, e.tool_errors, float(e.truncated)] for e in episodes],
-                        dtype=torch.float64).view(-1, 4)
+    """(B, 4 + len(ENDINGS)) float64 of each episode (gathered over processes): turns, tool calls,
+    tool errors, truncated, then one column per ending (`ENDINGS`), 1 where it ended so."""
+    rows = [[e.turns, e.tool_calls, e.tool_errors, float(e.truncated)] + [float(e.ended == why) for why in ENDINGS]
+            for e in episodes]
+    return torch.tensor(rows, dtype=torch.float64).view(-1, 4 + len(ENDINGS))
 
 
 def episode_metrics(counts) -> dict:
     """Per-iteration episode metrics from `episode_counts` (or the episodes): turns per episode
-    (mean, max), tool calls and tool errors per episode, truncated episodes."""
+    (mean, max), tool calls and tool errors per episode, truncated episodes, and how many episodes
+    ended for each reason (`episodes_ended/<why>`, `ENDINGS`)."""
     if not isinstance(counts, torch.Tensor):
         counts = episode_counts(counts)
-    mean = counts.mean(0) if len(counts) else torch.zeros(4, dtype=torch.float64)
-    return {"turns_mean": float(mean[0]), "turns_max": int(counts[:, 0].max()) if len(counts) else 0,
-            "tool_calls_per_episode": float(mean[1]), "tool_errors_per_episode": float(mean[2]),
-            "truncated_episodes": int(counts[:, 3].sum())}
+    mean = counts.mean(0) if len(counts) else torch.zeros(counts.shape[1], dtype=torch.float64)
+    metrics = {"turns_mean": float(mean[0]), "turns_max": int(counts[:, 0].max()) if len(counts) else 0,
+               "tool_calls_per_episode": float(mean[1]), "tool_errors_per_episode": float(mean[2]),
+               "truncated_episodes": int(counts[:, 3].sum())}
+    metrics.update({f"episodes_ended/{why}": int(counts[:, 4 + k].sum()) for k, why in enumerate(ENDINGS)})
+    return metrics
 
 
 ENV_SEED_SAMPLE = 2**31
@@ -423,23 +497,40 @@ class EpisodeSampler:
                                turn_sampler=turn_sampler or self.turn_sampler(policy, greedy))
 
 
+def environment_name(batch: TrajectoryBatch, taken: list[str]) -> str:
+    """The name the environment's own reward is logged under: its class name, as TRL logs it
+    (`reward/NAME`), with '_env' appended if a reward function already has it."""
+    instance = next((ep.environment for ep in batch.episodes if ep.environment is not None), None)
+    name = type(instance).__name__ if instance is not None else "environment"
+    return name + "_env" if name in taken else name
+
+
 def score_episodes(scorer, batch: TrajectoryBatch, prompts, rows, prompt_column, step):
     """(token_rewards (B, T), scored (B,), scores): the reward functions' rewards on the last
-    action token (completions turn by turn for chat prompts, each episode's environment passed as
-    `environments`) plus the environment's, each on the last token of its turn. scores: the
-    functions' RewardScores (no functions when scorer is None)."""
+    action token (`reward_completions`, each episode's environment passed as `environments`) plus
+    the environment's, each on the last token of its turn. scores: the functions' RewardScores,
+    the environment's own reward (its per-turn rewards and get_reward, summed per episode) appended
+    as one more column under its class name, for the logs only (its tokens' rewards are already in
+    token_rewards)."""
     from lmpg.rewards.scorer import RewardScores
 
     env_r, env_has = environment_token_rewards(batch)
     if scorer is None:
-        return env_r, env_has, RewardScores(names=[], values=[], weights=[])
-    index = batch.prompt_index
-    prompts_rep = [prompts[i] for i in index]
-    completions = reward_completions(batch, is_conversational(prompts[0]))
-    ids = [row[m].tolist() for row, m in zip(batch.completion_ids, batch.action_mask)]
-    columns = {k: [v[i] for i in index] for k, v in rows.items() if k != prompt_column}
-    columns["episodes"] = batch.episodes
-    scores = scorer.score(prompts_rep, completions, ids, step=step, columns=columns,
-                          environments=[ep.environment for ep in batch.episodes])
-    fn_r, fn_has = scores.to_token_rewards(batch.action_mask.cpu())
-    return fn_r.to(env_r.device) + env_r, fn_has.to(env_has.device) | env_has, scores
+        token_rewards, scored, scores = env_r, env_has, RewardScores(names=[], values=[], weights=[])
+    else:
+        index = batch.prompt_index
+        prompts_rep = [prompts[i] for i in index]
+        completions = reward_completions(batch, is_conversational(prompts[0]))
+        ids = [row[m].tolist() for row, m in zip(batch.completion_ids, batch.action_mask)]
+        columns = {k: [v[i] for i in index] for k, v in rows.items() if k != prompt_column}
+        columns["episodes"] = batch.episodes
+        scores = scorer.score(prompts_rep, completions, ids, step=step, columns=columns,
+                              environments=[ep.environment for ep in batch.episodes])
+        fn_r, fn_has = scores.to_token_rewards(batch.action_mask.cpu())
+        token_rewards, scored = fn_r.to(env_r.device) + env_r, fn_has.to(env_has.device) | env_has
+    env_values = [ep.env_reward for ep in batch.episodes]
+    instance = next((ep.environment for ep in batch.episodes if ep.environment is not None), None)
+    if instance is not None and rewards_itself(instance):  # by class, so every process logs the same columns
+        scores.names, scores.values = scores.names + [environment_name(batch, scores.names)], scores.values + [env_values]
+        scores.weights = scores.weights + [1.0]
+    return token_rewards, scored, scores

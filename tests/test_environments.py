@@ -100,7 +100,7 @@ def test_gymnasium_signatures_and_spec_loading(tmp_path):
     env = EpisodeEnv(Gym())
     assert env.reset({"level": 2}, seed=9) == "start 2" and env.instance.seed == 9
     out = env.step("a")
-    assert out.done and out.truncated and out.reward == 1.0
+    assert out.done and out.ended == "env_truncated" and out.reward == 1.0
     f = tmp_path / "envs.py"
     f.write_text("class E:\n    def reset(self, **row):\n        return None\n")
     assert load_environment(f"{f}:E")().reset() is None
@@ -185,6 +185,37 @@ def test_trl_documented_environments_run_unchanged_in_a_trainer(tmp_path):
     assert rewards == [float(ep.environment.counter == t) for ep, t in zip(result.batch.episodes, targets)]
     assert rewards.count(1.0) >= 2  # the target-0 group scores without a tool call
     assert result.metrics["reward_mean"] == sum(rewards) / len(rewards)
+    # the environment's own reward under its class name, as TRL logs it (rewards/IncrementFromData/mean)
+    assert result.metrics["reward/IncrementFromData"] == sum(rewards) / len(rewards)
+
+
+class NoReward:
+    """Tools and no get_reward: nothing would score an episode without reward functions."""
+
+    def reset(self, **row):
+        return None
+
+    def noop(self, x: int) -> int:
+        """
+        Nothing.
+
+        Args:
+            x: anything.
+        """
+        return x
+
+
+def test_a_run_with_no_reward_source_is_refused_at_start(tmp_path):
+    import pytest
+
+    from lmpg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nothing rewards the episodes: environment NoReward has no get_reward") as e:
+        trainer_step(tmp_path, "test_environments:NoReward", [{"prompt": "ab"}] * 4)
+    assert "\n" not in str(e.value)
+    _, result = trainer_step(tmp_path / "fns", "test_environments:NoReward", [{"prompt": "ab"}] * 4,
+                             [lambda completions, **kw: [1.0] * len(completions)])
+    assert result.metrics["reward_mean"] == 1.0 and not any(k.startswith("reward/NoReward") for k in result.metrics)
 
 
 def test_async_get_reward_is_awaited():

@@ -344,7 +344,7 @@ def test_max_tool_calling_iterations_stops_where_trls_own_loop_stops(tmp_path, s
     lmpg takes 3 turns and runs 2 rounds of calls too. With <tool_call> a special token, the calls
     are still found (the turn's text keeps the markers)."""
     trl_tok, tok = qwen_tokenizer(), qwen_tokenizer(special_markers)
-    environments, _, generated, metrics = trl_episodes(
+    environments, completions, generated, metrics = trl_episodes(
         tmp_path / "trl", trl_tok, trl_tok.encode(CALL + "<|im_end|>", add_special_tokens=False),
         max_tool_calling_iterations=2)
     turn = tok.encode(CALL + "<|im_end|>", add_special_tokens=False)
@@ -354,3 +354,14 @@ def test_max_tool_calling_iterations_stops_where_trls_own_loop_stops(tmp_path, s
     assert calls == 3 and [ep.turns for ep in batch.episodes] == [3, 3]
     assert [ep.environment.counter for ep in batch.episodes] == [2, 2]
     assert [ep.tool_calls for ep in batch.episodes] == [2, 2] and all(ep.truncated for ep in batch.episodes)
+    assert {ep.ended for ep in batch.episodes} == {"max_turns"}
+    # what a reward function reads: the messages after the prompt, ending with the policy's last turn
+    # (its uncalled tool call), in both
+    roles = ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert [[m["role"] for m in c] for c in completions] == [roles] * 2
+    assert [[m["role"] for m in ep.messages] for ep in batch.episodes] == [roles] * 2
+    for c, ep in zip(completions, batch.episodes):
+        assert c[-1]["tool_calls"] == ep.messages[-1]["tool_calls"] == [
+            {"type": "function", "function": {"name": "increment", "arguments": {"step": 1}}}]
+    # the environment's own reward, logged under its class name
+    assert "rewards/IncrementEnv/mean" in metrics
