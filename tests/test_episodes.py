@@ -438,3 +438,24 @@ def test_why_episodes_end_is_counted_per_reason(char_setup):
     whole = run(model, tok)
     assert {ep.ended for ep in whole.episodes if not ep.truncated} == {"done"}
     assert episode_metrics(whole.episodes)["episodes_ended/done"] >= 2
+
+
+def test_a_sample_record_reads_the_episode_turn_by_turn(char_setup):
+    """samples.jsonl's record of an episode: what reset returned, each action with its reward, each
+    observation (the last one included, which the policy never read), why it ended; `completion` is
+    the final answer, not the turns run together."""
+    from lmpg.samples import completion_records
+
+    model, tok = char_setup
+    a, b, eos = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b"), tok.eos_token_id
+    batch = sample_episodes(model, tok, ["ab"], [{}], lambda: EpisodeEnv(CountingGame(), "simple"), 1, seeds=[0],
+                            env_seeds=[0], limits=EpisodeLimits(3, 3), eos_ids=[eos],
+                            turn_sampler=ScriptedSampler([[a, eos], [b, eos], [a, a, eos]]))
+    batch.token_rewards, batch.scored = environment_token_rewards(batch)
+    (record,) = completion_records(batch, ["ab"])
+    assert record["reset"] == ":" and record["ended"] == "done" and record["completion"] == "aa"
+    assert record["turns"] == [{"role": "assistant", "content": "a", "reward": 0.5}, {"role": "user", "content": "[1]"},
+                               {"role": "assistant", "content": "b", "reward": 0.5}, {"role": "user", "content": "[2]"},
+                               {"role": "assistant", "content": "aa", "reward": 0.5},
+                               {"role": "user", "content": "[3]"}]
+    assert record["reward"] == 1.5 and record["num_turns"] == 3
