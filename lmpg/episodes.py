@@ -37,6 +37,7 @@ sampled (tests/test_episodes.py shows the log-probs move).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -45,9 +46,10 @@ import torch
 
 from lmpg.batch import TrajectoryBatch
 from lmpg.data import is_conversational
-from lmpg.environments import EpisodeEnv, rewards_itself
-from lmpg.errors import ConfigError, DataError
+from lmpg.environments import EnvironmentCalls, EpisodeEnv, TurnResult, rewards_itself
+from lmpg.errors import ConfigError, DataError, EnvError
 from lmpg.generation import LmpgTurnSampler, SampledTurn, TurnSampler
+from lmpg.rewards.specs import one_line
 from lmpg.rollout import encode_prompts
 from lmpg.tools import call_marker_ids, decode_turn
 
@@ -112,6 +114,8 @@ class Episode:
     error: str | None = None
     """What failed in the environment's code (ended 'error' or 'timeout'), one line."""
     env_seconds: float = 0.0
+    """Its share of the wall time the batch spent in environment code (calls run together are
+    shared out among their episodes, so the episodes' sum is the batch's time)."""
     environment: object = None
     """The environment instance, for reward functions that read its state (TRL's `environments`)."""
 
@@ -195,7 +199,11 @@ class EpisodeState:
 
     env: EpisodeEnv
     episode: Episode
-    prompt_ids: list[int]
+    index: int
+    """Its row in the batch."""
+    row: dict
+    """The dataset row its environment was reset from (for messages)."""
+    prompt_ids: list[int] = field(default_factory=list)
     """The rendered prompt (reset's text included), no padding."""
     ids: list[int] = field(default_factory=list)
     """Every token after the prompt: the policy's turns and the environment's observations."""
@@ -206,11 +214,17 @@ class EpisodeState:
     logp: list[float] = field(default_factory=list)
     """Per token of `ids`: the sampler's log-prob of an action, 0.0 for the environment's tokens."""
     live: bool = True
+    cut: str | None = None
+    """Why the last turn stopped short of its EOS ('max_new_tokens' or 'max_episode_tokens'), if it did."""
 
     @property
     def history(self) -> list[int]:
         """What the policy's next turn conditions on: the prompt and everything after it."""
         return self.prompt_ids + self.ids
+
+    @property
+    def failed(self) -> bool:
+        return self.episode.ended in ("error", "timeout")
 
     def append(self, ids: list[int], turn: int, logp: list[float] | None = None) -> None:
         """Tokens of one turn: the policy's (with their log-probs) or the environment's (logp None)."""
@@ -225,13 +239,32 @@ class EpisodeState:
         self.episode.ended, self.episode.truncated = why, why in TRUNCATING
 
 
-def _timed(episode: Episode, fn, *args):
-    """fn(*args), its wall time added to the episode's environment time."""
+def call_environments(runner: EnvironmentCalls, states: list[EpisodeState], calls: dict[int, Callable], method: str,
+                      on_error: str) -> dict[int, object]:
+    """Run calls into the environments of some episodes together (`EnvironmentCalls`); returns the
+    value of each call that succeeded, by episode. A failed call ends its episode as 'error' or
+    'timeout' (on_error='none': unscored) or stops the run in one line (on_error='raise'). The
+    wall time is shared out among the episodes called (`Episode.env_seconds`)."""
+    if not calls:
+        return {}
     t0 = time.perf_counter()
-    try:
-        return fn(*args)
-    finally:
-        episode.env_seconds += time.perf_counter() - t0
+    outcomes = runner.run(list(calls.values()))
+    share = (time.perf_counter() - t0) / len(calls)
+    values = {}
+    for i, out in zip(calls, outcomes):
+        state = states[i]
+        state.episode.env_seconds += share
+        if out.failure is None:
+            values[i] = out.value
+            continue
+        what = f"{state.env.name}.{method(state) if callable(method) else method} {out.failure}"
+        if on_error == "raise":
+            raise EnvError(f"environment {what} (episode {i} of the batch, row {one_line(repr(state.row), 100)}); fix "
+                           "it, or set reward_on_error: none to leave such episodes unscored (counted as "
+                           "episodes_ended/error and /timeout)")
+        state.episode.error = what
+        state.end("timeout" if out.timed_out else "error")
+    return values
 
 
 @dataclass
@@ -248,29 +281,36 @@ class EpisodeBatch:
 
 
 def start_episodes(tokenizer, prompts: list, rows: list[dict], make_env: Callable[[], EpisodeEnv], group_size: int, *,
-                   env_seeds: list[int], max_prompt_length: int, device) -> EpisodeBatch:
+                   env_seeds: list[int], max_prompt_length: int, device, runner: EnvironmentCalls,
+                   on_error: str) -> EpisodeBatch:
     """One environment per episode, reset from its group's row and seed; the prompts rendered with
-    reset's text (the G episodes of a group must agree on it) and the tools' schemas."""
+    reset's text (the G episodes of a group must agree on it) and the tools' schemas. An episode
+    whose reset failed never takes a turn."""
     B, G = len(prompts) * group_size, group_size
-    envs = [make_env() for _ in range(B)]
-    episodes = [Episode() for _ in range(B)]
-    first = [_timed(episodes[i], env.reset, rows[i // G], env_seeds[i // G]) for i, env in enumerate(envs)]
+    states = [EpisodeState(make_env(), Episode(), i, rows[i // G]) for i in range(B)]
+    for s in states:
+        s.env.awaiter = runner.await_coroutine
+    first = call_environments(runner, states, {i: functools.partial(s.env.reset, s.row, env_seeds[i // G])
+                                               for i, s in enumerate(states)}, "reset", on_error)
+    observations = []
     for g in range(len(prompts)):
-        if len(set(first[g * G:(g + 1) * G])) > 1:
+        group = [first[i] for i in range(g * G, (g + 1) * G) if i in first]
+        if len(set(group)) > 1:
             raise DataError(f"the {G} episodes of prompt {g} got different first observations from reset with one "
                             "seed; make reset deterministic given its seed (or Python's random)")
-    tools = envs[0].schemas
-    rendered = [render_episode_prompt(tokenizer, p, first[g * G], tools) for g, p in enumerate(prompts)]
+        observations.append(group[0] if group else None)
+    tools = states[0].env.schemas
+    rendered = [render_episode_prompt(tokenizer, p, observations[g], tools) for g, p in enumerate(prompts)]
     if len({add for _, add in rendered}) > 1:
         raise DataError("mix of chat and plain-text prompts in one batch; use one kind")
     prompt_ids, prompt_mask, n_trunc = encode_prompts(tokenizer, [t for t, _ in rendered], max_prompt_length,
                                                       rendered[0][1], device)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-    for ep, text in zip(episodes, first):
-        ep.first_observation = text
-    states = [EpisodeState(env, ep, prompt_ids[i][prompt_mask[i]].tolist())
-              for i, (env, ep) in enumerate(zip(envs, episodes))]
-    return EpisodeBatch(states, prompt_ids, prompt_mask, n_trunc, ChatBridge(tokenizer, envs[0].observation_role, tools))
+    for i, s in enumerate(states):
+        s.prompt_ids = prompt_ids[i][prompt_mask[i]].tolist()
+        s.episode.first_observation = first.get(i)
+    bridge = ChatBridge(tokenizer, states[0].env.observation_role, tools)
+    return EpisodeBatch(states, prompt_ids, prompt_mask, n_trunc, bridge)
 
 
 def take_turn(sampler: TurnSampler, states: list[EpisodeState], live: list[int], turn: int,
@@ -285,35 +325,40 @@ def take_turn(sampler: TurnSampler, states: list[EpisodeState], live: list[int],
     return sampled
 
 
-def step_environment(state: EpisodeState, action: SampledTurn, turn: int, *, limits: EpisodeLimits, bridge: ChatBridge,
-                     tokenizer, eos_ids: list[int], call_markers: set[int] = frozenset()) -> None:
-    """The environment's answer to the turn the policy just took: its reward on the turn's last
-    token, and its observation appended for the next turn, or the episode's end (`ENDINGS`).
-    call_markers: special tokens kept in the turn's text (`lmpg.tools.call_marker_ids`)."""
-    ep, env, tokens = state.episode, state.env, action.token_ids
+def record_action(state: EpisodeState, action: SampledTurn, *, limits: EpisodeLimits, tokenizer, eos_ids: list[int],
+                  call_markers: set[int] = frozenset()) -> str | None:
+    """The policy's turn as text, in the episode's messages; None when the environment is not to
+    answer it (a TRL-shaped environment's turn cut short: its calls are not run, the episode ends).
+    call_markers: special tokens kept in the text (`lmpg.tools.call_marker_ids`)."""
+    ep, tokens = state.episode, action.token_ids
     text = decode_turn(tokenizer, tokens, call_markers)
-    said = {"role": "assistant", "content": text}
-    ep.messages.append(said)
-    ep.transcript.append(dict(said))
-    cut = None
+    ep.messages.append({"role": "assistant", "content": text})
+    ep.transcript.append({"role": "assistant", "content": text})
+    state.cut = None
     if not (tokens and tokens[-1] in eos_ids):  # out of tokens mid-turn
-        cut = "max_new_tokens" if len(tokens) >= limits.max_new_tokens else "max_episode_tokens"
-        if env.kind == "tools":  # a call cut short is not run; get_reward still scores the episode
-            state.end(cut)
-            return
-    result = _timed(ep, env.step, text, turn == limits.max_turns - 1)
+        state.cut = "max_new_tokens" if len(tokens) >= limits.max_new_tokens else "max_episode_tokens"
+        if state.env.kind == "tools":  # a call cut short is not run; get_reward still scores the episode
+            state.end(state.cut)
+            return None
+    return text
+
+
+def apply_step(state: EpisodeState, result: TurnResult, turn: int, *, limits: EpisodeLimits, bridge: ChatBridge) -> None:
+    """The environment's answer to the turn: its reward on the turn's last token, and its
+    observation appended for the next turn, or the episode's end (`ENDINGS`)."""
+    ep, env = state.episode, state.env
     ep.tool_calls += result.tool_calls
     ep.tool_errors += result.tool_errors
     if result.calls:
-        said["tool_calls"] = ep.transcript[-1]["tool_calls"] = result.calls
+        ep.messages[-1]["tool_calls"] = ep.transcript[-1]["tool_calls"] = result.calls
     if result.reward is not None:
         ep.rewards.append((len(state.ids) - 1, result.reward))
         ep.transcript[-1]["reward"] = result.reward
     observation = {"role": env.observation_role, "content": result.observation or ""}
-    if result.observation is not None or not (cut or result.done):
+    if result.observation is not None or not (state.cut or result.done):
         ep.transcript.append(observation)
-    if cut or result.done:
-        state.end(cut or result.ended)
+    if state.cut or result.done:
+        state.end(state.cut or result.ended)
         return
     obs = bridge.ids(observation["content"])
     if len(state.ids) + len(obs) + 1 > limits.episode_tokens:
@@ -325,25 +370,40 @@ def step_environment(state: EpisodeState, action: SampledTurn, turn: int, *, lim
         state.append(obs, turn)
 
 
-def finish_episodes(states: list[EpisodeState]) -> None:
-    """The environments' final rewards (get_reward), on each episode's last action token."""
-    for s in states:
-        ep = s.episode
-        final = _timed(ep, s.env.final_reward)
+def step_environments(states: list[EpisodeState], live: list[int], actions: list[SampledTurn], turn: int, *,
+                      limits: EpisodeLimits, bridge: ChatBridge, tokenizer, eos_ids: list[int], runner: EnvironmentCalls,
+                      on_error: str, call_markers: set[int] = frozenset()) -> None:
+    """Every live episode's environment answers the turn its policy just took, all together."""
+    texts = {i: record_action(states[i], a, limits=limits, tokenizer=tokenizer, eos_ids=eos_ids,
+                              call_markers=call_markers) for i, a in zip(live, actions)}
+    last = turn == limits.max_turns - 1
+    calls = {i: functools.partial(states[i].env.step, text, last) for i, text in texts.items() if text is not None}
+    results = call_environments(runner, states, calls, lambda s: s.env.step_name, on_error)
+    for i, result in results.items():
+        apply_step(states[i], result, turn, limits=limits, bridge=bridge)
+
+
+def finish_episodes(states: list[EpisodeState], runner: EnvironmentCalls, on_error: str) -> None:
+    """The environments' final rewards (get_reward, all together), each on its episode's last action token."""
+    scoring = {i: s.env.final_reward for i, s in enumerate(states) if not s.failed}
+    finals = call_environments(runner, states, scoring, "get_reward", on_error)
+    for i, final in finals.items():
+        s, ep = states[i], states[i].episode
         if final is not None:
             last = max(t for t, a in enumerate(s.is_action) if a) if any(s.is_action) else 0
             ep.rewards.append((last, final))
             said = [m for m in ep.transcript if m["role"] == "assistant"]
             if said:
                 said[-1]["reward"] = said[-1].get("reward", 0.0) + final
-        ep.environment = s.env.instance
+    for s in states:
+        s.episode.environment = s.env.instance
 
 
 def to_batch(started: EpisodeBatch, tokenizer, *, group_size: int, policy_version: int, device) -> TrajectoryBatch:
     """The episodes as one TrajectoryBatch: the tokens after each prompt right-padded, the
     environment's tokens holes in action_mask, the sampler's log-probs, turn ids."""
     states, pad = started.states, tokenizer.pad_token_id
-    B, T = len(states), max(len(s.ids) for s in states)
+    B, T = len(states), max(1, max(len(s.ids) for s in states))  # an episode whose reset failed has no tokens
     completion_ids = torch.full((B, T), pad, dtype=torch.long)
     completion_mask = torch.zeros(B, T, dtype=torch.bool)
     action_mask = torch.zeros(B, T, dtype=torch.bool)
@@ -373,7 +433,8 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
                     group_size: int, *, seeds: list[int], env_seeds: list[int], limits: EpisodeLimits,
                     eos_ids: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     max_prompt_length: int = 512, carry_cache: bool = True, policy_version: int = 0,
-                    turn_sampler: TurnSampler | None = None) -> TrajectoryBatch:
+                    turn_sampler: TurnSampler | None = None, env_timeout: float | None = 60.0,
+                    env_workers: int | None = None, on_error: str = "raise") -> TrajectoryBatch:
     """G episodes per prompt, all live episodes taking their turn together.
 
     prompts / rows: one per group (the dataset rows go to `reset(**row)`); seeds: (B,) one random
@@ -382,31 +443,39 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
     turn_sampler: what generates the turns (`lmpg.generation`); default `LmpgTurnSampler` on
     `model` with the sampling settings given here (carry_cache: keep the KV cache across turns
     instead of prefilling the whole history again each turn).
+    env_timeout, env_workers: how long one call into the environments' code may run, and how many
+    run at once (`lmpg.environments.EnvironmentCalls`); on_error: what a failing one does
+    ('raise': one line; 'none': its episode ends as 'error' / 'timeout', unscored).
     """
     device = next(model.parameters()).device
     if turn_sampler is None:
         turn_sampler = LmpgTurnSampler(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, temperature=temperature,
                                        top_k=top_k, top_p=top_p, carry_cache=carry_cache)
-    # 1. one environment per episode, reset; the prompts rendered with reset's text
-    started = start_episodes(tokenizer, prompts, rows, make_env, group_size, env_seeds=env_seeds,
-                             max_prompt_length=max_prompt_length, device=device)
-    states = started.states
-    markers = call_marker_ids(tokenizer, states[0].env.tool_format) if states[0].env.kind == "tools" else set()
-    turn_sampler.start(seeds)
+    runner = EnvironmentCalls(env_timeout, env_workers)
     try:
-        for turn in range(limits.max_turns):
-            live = [i for i, s in enumerate(states) if s.live]
-            if not live:
-                break
-            # 2. the policy's turn in every live episode, 3. each environment's answer
-            actions = take_turn(turn_sampler, states, live, turn, limits)
-            for i, action in zip(live, actions):
-                step_environment(states[i], action, turn, limits=limits, bridge=started.bridge, tokenizer=tokenizer,
-                                 eos_ids=eos_ids, call_markers=markers)
+        # 1. one environment per episode, reset; the prompts rendered with reset's text
+        started = start_episodes(tokenizer, prompts, rows, make_env, group_size, env_seeds=env_seeds,
+                                 max_prompt_length=max_prompt_length, device=device, runner=runner, on_error=on_error)
+        states = started.states
+        markers = call_marker_ids(tokenizer, states[0].env.tool_format) if states[0].env.kind == "tools" else set()
+        turn_sampler.start(seeds)
+        try:
+            for turn in range(limits.max_turns):
+                live = [i for i, s in enumerate(states) if s.live]
+                if not live:
+                    break
+                # 2. the policy's turn in every live episode, 3. the environments' answers
+                actions = take_turn(turn_sampler, states, live, turn, limits)
+                step_environments(states, live, actions, turn, limits=limits, bridge=started.bridge,
+                                  tokenizer=tokenizer, eos_ids=eos_ids, runner=runner, on_error=on_error,
+                                  call_markers=markers)
+        finally:
+            turn_sampler.finish()
+        # 4. the environments' final rewards
+        finish_episodes(states, runner, on_error)
     finally:
-        turn_sampler.finish()
-    # 4. the environments' final rewards, 5. one batch
-    finish_episodes(states)
+        runner.close()
+    # 5. one batch
     return to_batch(started, tokenizer, group_size=group_size, policy_version=policy_version, device=device)
 
 
@@ -494,7 +563,8 @@ class EpisodeSampler:
         return sample_episodes(policy, self.tokenizer, prompts, rows, self.make_env, c.group_size, seeds=seeds,
                                env_seeds=env_seeds, limits=self.limits, eos_ids=self.eos_ids,
                                max_prompt_length=c.max_prompt_length, policy_version=iteration,
-                               turn_sampler=turn_sampler or self.turn_sampler(policy, greedy))
+                               turn_sampler=turn_sampler or self.turn_sampler(policy, greedy),
+                               env_timeout=c.env_timeout, env_workers=c.env_workers, on_error=c.reward_on_error)
 
 
 def environment_name(batch: TrajectoryBatch, taken: list[str]) -> str:
@@ -528,7 +598,11 @@ def score_episodes(scorer, batch: TrajectoryBatch, prompts, rows, prompt_column,
                               environments=[ep.environment for ep in batch.episodes])
         fn_r, fn_has = scores.to_token_rewards(batch.action_mask.cpu())
         token_rewards, scored = fn_r.to(env_r.device) + env_r, fn_has.to(env_has.device) | env_has
-    env_values = [ep.env_reward for ep in batch.episodes]
+    failed = torch.tensor([ep.ended in ("error", "timeout") for ep in batch.episodes], device=scored.device)
+    if bool(failed.any()):  # environment code failed: the episode is unscored (reward_on_error: none)
+        scored = scored & ~failed
+        token_rewards = token_rewards * (~failed).unsqueeze(1).to(token_rewards.dtype)
+    env_values = [None if ep.ended in ("error", "timeout") else ep.env_reward for ep in batch.episodes]
     instance = next((ep.environment for ep in batch.episodes if ep.environment is not None), None)
     if instance is not None and rewards_itself(instance):  # by class, so every process logs the same columns
         scores.names, scores.values = scores.names + [environment_name(batch, scores.names)], scores.values + [env_values]

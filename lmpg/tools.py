@@ -91,6 +91,16 @@ def parse_tool_calls(text: str, tool_format: str, schemas: dict[str, dict] | Non
     raise ConfigError(f"tool_format={tool_format!r} is not valid; set it to one of {', '.join(TOOL_FORMATS)}")
 
 
+def other_format(text: str, tool_format: str, schemas: dict[str, dict] | None = None) -> str | None:
+    """The other format's name when `text`, in which `tool_format` finds no call, holds what looks
+    like calls in it (a hermes tag, or a known tool's name(...)); else None."""
+    if tool_format == "simple" and "<tool_call>" in text:
+        return "hermes"
+    if tool_format == "hermes" and any(c.name in (schemas or {}) for c in parse_tool_calls(text, "simple", schemas)):
+        return "simple"
+    return None
+
+
 def _special_ids(tokenizer) -> set[int]:
     """The ids `decode(skip_special_tokens=True)` drops: the named special tokens and every added
     token marked special (which `all_special_ids` does not always list)."""
