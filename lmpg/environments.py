@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import importlib
 import importlib.util
 import inspect
@@ -344,7 +343,8 @@ class EnvironmentCalls:
                 i = waiting.popleft()
                 running[i] = time.perf_counter()
                 in_daemon_thread(calls[i]).add_done_callback(lambda f, i=i: finished.put((i, f)))
-            wait = None if self.timeout is None else max(0.0, min(running.values()) + self.timeout - time.perf_counter())
+            oldest = min(running.values())
+            wait = None if self.timeout is None else max(0.0, oldest + self.timeout - time.perf_counter())
             try:
                 i, future = finished.get(timeout=wait)
             except queue.Empty:

@@ -33,6 +33,14 @@ text is tokenized on its own and appended, wrapped in the chat template's bridge
 once by rendering, `ChatBridge`), so the history is never re-tokenised: decode-then-encode is not
 the identity for BPE tokenizers, and a re-tokenised history would train on tokens the policy never
 sampled (tests/test_episodes.py shows the log-probs move).
+
+The loop (`sample_episodes`) carries one `EpisodeState` per episode through named steps:
+1. `start_episodes`: one environment per episode, reset; the prompts rendered with reset's text;
+2. `take_turn`: the policy's turn in every live episode, from a `TurnSampler` (`lmpg.generation`:
+   lmpg's KV-cache sampler, or any other) given each episode's whole token history;
+3. `step_environments`: the environments answer, together (`lmpg.environments.EnvironmentCalls`);
+   each episode goes on or ends for one of `ENDINGS`;
+4. `finish_episodes`: get_reward; 5. `to_batch`: one TrajectoryBatch.
 """
 
 from __future__ import annotations
@@ -257,7 +265,7 @@ def call_environments(runner: EnvironmentCalls, states: list[EpisodeState], call
         if out.failure is None:
             values[i] = out.value
             continue
-        what = f"{state.env.name}.{method(state) if callable(method) else method} {out.failure}"
+        what = f"{state.env.name}.{method} {out.failure}"
         if on_error == "raise":
             raise EnvError(f"environment {what} (episode {i} of the batch, row {one_line(repr(state.row), 100)}); fix "
                            "it, or set reward_on_error: none to leave such episodes unscored (counted as "
@@ -343,7 +351,8 @@ def record_action(state: EpisodeState, action: SampledTurn, *, limits: EpisodeLi
     return text
 
 
-def apply_step(state: EpisodeState, result: TurnResult, turn: int, *, limits: EpisodeLimits, bridge: ChatBridge) -> None:
+def apply_step(state: EpisodeState, result: TurnResult, turn: int, *, limits: EpisodeLimits,
+               bridge: ChatBridge) -> None:
     """The environment's answer to the turn: its reward on the turn's last token, and its
     observation appended for the next turn, or the episode's end (`ENDINGS`)."""
     ep, env = state.episode, state.env
@@ -371,14 +380,14 @@ def apply_step(state: EpisodeState, result: TurnResult, turn: int, *, limits: Ep
 
 
 def step_environments(states: list[EpisodeState], live: list[int], actions: list[SampledTurn], turn: int, *,
-                      limits: EpisodeLimits, bridge: ChatBridge, tokenizer, eos_ids: list[int], runner: EnvironmentCalls,
-                      on_error: str, call_markers: set[int] = frozenset()) -> None:
+                      limits: EpisodeLimits, bridge: ChatBridge, tokenizer, eos_ids: list[int],
+                      runner: EnvironmentCalls, on_error: str, call_markers: set[int] = frozenset()) -> None:
     """Every live episode's environment answers the turn its policy just took, all together."""
     texts = {i: record_action(states[i], a, limits=limits, tokenizer=tokenizer, eos_ids=eos_ids,
                               call_markers=call_markers) for i, a in zip(live, actions)}
     last = turn == limits.max_turns - 1
     calls = {i: functools.partial(states[i].env.step, text, last) for i, text in texts.items() if text is not None}
-    results = call_environments(runner, states, calls, lambda s: s.env.step_name, on_error)
+    results = call_environments(runner, states, calls, states[live[0]].env.step_name, on_error)
     for i, result in results.items():
         apply_step(states[i], result, turn, limits=limits, bridge=bridge)
 
@@ -605,6 +614,6 @@ def score_episodes(scorer, batch: TrajectoryBatch, prompts, rows, prompt_column,
     env_values = [None if ep.ended in ("error", "timeout") else ep.env_reward for ep in batch.episodes]
     instance = next((ep.environment for ep in batch.episodes if ep.environment is not None), None)
     if instance is not None and rewards_itself(instance):  # by class, so every process logs the same columns
-        scores.names, scores.values = scores.names + [environment_name(batch, scores.names)], scores.values + [env_values]
-        scores.weights = scores.weights + [1.0]
+        scores.names = scores.names + [environment_name(batch, scores.names)]
+        scores.values, scores.weights = scores.values + [env_values], scores.weights + [1.0]
     return token_rewards, scored, scores

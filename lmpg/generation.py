@@ -144,8 +144,8 @@ class LmpgTurnSampler:
         while not bool(finished.all()):
             z = logits.float() / self.temperature
             logp_all = torch.log_softmax(z, dim=-1)
-            token = torch.argmax(filter_logits(z, self.top_k, self.top_p) + gumbel_noise(generators, z.shape[-1], device),
-                                 dim=-1)
+            noise = gumbel_noise(generators, z.shape[-1], device)
+            token = torch.argmax(filter_logits(z, self.top_k, self.top_p) + noise, dim=-1)
             logp = logp_all.gather(1, token.unsqueeze(1)).squeeze(1)
             for j in (~finished).nonzero().flatten().tolist():
                 tokens[j].append(int(token[j]))

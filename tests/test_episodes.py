@@ -10,7 +10,8 @@ from tokenizers import Tokenizer, decoders, models, trainers
 
 from lmpg.advantages import compute_advantages
 from lmpg.environments import EpisodeEnv
-from lmpg.episodes import ENDINGS, ChatBridge, EpisodeLimits, environment_token_rewards, episode_metrics, sample_episodes
+from lmpg.episodes import (ENDINGS, ChatBridge, EpisodeLimits, environment_token_rewards, episode_metrics,
+                           sample_episodes)
 from lmpg.errors import ConfigError
 from lmpg.logprobs import sequence_logprobs
 from lmpg.losses import policy_gradient_loss

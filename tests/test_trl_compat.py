@@ -314,7 +314,8 @@ def trl_episodes(tmp_path, tok, turn_ids, **config):
         warnings.simplefilter("ignore")
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         trainer = trl.GRPOTrainer(model=model, reward_funcs=[recorder], args=args, processing_class=tok,
-                                  environment_factory=IncrementEnv, train_dataset=datasets.Dataset.from_list([chat] * 2))
+                                  environment_factory=IncrementEnv,
+                                  train_dataset=datasets.Dataset.from_list([chat] * 2))
         trainer._generate_single_turn = generate
         trainer._generate_and_score_completions([chat] * 2)
     return trainer.environments, seen, len(generated), {k: v[-1] for k, v in trainer._metrics["train"].items()}
