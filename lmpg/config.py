@@ -67,7 +67,8 @@ class PGConfig:
     """One weight per reward function (default 1.0 each); the return is the weighted sum."""
     reward_on_error: OnError = "raise"
     """What a reward function that raises or returns NaN/inf/wrong length does: 'raise' stops the run, 'none'
-    treats the sample as unscored (counted in the metrics)."""
+    treats the sample as unscored (counted in the metrics). The same for an environment's code (reset, step,
+    get_reward raising, stalling, or returning no number): its episode unscored, ended 'error' / 'timeout'."""
     reward_executor: RewardExecutor = "serial"
     """How sync reward functions run: 'serial', 'thread' or 'process' (a pool, batch split in chunks). Async
     functions always run concurrently."""
@@ -139,6 +140,13 @@ class PGConfig:
     'simple' (name(arg, arg), for tiny models)."""
     tool_timeout: float = 10.0
     """Seconds a tool call may run before it becomes an error observation."""
+    env_timeout: float | None = 60.0
+    """Seconds one call into the environment's own code (reset, step, get_reward; a turn's tool calls
+    together) may run; an episode whose call runs past it ends as 'timeout', handled as reward_on_error says
+    (the episode unscored, or the run stopped). None: no limit."""
+    env_workers: int | None = None
+    """Environment calls of the live episodes run at once (threads; None: all). 1 runs them one after another,
+    which keeps runs reproducible when step or the tools draw from Python's or numpy's global RNG."""
     max_turns: int = 4
     """Policy turns per episode (max_new_tokens is the limit per turn); an episode that hits it is
     truncated."""
@@ -326,6 +334,10 @@ class PGConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.tool_timeout <= 0:
             raise ConfigError(f"tool_timeout={self.tool_timeout} must be > 0 (seconds a tool call may run)")
+        if self.env_timeout is not None and not self.env_timeout > 0:
+            raise ConfigError(f"env_timeout={self.env_timeout} must be > 0 seconds, or None for no limit")
+        if self.env_workers is not None and self.env_workers < 1:
+            raise ConfigError(f"env_workers={self.env_workers} must be >= 1, or None for one per live episode")
         if self.logits_chunk_size < 0:
             raise ConfigError(f"logits_chunk_size={self.logits_chunk_size} must be >= 0 (0: full logits)")
         if self.sample_groups_per_iteration is not None and self.sample_groups_per_iteration < 0:

@@ -22,6 +22,10 @@ class RewardError(LmpgError, RuntimeError):
     """A reward function cannot be loaded, raised, or returned something unusable."""
 
 
+class EnvError(LmpgError, RuntimeError):
+    """An environment's code (reset, step, get_reward) raised, stalled or returned something unusable."""
+
+
 class TrainingError(LmpgError, RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite updates)."""
 

@@ -4,16 +4,28 @@
 `completion_records` builds the record both write. Its keys, each with one meaning:
 
     prompt        the dataset's prompt (a string or chat messages)
-    completion    the text after the prompt, decoded from the sampled ids
+    completion    the text after the prompt, decoded from the sampled ids (an episode: the text of
+                  the policy's last turn, its final answer; the whole episode is in `turns`)
     reward        sum_t r_t of the row's per-token rewards (the weighted reward functions, plus an
                   environment's own rewards; in training with kl_in=reward, after the KL penalty);
                   None when no function scored it
     length        tokens after the prompt (EOS and an episode's environment tokens included)
     truncated     the completion hit max_new_tokens (an episode: a length or turn limit) unfinished
-    turns, num_turns, tool_calls, tool_errors     (multi-turn episodes only) the messages after the
-                  prompt, the policy's turns, its tool calls and the failed ones
-    reward/NAME   what reward function NAME gave (a per-token list counts as its sum), unweighted
+    reward/NAME   what reward function NAME gave (a per-token list counts as its sum), unweighted;
+                  for an episode, the environment's own reward under its class name
     ...           the columns the reward functions gave `log_extra`
+
+A multi-turn episode (`lmpg.episodes`) adds, so that it reads turn by turn:
+
+    reset         the text the environment's reset() returned (appended to the prompt), or None
+    turns         every message after the prompt in order: {"role": "assistant", "content": the
+                  policy's turn, "reward": the environment's reward for it (get_reward's on the
+                  last turn), "tool_calls": ...}, then {"role": "tool" | "user", "content": the
+                  observation}, the last observation included even when the policy never read it
+    ended         why it ended (`lmpg.episodes.ENDINGS`: done, env_truncated, max_turns,
+                  max_new_tokens, max_episode_tokens, error, timeout)
+    error         what failed in the environment's code (ended error or timeout), else None
+    num_turns, tool_calls, tool_errors     the policy's turns, its tool calls and the failed ones
 
 Training adds `iteration` and `advantage` (A at the row's first action token); `lmpg eval` adds
 `prompt_index` (the prompt's row in the evaluated dataset).
@@ -40,8 +52,8 @@ def completion_records(batch: TrajectoryBatch, prompts: list, scores=None, **col
                     "truncated": bool(batch.truncated[i])})
         if batch.episodes is not None:  # a multi-turn episode, turn by turn
             ep = batch.episodes[i]
-            rec.update({"turns": ep.messages, "num_turns": ep.turns, "tool_calls": ep.tool_calls,
-                        "tool_errors": ep.tool_errors})
+            rec.update({"reset": ep.first_observation, "turns": ep.transcript, "ended": ep.ended, "error": ep.error,
+                        "num_turns": ep.turns, "tool_calls": ep.tool_calls, "tool_errors": ep.tool_errors})
         if scores is not None:
             for name, values in zip(scores.names, scores.values):
                 v = values[i]

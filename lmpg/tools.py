@@ -36,6 +36,8 @@ RESERVED_METHODS = ("reset", "step", "get_reward", "close")
 """Methods of an environment class that are never tools."""
 
 _HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+CALL_MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "simple": ()}
+"""The text each format wraps a call in: a tokenizer may hold these as special tokens (decode them kept)."""
 _SIMPLE = re.compile(r"([A-Za-z_]\w*)\(([^()]*)\)")
 
 
@@ -87,6 +89,40 @@ def parse_tool_calls(text: str, tool_format: str, schemas: dict[str, dict] | Non
     if tool_format == "simple":
         return [_simple_call(name, args, (schemas or {}).get(name)) for name, args in _SIMPLE.findall(text)]
     raise ConfigError(f"tool_format={tool_format!r} is not valid; set it to one of {', '.join(TOOL_FORMATS)}")
+
+
+def other_format(text: str, tool_format: str, schemas: dict[str, dict] | None = None) -> str | None:
+    """The other format's name when `text`, in which `tool_format` finds no call, holds what looks
+    like calls in it (a hermes tag, or a known tool's name(...)); else None."""
+    if tool_format == "simple" and "<tool_call>" in text:
+        return "hermes"
+    if tool_format == "hermes" and any(c.name in (schemas or {}) for c in parse_tool_calls(text, "simple", schemas)):
+        return "simple"
+    return None
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """The ids `decode(skip_special_tokens=True)` drops: the named special tokens and every added
+    token marked special (which `all_special_ids` does not always list)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def call_marker_ids(tokenizer, tool_format: str) -> set[int]:
+    """The ids of the format's call markers (`CALL_MARKERS`) that the tokenizer holds as special
+    tokens: decoding a turn with special tokens skipped would drop them, and every call with them."""
+    special = _special_ids(tokenizer)
+    ids = {tokenizer.convert_tokens_to_ids(marker) for marker in CALL_MARKERS.get(tool_format, ())}
+    return {i for i in ids if isinstance(i, int) and i in special}
+
+
+def decode_turn(tokenizer, ids: list[int], keep: set[int] = frozenset()) -> str:
+    """The text of one turn of the policy: special tokens skipped, except the ids in `keep` (the call
+    markers of `call_marker_ids`), which stay in the text for the calls to be parsed from it."""
+    if not keep.intersection(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    drop = _special_ids(tokenizer) - keep
+    return tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
 
 
 def _hermes_call(body: str) -> ToolCall:

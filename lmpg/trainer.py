@@ -40,6 +40,7 @@ from lmpg.checkpoint import load_state, load_weights, quiet_hf_progress, rng_sta
     save_weights, set_rng_state
 from lmpg.config import PGConfig
 from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
+from lmpg.environments import require_reward_source
 from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
 from lmpg.errors import ConfigError
 from lmpg.forward import batch_logprobs
@@ -181,6 +182,8 @@ class PGTrainer:
         fns = [fns] if callable(fns) or isinstance(fns, str) else list(fns)
         if not fns and not c.environment:
             raise ConfigError("no reward function given; pass reward_fns=[...] or set rewards in the config")
+        if not fns:  # an environment that rewards the episodes itself, or nothing would
+            require_reward_source(c.environment)
         self.scorer = RewardScorer(fns, weights, on_error=c.reward_on_error, executor=c.reward_executor,
                                    max_workers=c.reward_workers, timeout=c.reward_timeout,
                                    memory_mb=c.reward_memory_mb, max_steps=c.iterations) if fns else None
@@ -311,7 +314,8 @@ class PGTrainer:
         policy = self.accelerator.unwrap_model(self.model)
         if self.episodes is not None:
             rows = [{k: v[i] for k, v in prompts.rows.items()} for i in range(len(prompts.prompts))]
-            return self.episodes.sample(policy, prompts.prompts, rows, prompts.positions, self.iteration, seeds)
+            return self.episodes.sample(policy, prompts.prompts, rows, prompts.positions, self.iteration, seeds,
+                                        turn_sampler=self.turn_sampler or self.episodes.turn_sampler(policy))
         return sample_completions(policy, self.tokenizer, prompts.texts, c.group_size,
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, max_prompt_length=c.max_prompt_length,

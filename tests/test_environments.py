@@ -1,7 +1,12 @@
 """Environment adapters and tools: TRL's documented environment runs unchanged; bad calls never crash."""
 
+import asyncio
+import logging
 import random
+import threading
 import time
+
+import pytest
 
 from lmpg.environments import EpisodeEnv, load_environment
 from lmpg.tools import parse_tool_calls
@@ -100,7 +105,7 @@ def test_gymnasium_signatures_and_spec_loading(tmp_path):
     env = EpisodeEnv(Gym())
     assert env.reset({"level": 2}, seed=9) == "start 2" and env.instance.seed == 9
     out = env.step("a")
-    assert out.done and out.truncated and out.reward == 1.0
+    assert out.done and out.ended == "env_truncated" and out.reward == 1.0
     f = tmp_path / "envs.py"
     f.write_text("class E:\n    def reset(self, **row):\n        return None\n")
     assert load_environment(f"{f}:E")().reset() is None
@@ -185,6 +190,37 @@ def test_trl_documented_environments_run_unchanged_in_a_trainer(tmp_path):
     assert rewards == [float(ep.environment.counter == t) for ep, t in zip(result.batch.episodes, targets)]
     assert rewards.count(1.0) >= 2  # the target-0 group scores without a tool call
     assert result.metrics["reward_mean"] == sum(rewards) / len(rewards)
+    # the environment's own reward under its class name, as TRL logs it (rewards/IncrementFromData/mean)
+    assert result.metrics["reward/IncrementFromData"] == sum(rewards) / len(rewards)
+
+
+class NoReward:
+    """Tools and no get_reward: nothing would score an episode without reward functions."""
+
+    def reset(self, **row):
+        return None
+
+    def noop(self, x: int) -> int:
+        """
+        Nothing.
+
+        Args:
+            x: anything.
+        """
+        return x
+
+
+def test_a_run_with_no_reward_source_is_refused_at_start(tmp_path):
+    import pytest
+
+    from lmpg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nothing rewards the episodes: environment NoReward has no get_reward") as e:
+        trainer_step(tmp_path, "test_environments:NoReward", [{"prompt": "ab"}] * 4)
+    assert "\n" not in str(e.value)
+    _, result = trainer_step(tmp_path / "fns", "test_environments:NoReward", [{"prompt": "ab"}] * 4,
+                             [lambda completions, **kw: [1.0] * len(completions)])
+    assert result.metrics["reward_mean"] == 1.0 and not any(k.startswith("reward/NoReward") for k in result.metrics)
 
 
 def test_async_get_reward_is_awaited():
@@ -213,3 +249,131 @@ def test_reward_functions_get_each_episodes_own_environment(tmp_path):
     assert len(set(values)) > 1  # the episodes differ, so a mix-up would show
     assert result.metrics["reward/action_chars"] == sum(values) / len(values)
     assert result.batch.token_rewards.sum(1).tolist() == values
+
+
+# --- environments that fail or stall --------------------------------------------------------------
+class Broken:
+    """A step-API game whose code fails where `how` says (a class attribute set per test)."""
+
+    how = None
+
+    def reset(self, **row):
+        if Broken.how == "reset":
+            raise RuntimeError("reset broke")
+        if Broken.how == "column":
+            return row["level"]  # the row has no level column
+        return None
+
+    def step(self, action):
+        if Broken.how == "step":
+            raise ZeroDivisionError("division by zero")
+        if Broken.how == "reward":
+            return "b", "great", False
+        if Broken.how == "stall":
+            threading.Event().wait()  # never returns
+        return "b", 1.0, False
+
+    def get_reward(self):
+        if Broken.how == "get_reward":
+            raise KeyError("score")
+        return 0.0
+
+
+FAILURES = [("reset", "Broken.reset raised RuntimeError: reset broke"),
+            ("column", "Broken.reset raised KeyError: 'level'"),
+            ("step", "Broken.step raised ZeroDivisionError: division by zero"),
+            ("reward", "Broken.step returned reward 'great' (str), not a number"),
+            ("get_reward", "Broken.get_reward raised KeyError: 'score'"),
+            ("stall", "Broken.step did not return within 0.5 s (env_timeout)")]
+
+
+@pytest.mark.parametrize("how, message", FAILURES, ids=[f[0] for f in FAILURES])
+def test_failing_environment_code_stops_in_one_line_naming_class_method_and_row(tmp_path, how, message):
+    from lmpg.errors import EnvError
+
+    Broken.how = how
+    with pytest.raises(EnvError) as error:
+        trainer_step(tmp_path, "test_environments:Broken", [{"prompt": "ab"}] * 4, env_timeout=0.5)
+    text = str(error.value)
+    assert "\n" not in text and message in text and "row {'prompt': 'ab'}" in text, text
+    assert "reward_on_error: none" in text
+
+
+@pytest.mark.parametrize("how, message", FAILURES, ids=[f[0] for f in FAILURES])
+def test_failing_environment_code_with_on_error_none_leaves_the_episode_unscored_and_counted(tmp_path, how, message):
+    Broken.how = how
+    _, result = trainer_step(tmp_path, "test_environments:Broken", [{"prompt": "ab"}] * 4, env_timeout=0.5,
+                             reward_on_error="none")
+    why = "timeout" if how == "stall" else "error"
+    assert result.metrics[f"episodes_ended/{why}"] == 8 and result.metrics["unscored_frac"] == 1.0
+    assert all(ep.ended == why and message in ep.error for ep in result.batch.episodes)
+    assert not bool(result.batch.scored.any()) and not bool(result.batch.loss_mask.any())
+
+
+class Gathering:
+    """Each episode's step waits until every episode of the batch is in its own step (a barrier):
+    run one after another, the first would wait forever (broken at 30 s: an error, not a hang)."""
+
+    barrier = None
+
+    def reset(self, **row):
+        return None
+
+    def step(self, action):
+        Gathering.barrier.wait(timeout=30)
+        return "b", 1.0, True
+
+
+class AsyncGathering:
+    """The same for `async def` step and get_reward: every coroutine must be in flight at once."""
+
+    in_flight = 0
+
+    def reset(self, **row):
+        self.turn = 0
+        return None
+
+    async def _together(self, n):
+        AsyncGathering.in_flight += 1
+        await asyncio.wait_for(self._until(n), 30)
+
+    async def _until(self, n):
+        while AsyncGathering.in_flight % n:
+            await asyncio.sleep(0.01)
+
+    async def step(self, action):
+        await self._together(8)
+        return "b", 1.0, True
+
+    async def get_reward(self):
+        await self._together(8)
+        return 2.0
+
+
+def test_live_episodes_environment_calls_run_together(tmp_path):
+    Gathering.barrier = threading.Barrier(8)
+    _, result = trainer_step(tmp_path / "threads", "test_environments:Gathering", [{"prompt": "ab"}] * 4)
+    stepped = ("done", "max_new_tokens")  # a turn cut at max_new_tokens is stepped too
+    assert all(ep.ended in stepped for ep in result.batch.episodes) and result.metrics["reward_mean"] == 1.0
+    AsyncGathering.in_flight = 0
+    _, result = trainer_step(tmp_path / "async", "test_environments:AsyncGathering", [{"prompt": "ab"}] * 4)
+    assert all(ep.ended in stepped for ep in result.batch.episodes) and result.metrics["reward_mean"] == 3.0
+    assert result.metrics["reward/AsyncGathering"] == 3.0
+
+
+def test_calls_in_the_other_tool_format_warn_once(caplog):
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+    from lmpg.episodes import EpisodeLimits, sample_episodes
+    from test_episodes import ScriptedSampler
+
+    tok = make_char_tokenizer("increment(1)abc")
+    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=16, n_head=2)
+    turn = tok.encode("increment(1)", add_special_tokens=False) + [tok.eos_token_id]
+    with caplog.at_level(logging.WARNING, logger="lmpg"):
+        for _ in range(2):
+            batch = sample_episodes(model, tok, ["a", "b"], [{}] * 2, lambda: EpisodeEnv(IncrementEnv(), "hermes"), 2,
+                                    seeds=[0, 1, 2, 3], env_seeds=[0, 1], limits=EpisodeLimits(2, 16),
+                                    eos_ids=[tok.eos_token_id], turn_sampler=ScriptedSampler([turn, turn]))
+    assert all(ep.tool_calls == 0 and ep.ended == "done" for ep in batch.episodes)
+    warnings = [r for r in caplog.records if "look like tool calls in the simple format" in r.getMessage()]
+    assert len(warnings) == 1 and "tool_format: simple" in warnings[0].getMessage()

@@ -54,10 +54,11 @@ def test_completion_records_without_scores_or_rewards():
 
 
 def test_episode_records_carry_the_turns():
-    episodes = [Episode(messages=[{"role": "assistant", "content": f"t{i}"}], turns=1 + i % 2, tool_calls=i,
-                        tool_errors=i // 3) for i in range(4)]
+    episodes = [Episode(transcript=[{"role": "assistant", "content": f"t{i}", "reward": 1.0}], turns=1 + i % 2,
+                        tool_calls=i, tool_errors=i // 3, first_observation="go", ended="done") for i in range(4)]
     records = completion_records(scored_batch(episodes), ["1+1=", "2+2="], SCORES)
-    assert records[3]["turns"] == [{"role": "assistant", "content": "t3"}]
+    assert records[3]["turns"] == [{"role": "assistant", "content": "t3", "reward": 1.0}]
+    assert (records[3]["reset"], records[3]["ended"], records[3]["error"]) == ("go", "done", None)
     assert [(r["num_turns"], r["tool_calls"], r["tool_errors"]) for r in records] == \
         [(1, 0, 0), (2, 1, 0), (1, 2, 0), (2, 3, 1)]
 

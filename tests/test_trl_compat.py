@@ -252,3 +252,126 @@ def test_every_trl_loss_type_maps_or_is_refused_in_one_line(tmp_path, loss_type)
     else:
         assert config_from_trl(args).loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean",
                                                     "dr_grpo": "constant", "dapo": "token_mean"}[loss_type]
+
+
+# --- TRL 1.16's own tool-calling loop, beside lmpg's episodes -------------------------------------
+CALL = '<tool_call>\n{"name": "increment", "arguments": {"step": 1}}\n</tool_call>'
+
+
+def qwen_tokenizer(special_markers: bool = False):
+    """A character tokenizer with Qwen 2.5's chat template (TRL's copy, so TRL parses its tool calls);
+    special_markers: <tool_call> / </tool_call> as added special tokens, as some tokenizers mark them."""
+    import string
+
+    from trl.chat_template_utils import add_response_schema, qwen2_5_chat_template
+
+    from lmpg.tiny import make_char_tokenizer
+
+    tok = make_char_tokenizer(string.printable)
+    markers = ["<tool_call>", "</tool_call>"] if special_markers else []
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"] + markers})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = qwen2_5_chat_template
+    return add_response_schema(tok)
+
+
+class FixedTurns:
+    """A TurnSampler (lmpg.generation) whose every turn is the same tokens: the same policy as TRL's
+    scripted generation below."""
+
+    def __init__(self, ids):
+        self.ids, self.calls = list(ids), 0
+
+    def start(self, seeds):
+        pass
+
+    def sample(self, rows, histories, max_new_tokens):
+        from lmpg.generation import SampledTurn
+
+        self.calls += 1
+        return [SampledTurn(list(self.ids), [0.0] * len(self.ids)) for _ in rows]
+
+    def finish(self):
+        pass
+
+
+def trl_episodes(tmp_path, tok, turn_ids, **config):
+    """TRL 1.16's GRPOTrainer with environment_factory=IncrementEnv (its documentation's) run on one
+    batch of 2 rollouts by its own `_generate_and_score_completions`, its model's generation replaced
+    by a fixed turn. Returns (environments, the completions its reward functions got, generate calls,
+    its metrics)."""
+    import datasets
+
+    from lmpg.tiny import make_tiny_causal_lm
+    from test_environments import IncrementEnv
+
+    seen, generated = [], []
+
+    def recorder(completions, **kwargs):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, **kwargs):
+        generated.append(len(prompt_ids))
+        return [list(turn_ids) for _ in prompt_ids], None
+
+    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, max_position_embeddings=4096)
+    args = grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=2, max_completion_length=1024,
+                       max_steps=1, beta=0.0, use_cpu=True, save_strategy="no", **config)
+    chat = {"prompt": [{"role": "user", "content": ""}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[recorder], args=args, processing_class=tok,
+                                  environment_factory=IncrementEnv,
+                                  train_dataset=datasets.Dataset.from_list([chat] * 2))
+        trainer._generate_single_turn = generate
+        trainer._generate_and_score_completions([chat] * 2)
+    return trainer.environments, seen, len(generated), {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def lmpg_episodes(tmp_path, tok, turn_ids, **config):
+    """The same batch as `trl_episodes` through lmpg: the config converted from the same GRPOConfig."""
+    import dataclasses
+
+    from lmpg.episodes import EpisodeSampler
+    from lmpg.tiny import make_tiny_causal_lm
+
+    pg = dataclasses.replace(PGConfig.from_trl(grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=2,
+                                                           max_completion_length=1024, max_steps=1, **config)),
+                             environment="test_environments:IncrementEnv")
+    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, max_position_embeddings=4096)
+    sampler = EpisodeSampler(pg, tok, [tok.eos_token_id])
+    turns = FixedTurns(turn_ids)
+    batch = sampler.sample(model, [[{"role": "user", "content": ""}]], [{}], [0], 0, [1, 2], turn_sampler=turns)
+    return batch, turns.calls
+
+
+@pytest.mark.parametrize("special_markers", [False, True])
+def test_max_tool_calling_iterations_stops_where_trls_own_loop_stops(tmp_path, special_markers):
+    """max_tool_calling_iterations=2 with a policy that calls increment(1) every turn: TRL 1.16 runs
+    the calls of 2 turns and generates 3; the third turn's call is never run (the counter is 2).
+    lmpg takes 3 turns and runs 2 rounds of calls too. With <tool_call> a special token, the calls
+    are still found (the turn's text keeps the markers)."""
+    trl_tok, tok = qwen_tokenizer(), qwen_tokenizer(special_markers)
+    environments, completions, generated, metrics = trl_episodes(
+        tmp_path / "trl", trl_tok, trl_tok.encode(CALL + "<|im_end|>", add_special_tokens=False),
+        max_tool_calling_iterations=2)
+    turn = tok.encode(CALL + "<|im_end|>", add_special_tokens=False)
+    assert special_markers == (tok.decode(turn, skip_special_tokens=True).count("tool_call") == 0)
+    assert [e.counter for e in environments] == [2, 2] and generated == 3 and metrics["tools/call_frequency"] == 2.0
+    batch, calls = lmpg_episodes(tmp_path / "lmpg", tok, turn, max_tool_calling_iterations=2)
+    assert calls == 3 and [ep.turns for ep in batch.episodes] == [3, 3]
+    assert [ep.environment.counter for ep in batch.episodes] == [2, 2]
+    assert [ep.tool_calls for ep in batch.episodes] == [2, 2] and all(ep.truncated for ep in batch.episodes)
+    assert {ep.ended for ep in batch.episodes} == {"max_turns"}
+    # what a reward function reads: the messages after the prompt, ending with the policy's last turn
+    # (its uncalled tool call), in both
+    roles = ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert [[m["role"] for m in c] for c in completions] == [roles] * 2
+    assert [[m["role"] for m in ep.messages] for ep in batch.episodes] == [roles] * 2
+    for c, ep in zip(completions, batch.episodes):
+        assert c[-1]["tool_calls"] == ep.messages[-1]["tool_calls"] == [
+            {"type": "function", "function": {"name": "increment", "arguments": {"step": 1}}}]
+    # the environment's own reward, logged under its class name
+    assert "rewards/IncrementEnv/mean" in metrics
