@@ -337,3 +337,31 @@ def test_sigkill_then_resume_matches_uninterrupted_run_with_vllm(tmp_path):
     res_w = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
     for name in ref_w:
         assert torch.equal(ref_w[name], res_w[name]), name
+
+
+class Game:
+    """Each turn is told whether it wrote as many 'a's as the target (reset's text); three turns at most."""
+
+    def reset(self, **row):
+        self.target, self.turn = len(row["prompt"]) % 3, 0
+        return f"{self.target}="
+
+    def step(self, action):
+        self.turn += 1
+        hit = action.count("a") == self.target
+        return ("a" if hit else "b"), float(hit), hit or self.turn == 3
+
+
+def test_episodes_generate_through_the_engine_token_in_token_out(tokenizer, tmp_path):
+    """Every turn is sampled by the engine over the episode's whole token history (the environment's
+    tokens appended, never re-tokenised): its log-probs of the policy's tokens are the trainer's forward
+    of that history (mismatch ~ 0 in fp32), and the episodes run several turns."""
+    config = PGConfig(output_dir=str(tmp_path / "run"), iterations=2, batch_size=8, group_size=2, max_new_tokens=4,
+                      sampler="vllm", environment=Game, max_turns=3, learning_rate=1e-3, seed=2,
+                      progress_bar=False, sample_log_every=0)
+    trainer = PGTrainer(_model(tokenizer), [], datasets.Dataset.from_dict({"prompt": PROMPTS}), config,
+                        tokenizer=tokenizer)
+    history = trainer.train()
+    assert max(m["turns_max"] for m in history) >= 2
+    for m in history:
+        assert 0 <= m["mismatch_kl"] < 1e-6 and abs(m["mismatch_ratio_max"] - 1) < 1e-4
