@@ -10,7 +10,9 @@ directory; nothing is downloaded) and runs inside the training process
 `sync_weights` loads the new weights in place (`reload_weights`) and drops the prefix cache, whose
 keys and values were computed with the old weights. A LoRA policy sends only its adapter: vLLM
 serves LoRA adapters, and each iteration's adapter is a new adapter version; where the engine cannot
-serve the adapter, the adapter is merged into the base weights and those are loaded instead.
+serve the adapter, the adapter is merged into the base weights and those are loaded instead: a rank
+above 512 (vLLM's largest `max_lora_rank`), or an architecture whose vLLM model class has no LoRA
+support (vLLM's `SupportsLoRA`; Llama, Qwen2/3, Mistral, Gemma, Phi and most decoder LMs have it).
 
 Which distribution the log-probs belong to. The engine is started with
 `logprobs_mode="processed_logprobs"`: the returned log q(a_t | s_t) is that of the distribution each
@@ -149,7 +151,18 @@ class VllmSampler:
         if self.serve_adapter:
             kwargs.update(enable_lora=True, max_loras=1,
                           max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora_rank))
-        self.llm = self._start_engine(vllm, kwargs, base)
+        try:
+            self.llm = self._start_engine(vllm, kwargs, base)
+        except (ValueError, NotImplementedError, TypeError) as e:
+            if not self.serve_adapter or "lora" not in str(e).lower():
+                raise
+            # vLLM has no LoRA for this architecture (its model class lacks SupportsLoRA): merge instead
+            logger.warning("vLLM cannot serve a LoRA adapter for %s (%s); each sync merges the adapter into the base "
+                           "weights instead", type(base).__name__, str(e).splitlines()[0][:120])
+            self.serve_adapter = False
+            for key in ("enable_lora", "max_loras", "max_lora_rank"):
+                kwargs.pop(key)
+            self.llm = self._start_engine(vllm, kwargs, base)
         self.version, self.lora_request = 0, None
         self.turns: list[int] = []
         self.seeds: list[int] = []
