@@ -40,6 +40,7 @@ from lmpg.checkpoint import load_state, load_weights, quiet_hf_progress, rng_sta
     save_weights, set_rng_state
 from lmpg.config import PGConfig
 from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
+from lmpg.dynamic_sampling import DynamicSampling, SampledGroups
 from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
 from lmpg.errors import ConfigError
 from lmpg.forward import batch_logprobs
@@ -78,7 +79,8 @@ class Prompts:
     """This process's prompts of one iteration."""
 
     positions: list[int]
-    """Each prompt's position in the iteration's global batch (seeds its samples' random streams)."""
+    """Each prompt's position in the iteration's global batch (seeds its samples' random streams); with
+    dynamic sampling, round r's prompts follow the earlier rounds' (r * prompts_per_iteration + p)."""
     rows: dict
     """The dataset rows, as columns."""
     prompts: list
@@ -204,6 +206,11 @@ class PGTrainer:
         # multi-turn episodes (lmpg.episodes) instead of single completions
         self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
+        # DAPO's dynamic sampling: more rounds of prompts until every group has reward spread
+        self.dynamic_sampling = DynamicSampling(
+            acc, prompts_per_iteration=c.prompts_per_iteration, prompts_per_minibatch=c.prompts_per_minibatch,
+            group_size=c.group_size, gamma=c.gamma, max_extra_rounds=c.dynamic_sampling_max_extra_rounds,
+            pad_id=tokenizer.pad_token_id) if c.dynamic_sampling else None
         self.iteration = 0
         self.output_dir = Path(c.output_dir)
         self.guard = NonFiniteGuard(c.max_consecutive_skips, self.output_dir / "checkpoints")
@@ -275,6 +282,14 @@ class PGTrainer:
         time_sample = lap()
         scores = self.score(batch, prompts)                              # 3.
         time_score = lap()
+        sampling_stats = {}
+        if self.dynamic_sampling is not None:  # 3b. only groups with reward spread (lmpg.dynamic_sampling)
+            filled = self.dynamic_sampling(SampledGroups(prompts, batch, scores), next_prompts=self.next_prompts,
+                                           sample=self.sample, score=self.score, iteration=self.iteration)
+            prompts, batch, scores = filled.groups.prompts, filled.groups.batch, filled.groups.scores
+            sampling_stats = filled.stats
+            time_sample += filled.time_sample
+            time_score += lap() - filled.time_sample  # the extra rounds' scoring and the choice
         self.fill_logp_old(batch)                                        # 4.
         self.fill_logp_ref(batch)
         if c.kl_coef > 0 and c.kl_in == "reward":
@@ -289,20 +304,23 @@ class PGTrainer:
         time_sync = lap()
         self.iteration += 1
         metrics = self.iteration_metrics(batch, prompts, scores, {**adv_stats, **mismatch}, update_stats, entropy)  # 7.
+        metrics.update(sampling_stats)
         timings = self.iteration_timings(batch, time_sample, time_score, time_logp, time_update, time_sync)
         self.log(metrics, timings, batch, prompts, scores)
         return StepResult(metrics, timings, batch)
 
-    def next_prompts(self) -> Prompts:
-        """The global batch of prompts in a seeded order; this process's share of every minibatch."""
+    def next_prompts(self, round_index: int = 0) -> Prompts:
+        """The global batch of prompts in a seeded order; this process's share of every minibatch.
+        round_index: dynamic sampling's extra round, whose positions follow the earlier rounds'."""
         c, acc = self.config, self.accelerator
-        positions = distributed.prompt_positions(c.prompts_per_iteration, max(c.resolved_minibatch_size // c.group_size, 1),
+        positions = distributed.prompt_positions(c.prompts_per_iteration, c.prompts_per_minibatch,
                                                  acc.num_processes, acc.process_index)
         indices = self.prompt_order.next_indices(c.prompts_per_iteration)
         rows = self.train_dataset[[indices[p] for p in positions]]  # dict of columns
         prompts = rows[c.prompt_column]
         rendered = [render_prompt(self.tokenizer, p) for p in prompts]
-        return Prompts(positions, rows, prompts, [t for t, _ in rendered], rendered[0][1])
+        offset = round_index * c.prompts_per_iteration
+        return Prompts([offset + p for p in positions], rows, prompts, [t for t, _ in rendered], rendered[0][1])
 
     def sample(self, prompts: Prompts) -> TrajectoryBatch:
         """G completions per prompt from pi_old, each from its own random stream."""
