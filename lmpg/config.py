@@ -218,6 +218,10 @@ class PGConfig:
     dynamic_sampling_max_extra_rounds: int = 3
     """Rounds of sampling dynamic sampling may add to an iteration's first; when they run out the batch is
     completed with groups without spread (a warning, and dynamic_sampling/short_groups counts them)."""
+    dynamic_sampling_round_prompts: int | None = None
+    """Prompts each extra round samples (None: batch_size / group_size, a batch's worth, as DAPO). Fewer waste
+    fewer samples when only a few groups lack spread, at the cost of more rounds when many do; a multiple of
+    the number of processes."""
 
     # --- model ---
     gradient_checkpointing: bool = False
@@ -290,6 +294,11 @@ class PGConfig:
         return max(self.resolved_minibatch_size // self.group_size, 1)
 
     @property
+    def resolved_round_prompts(self) -> int:
+        """Prompts per extra round of dynamic sampling, None resolved to a batch's worth."""
+        return self.dynamic_sampling_round_prompts or self.prompts_per_iteration
+
+    @property
     def clipping(self) -> bool:
         return self.clip_eps_low is not None or self.clip_eps_high is not None
 
@@ -324,6 +333,9 @@ class PGConfig:
 
     def check_processes(self, num_processes: int) -> None:
         """Refuse (ConfigError) what this config cannot do on `num_processes` processes."""
+        if self.dynamic_sampling and self.resolved_round_prompts % num_processes:
+            raise ConfigError(f"dynamic_sampling_round_prompts={self.resolved_round_prompts} does not split over "
+                              f"{num_processes} processes; make it a multiple of {num_processes}")
         if self.grad_snr and num_processes > 1:
             raise ConfigError(f"grad_snr=true needs one process (each process sees only its share of the "
                               f"micro-batch gradients), not {num_processes}; set grad_snr=null (auto) or false")
@@ -355,6 +367,10 @@ class PGConfig:
             raise ConfigError(f"micro_batch_size={self.micro_batch_size} must divide minibatch_size={mb}")
         if self.dynamic_sampling_max_extra_rounds < 0:
             raise ConfigError(f"dynamic_sampling_max_extra_rounds={self.dynamic_sampling_max_extra_rounds} must be >= 0")
+        round_prompts = self.dynamic_sampling_round_prompts
+        if round_prompts is not None and not 1 <= round_prompts <= self.prompts_per_iteration:
+            raise ConfigError(f"dynamic_sampling_round_prompts={round_prompts} must be in [1, {self.prompts_per_iteration}] "
+                              "(at most a batch's prompts, batch_size / group_size), or null for a batch's worth")
         if self.dynamic_sampling and self.group_size < 2:
             raise ConfigError("dynamic_sampling=true needs group_size >= 2 (a group of one sample never has reward "
                               "spread); set group_size >= 2 or dynamic_sampling=false")

@@ -9,10 +9,11 @@ usual sampling and scoring:
 
 1. round 0 is the iteration's usual batch: N = batch_size / group_size prompts, sampled and scored;
 2. while fewer than N of the groups sampled so far have spread and extra rounds are left
-   (`dynamic_sampling_max_extra_rounds`), round r takes the next N prompts of the prompt order and
-   samples and scores them with the trainer's own steps (any sampler: lmpg's, an inference engine,
-   episodes). Its prompts sit at positions r * N + p of the iteration, so each sample's random stream
-   row_seed(seed, iteration, r * N + p, j) is its own;
+   (`dynamic_sampling_max_extra_rounds`), a round takes the next M prompts of the prompt order
+   (`dynamic_sampling_round_prompts`, default N) and samples and scores them with the trainer's own
+   steps (any sampler: lmpg's, an inference engine, episodes). Its prompts sit at positions S + p of
+   the iteration, S the prompts sampled before it, so each sample's random stream
+   row_seed(seed, iteration, S + p, j) is its own;
 3. the batch is the first N groups with spread in sampling order (round, then position): the choice
    one process makes. When the rounds run out first, it is completed with the first groups without
    spread (A = 0 there, so the update trains on the spread groups found, their loss diluted as
@@ -22,8 +23,8 @@ usual sampling and scoring:
 
 Every process takes the same decisions from the same gathered flags, so all end an iteration with
 N / processes groups (no collective waits on a process that stopped early), and the batch, its
-samples and its metrics are one process's. The prompt order advances one batch per round, still a
-function of the seed and checkpointed as before, so a killed run resumes bit for bit.
+samples and its metrics are one process's. The prompt order advances by each round's prompts, still
+a function of the seed and checkpointed as before, so a killed run resumes bit for bit.
 
 Spread is `lmpg.advantages.zero_spread_groups` negated: at least two scored samples whose returns
 R_i (the task reward, discounted by gamma, before any KL penalty) differ, the groups that
@@ -239,39 +240,44 @@ class FilledBatch:
 
 class DynamicSampling:
     """DAPO's dynamic sampling (module docstring) for a trainer with N = prompts_per_iteration prompts
-    per batch laid out in minibatches of prompts_per_minibatch prompts over the processes."""
+    per batch laid out in minibatches of prompts_per_minibatch prompts over the processes, and
+    round_prompts prompts per extra round."""
 
-    def __init__(self, accelerator, *, prompts_per_iteration: int, prompts_per_minibatch: int, group_size: int,
-                 gamma: float, max_extra_rounds: int, pad_id: int):
+    def __init__(self, accelerator, *, prompts_per_iteration: int, prompts_per_minibatch: int, round_prompts: int,
+                 group_size: int, gamma: float, max_extra_rounds: int, pad_id: int):
         self.accelerator = accelerator
         self.prompts_per_iteration, self.prompts_per_minibatch = prompts_per_iteration, prompts_per_minibatch
+        self.round_prompts = round_prompts
         self.group_size, self.gamma, self.max_extra_rounds, self.pad_id = group_size, gamma, max_extra_rounds, pad_id
+        self.bound_hits = 0  # iterations whose batch was completed with groups without spread (for the warnings)
 
     def __call__(self, first: SampledGroups, *, next_prompts: Callable, sample: Callable, score: Callable,
                  iteration: int) -> FilledBatch:
-        """`first` is round 0 (sampled and scored); next_prompts(round) / sample(prompts) /
-        score(batch, prompts) are the trainer's steps for the extra rounds."""
+        """`first` is round 0 (sampled and scored); next_prompts(count, first_position) /
+        sample(prompts) / score(batch, prompts) are the trainer's steps for the extra rounds."""
         N, acc = self.prompts_per_iteration, self.accelerator
         rounds, spread, time_sample = [first], [self.spread_in_order(first)], 0.0
         while int(torch.cat(spread).sum()) < N and len(rounds) <= self.max_extra_rounds:
             start = time.perf_counter()
-            prompts = next_prompts(len(rounds))
+            prompts = next_prompts(self.round_prompts, first_position=sum(len(s) for s in spread))
             batch = sample(prompts)
             time_sample += time.perf_counter() - start
             rounds.append(SampledGroups(prompts, batch, score(batch, prompts)))
             spread.append(self.spread_in_order(rounds[-1]))
-        spread = torch.cat(spread)  # (rounds * N,) in sampling order
+        spread = torch.cat(spread)  # (N + extra rounds * M,) in sampling order
         chosen, short = choose_groups(spread, N)
         stats = self.round_stats(rounds, spread, short)
-        if short and acc.is_main_process:
+        self.bound_hits += short > 0
+        if short and acc.is_main_process and self.bound_hits % 10 == 1:  # the first time, then every 10th
             logger.warning("dynamic sampling at iteration %d: %d of %d groups have reward spread after %d extra "
-                           "rounds; the batch is completed with %d without (no policy gradient from them); raise "
-                           "dynamic_sampling_max_extra_rounds or use prompts the policy sometimes solves",
-                           iteration + 1, N - short, N, len(rounds) - 1, short)
+                           "rounds; the batch is completed with %d without (no policy gradient from them; %d "
+                           "iterations so short in this process's run); raise dynamic_sampling_max_extra_rounds or "
+                           "use prompts the policy sometimes solves", iteration + 1, N - short, N, len(rounds) - 1,
+                           short, self.bound_hits)
         return FilledBatch(self.my_share(concat_groups(rounds, self.pad_id), chosen), stats, time_sample)
 
     def spread_in_order(self, groups: SampledGroups) -> torch.Tensor:
-        """(N,) bool: the spread of every process's groups of one round, in position order."""
+        """(N,) or (M,) bool: the spread of every process's groups of one round, in position order."""
         flags = group_spread(groups.batch, group_size=self.group_size, gamma=self.gamma).cpu()
         return distributed.in_global_order(self.accelerator, flags, torch.tensor(groups.prompts.positions))
 

@@ -5,6 +5,8 @@ Each iteration (CS224R lecture 3, "REINFORCE" with the options of lmpg.advantage
 1. `next_prompts`: the next prompts (each process its share; a prompt's G samples stay on it);
 2. `sample`: G completions per prompt from the current policy pi_old -> a TrajectoryBatch;
 3. `score`: every reward function on every completion -> per-token rewards r_{i,t};
+   with dynamic_sampling (DAPO), more rounds of 1.-3. until the batch holds only groups whose rewards
+   differ (lmpg.dynamic_sampling);
 4. `fill_logp_old`, `fill_logp_ref`: log pi_old and log pi_ref of the actions (no grad; the
    first minibatch's logp_old comes from the update's own forward, `lmpg.update`), and with
    kl_in=reward the KL penalty in the rewards;
@@ -80,7 +82,7 @@ class Prompts:
 
     positions: list[int]
     """Each prompt's position in the iteration's global batch (seeds its samples' random streams); with
-    dynamic sampling, round r's prompts follow the earlier rounds' (r * prompts_per_iteration + p)."""
+    dynamic sampling, an extra round's prompts follow those of the earlier rounds."""
     rows: dict
     """The dataset rows, as columns."""
     prompts: list
@@ -209,8 +211,8 @@ class PGTrainer:
         # DAPO's dynamic sampling: more rounds of prompts until every group has reward spread
         self.dynamic_sampling = DynamicSampling(
             acc, prompts_per_iteration=c.prompts_per_iteration, prompts_per_minibatch=c.prompts_per_minibatch,
-            group_size=c.group_size, gamma=c.gamma, max_extra_rounds=c.dynamic_sampling_max_extra_rounds,
-            pad_id=tokenizer.pad_token_id) if c.dynamic_sampling else None
+            round_prompts=c.resolved_round_prompts, group_size=c.group_size, gamma=c.gamma,
+            max_extra_rounds=c.dynamic_sampling_max_extra_rounds, pad_id=tokenizer.pad_token_id) if c.dynamic_sampling else None
         self.iteration = 0
         self.output_dir = Path(c.output_dir)
         self.guard = NonFiniteGuard(c.max_consecutive_skips, self.output_dir / "checkpoints")
@@ -309,18 +311,18 @@ class PGTrainer:
         self.log(metrics, timings, batch, prompts, scores)
         return StepResult(metrics, timings, batch)
 
-    def next_prompts(self, round_index: int = 0) -> Prompts:
+    def next_prompts(self, count: int | None = None, first_position: int = 0) -> Prompts:
         """The global batch of prompts in a seeded order; this process's share of every minibatch.
-        round_index: dynamic sampling's extra round, whose positions follow the earlier rounds'."""
+        count: dynamic sampling's extra round of `count` prompts instead, each process a contiguous
+        block of them, at positions from first_position on (after the earlier rounds')."""
         c, acc = self.config, self.accelerator
-        positions = distributed.prompt_positions(c.prompts_per_iteration, c.prompts_per_minibatch,
-                                                 acc.num_processes, acc.process_index)
-        indices = self.prompt_order.next_indices(c.prompts_per_iteration)
+        count, per_minibatch = (c.prompts_per_iteration, c.prompts_per_minibatch) if count is None else (count, count)
+        positions = distributed.prompt_positions(count, per_minibatch, acc.num_processes, acc.process_index)
+        indices = self.prompt_order.next_indices(count)
         rows = self.train_dataset[[indices[p] for p in positions]]  # dict of columns
         prompts = rows[c.prompt_column]
         rendered = [render_prompt(self.tokenizer, p) for p in prompts]
-        offset = round_index * c.prompts_per_iteration
-        return Prompts([offset + p for p in positions], rows, prompts, [t for t, _ in rendered], rendered[0][1])
+        return Prompts([first_position + p for p in positions], rows, prompts, [t for t, _ in rendered], rendered[0][1])
 
     def sample(self, prompts: Prompts) -> TrajectoryBatch:
         """G completions per prompt from pi_old, each from its own random stream."""

@@ -40,7 +40,7 @@ def guessed(completions, environments, **kwargs):
 
 CASES = {
     "single": dict(reward_fns=[a_unless_one], epochs_per_batch=2, minibatch_size=8,
-                   dynamic_sampling_max_extra_rounds=2),
+                   dynamic_sampling_max_extra_rounds=3, dynamic_sampling_round_prompts=2),
     "episodes": dict(reward_fns=[guessed], environment="dynamic_sampling_worker:Guess", max_turns=1,
                      baseline="leave_one_out", dynamic_sampling_max_extra_rounds=4),
 }

@@ -87,11 +87,20 @@ def test_rows_of_several_rounds_join_pad_and_trim_as_one_sample():
     (dict(baseline="batch_mean"), "group baseline"),
     (dict(baseline="none"), "group baseline"),
     (dict(dynamic_sampling_max_extra_rounds=-1), "must be >= 0"),
+    (dict(dynamic_sampling_round_prompts=0), r"must be in \[1, 8\]"),
+    (dict(dynamic_sampling_round_prompts=9), r"must be in \[1, 8\]"),
 ])
 def test_refused_where_it_means_nothing(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
         PGConfig(**{"dynamic_sampling": True, **overrides})
     assert "\n" not in str(error.value)
+
+
+def test_extra_rounds_split_over_the_processes():
+    config = PGConfig(dynamic_sampling=True, dynamic_sampling_round_prompts=3)
+    config.check_processes(3)
+    with pytest.raises(ConfigError, match="dynamic_sampling_round_prompts=3 does not split over 2 processes"):
+        config.check_processes(2)
 
 
 def _samples(run_dir):
@@ -105,13 +114,14 @@ def _groups(records, group_size):
 def test_batch_is_filled_with_spread_groups_through_the_trainers_own_steps(tmp_path, tiny_model, tokenizer,
                                                                            prompts_dataset):
     """Prompts starting with 1 never have spread; every trained group has, the first ones are the
-    plain run's spread groups (round 0 is the usual batch), and the extra rounds take the next prompts
-    of the seeded order at positions after the earlier rounds'."""
+    plain run's spread groups (round 0 is the usual batch), and the extra rounds (of one prompt each)
+    take the next prompts of the seeded order at positions after the earlier rounds'."""
     common = dict(iterations=2, sample_groups_per_iteration=None, seed=2)
     plain = PGTrainer(tiny_model, [a_unless_one], prompts_dataset, small_config(tmp_path / "plain", **common),
                       tokenizer=tokenizer)
     plain.train()
-    config = small_config(tmp_path, dynamic_sampling=True, dynamic_sampling_max_extra_rounds=8, **common)
+    config = small_config(tmp_path, dynamic_sampling=True, dynamic_sampling_max_extra_rounds=8,
+                          dynamic_sampling_round_prompts=1, **common)
     from lmpg.tiny import make_tiny_causal_lm
 
     trainer = PGTrainer(make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2, seed=0), [a_unless_one],
@@ -123,8 +133,8 @@ def test_batch_is_filled_with_spread_groups_through_the_trainers_own_steps(tmp_p
     for m in metrics:
         rounds = m["dynamic_sampling/extra_rounds"] + 1
         assert m["dynamic_sampling/short_groups"] == m["dynamic_sampling/bound_hit"] == 0
-        assert m["dynamic_sampling/sampled_prompts"] == rounds * N
-        assert m["dynamic_sampling/dropped_groups"] == (rounds - 1) * N
+        assert m["dynamic_sampling/sampled_prompts"] == N + (rounds - 1)
+        assert m["dynamic_sampling/dropped_groups"] == rounds - 1
         assert m["zero_spread_group_frac"] == 0.0 and m["adv_zero_frac"] < 1.0
     assert sum(m["dynamic_sampling/extra_rounds"] for m in metrics) >= 2  # the reward made it sample more
     records = _samples(tmp_path / "run")
@@ -132,14 +142,14 @@ def test_batch_is_filled_with_spread_groups_through_the_trainers_own_steps(tmp_p
     for group in _groups(records, G):
         assert len({r["reward"] for r in group}) > 1 and not group[0]["prompt"].startswith("1")
         assert len({r["completion"] for r in group}) > 1
-    # round r of an iteration: positions r * N + p, the prompts next in the seeded order
+    # an iteration's rounds: positions after the earlier rounds', the prompts next in the seeded order
     order = PromptOrder(len(prompts_dataset), config.seed)
     for it in range(len(metrics)):
         rounds = [(pos, prompts) for i, pos, prompts in calls if i == it]
         assert len(rounds) == metrics[it]["dynamic_sampling/extra_rounds"] + 1
-        for r, (positions, prompts) in enumerate(rounds):
-            assert positions == [r * N + p for p in range(N)]
-            assert prompts == [prompts_dataset[i]["prompt"] for i in order.next_indices(N)]
+        assert [pos for positions, _ in rounds for pos in positions] == list(range(N + len(rounds) - 1))
+        assert [p for _, prompts in rounds for p in prompts] == \
+               [prompts_dataset[i]["prompt"] for i in order.next_indices(N + len(rounds) - 1)]
     # round 0 is the plain run's first batch: its spread groups come first, sample for sample
     first_plain = [g for g in _groups(_samples(tmp_path / "plain" / "run")[:N * G], G) if len({r["reward"] for r in g}) > 1]
     first = _groups(records[:N * G], G)
@@ -167,7 +177,8 @@ def test_at_the_bound_it_trains_on_what_there_is_and_says_so(tmp_path, tiny_mode
         assert m["dynamic_sampling/extra_rounds"] == 0 and m["dynamic_sampling/sampled_prompts"] == N
         assert {k: v for k, v in m.items() if not k.startswith("dynamic_sampling/")} == p
     assert any(m["dynamic_sampling/bound_hit"] for m in metrics), "a prompt starting with 1 was drawn"
-    assert any("groups have reward spread after 0 extra rounds" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if "groups have reward spread" in r.getMessage()]
+    assert len(warnings) == 1 and "after 0 extra rounds" in warnings[0]  # the first time, then every 10th
 
 
 def test_a_reward_without_spread_stops_at_the_bound(tmp_path, tiny_model, tokenizer, prompts_dataset):
