@@ -209,10 +209,10 @@ class PGTrainer:
         self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
         # DAPO's dynamic sampling: more rounds of prompts until every group has reward spread
-        self.dynamic_sampling = DynamicSampling(
+        self.dynamic_sampling = None if not c.dynamic_sampling else DynamicSampling(
             acc, prompts_per_iteration=c.prompts_per_iteration, prompts_per_minibatch=c.prompts_per_minibatch,
             round_prompts=c.resolved_round_prompts, group_size=c.group_size, gamma=c.gamma,
-            max_extra_rounds=c.dynamic_sampling_max_extra_rounds, pad_id=tokenizer.pad_token_id) if c.dynamic_sampling else None
+            max_extra_rounds=c.dynamic_sampling_max_extra_rounds, pad_id=tokenizer.pad_token_id)
         self.iteration = 0
         self.output_dir = Path(c.output_dir)
         self.guard = NonFiniteGuard(c.max_consecutive_skips, self.output_dir / "checkpoints")

@@ -2,7 +2,6 @@
 groups with spread only through the trainer's own steps (lmpg's sampler, an engine, episodes), the
 bound and what trains when it is hit, a bitwise resume after SIGKILL, and 1 process = 2 processes."""
 
-import json
 import logging
 import math
 import os
