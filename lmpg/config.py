@@ -22,6 +22,7 @@ import yaml
 # A leaf: the config imports nothing of lmpg but its errors and the choice Literals (lmpg.choices),
 # so every module may import it and `import lmpg` loads neither torch nor the reward engine.
 from lmpg.choices import (
+    GROUP_BASELINES,
     SEQUENCE_RATIO_LEVELS,
     WEIGHTED_BASELINES,
     AdvNorm,
@@ -217,6 +218,19 @@ class PGConfig:
     adv_eps: float = 1e-6
     """Added to the std before dividing advantages by it."""
 
+    # --- dynamic sampling (DAPO, lmpg.dynamic_sampling) ---
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (arXiv 2503.14476, section 3.2): leave out the groups whose G returns are all
+    equal (no gradient under a group baseline) and sample more prompts, a batch's worth per extra round, until
+    the batch holds batch_size / group_size groups with spread."""
+    dynamic_sampling_max_extra_rounds: int = 3
+    """Rounds of sampling dynamic sampling may add to an iteration's first; when they run out the batch is
+    completed with groups without spread (a warning, and dynamic_sampling/short_groups counts them)."""
+    dynamic_sampling_round_prompts: int | None = None
+    """Prompts each extra round samples (None: batch_size / group_size, a batch's worth, as DAPO). Fewer waste
+    fewer samples when only a few groups lack spread, at the cost of more rounds when many do; a multiple of
+    the number of processes."""
+
     # --- model ---
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
@@ -284,6 +298,15 @@ class PGConfig:
         return self.minibatch_size or self.batch_size
 
     @property
+    def prompts_per_minibatch(self) -> int:
+        return max(self.resolved_minibatch_size // self.group_size, 1)
+
+    @property
+    def resolved_round_prompts(self) -> int:
+        """Prompts per extra round of dynamic sampling, None resolved to a batch's worth."""
+        return self.dynamic_sampling_round_prompts or self.prompts_per_iteration
+
+    @property
     def clipping(self) -> bool:
         return self.clip_eps_low is not None or self.clip_eps_high is not None
 
@@ -318,6 +341,9 @@ class PGConfig:
 
     def check_processes(self, num_processes: int) -> None:
         """Refuse (ConfigError) what this config cannot do on `num_processes` processes."""
+        if self.dynamic_sampling and self.resolved_round_prompts % num_processes:
+            raise ConfigError(f"dynamic_sampling_round_prompts={self.resolved_round_prompts} does not split over "
+                              f"{num_processes} processes; make it a multiple of {num_processes}")
         if self.grad_snr and num_processes > 1:
             raise ConfigError(f"grad_snr=true needs one process (each process sees only its share of the "
                               f"micro-batch gradients), not {num_processes}; set grad_snr=null (auto) or false")
@@ -351,6 +377,19 @@ class PGConfig:
             raise ConfigError(f"minibatch_size={mb} must divide batch_size={self.batch_size}")
         if self.micro_batch_size is not None and (self.micro_batch_size < 1 or mb % self.micro_batch_size):
             raise ConfigError(f"micro_batch_size={self.micro_batch_size} must divide minibatch_size={mb}")
+        if self.dynamic_sampling_max_extra_rounds < 0:
+            raise ConfigError(f"dynamic_sampling_max_extra_rounds={self.dynamic_sampling_max_extra_rounds} must be >= 0")
+        round_prompts = self.dynamic_sampling_round_prompts
+        if round_prompts is not None and not 1 <= round_prompts <= self.prompts_per_iteration:
+            raise ConfigError(f"dynamic_sampling_round_prompts={round_prompts} must be in [1, {self.prompts_per_iteration}] "
+                              "(at most a batch's prompts, batch_size / group_size), or null for a batch's worth")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ConfigError("dynamic_sampling=true needs group_size >= 2 (a group of one sample never has reward "
+                              "spread); set group_size >= 2 or dynamic_sampling=false")
+        if self.dynamic_sampling and self.baseline not in GROUP_BASELINES:
+            raise ConfigError(f"dynamic_sampling=true leaves out groups without reward spread, which carry no gradient "
+                              f"only under a group baseline, not baseline={self.baseline}; set baseline to one of "
+                              f"{', '.join(GROUP_BASELINES)} or dynamic_sampling=false")
         if self.baseline == "leave_one_out" and self.group_size < 2:
             raise ConfigError("baseline=leave_one_out needs group_size >= 2")
         if self.baseline in WEIGHTED_BASELINES and self.group_size < 2:

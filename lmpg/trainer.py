@@ -5,6 +5,8 @@ Each iteration (CS224R lecture 3, "REINFORCE" with the options of lmpg.advantage
 1. `next_prompts`: the next prompts (each process its share; a prompt's G samples stay on it);
 2. `sample`: G completions per prompt from the current policy pi_old -> a TrajectoryBatch;
 3. `score`: every reward function on every completion -> per-token rewards r_{i,t};
+   with dynamic_sampling (DAPO), more rounds of 1.-3. until the batch holds only groups whose rewards
+   differ (lmpg.dynamic_sampling);
 4. `fill_logp_old`, `fill_logp_ref`: log pi_old and log pi_ref of the actions (no grad; the
    first minibatch's logp_old comes from the update's own forward, `lmpg.update`), and with
    kl_in=reward the KL penalty in the rewards;
@@ -40,6 +42,7 @@ from lmpg.checkpoint import load_state, load_weights, quiet_hf_progress, rng_sta
     save_weights, set_rng_state
 from lmpg.config import PGConfig
 from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
+from lmpg.dynamic_sampling import DynamicSampling, SampledGroups
 from lmpg.environments import require_reward_source
 from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
 from lmpg.errors import ConfigError
@@ -79,7 +82,8 @@ class Prompts:
     """This process's prompts of one iteration."""
 
     positions: list[int]
-    """Each prompt's position in the iteration's global batch (seeds its samples' random streams)."""
+    """Each prompt's position in the iteration's global batch (seeds its samples' random streams); with
+    dynamic sampling, an extra round's prompts follow those of the earlier rounds."""
     rows: dict
     """The dataset rows, as columns."""
     prompts: list
@@ -207,6 +211,11 @@ class PGTrainer:
         # multi-turn episodes (lmpg.episodes) instead of single completions
         self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
+        # DAPO's dynamic sampling: more rounds of prompts until every group has reward spread
+        self.dynamic_sampling = None if not c.dynamic_sampling else DynamicSampling(
+            acc, prompts_per_iteration=c.prompts_per_iteration, prompts_per_minibatch=c.prompts_per_minibatch,
+            round_prompts=c.resolved_round_prompts, group_size=c.group_size, gamma=c.gamma,
+            max_extra_rounds=c.dynamic_sampling_max_extra_rounds, pad_id=tokenizer.pad_token_id)
         self.iteration = 0
         self.output_dir = Path(c.output_dir)
         self.guard = NonFiniteGuard(c.max_consecutive_skips, self.output_dir / "checkpoints")
@@ -278,6 +287,14 @@ class PGTrainer:
         time_sample = lap()
         scores = self.score(batch, prompts)                              # 3.
         time_score = lap()
+        sampling_stats = {}
+        if self.dynamic_sampling is not None:  # 3b. only groups with reward spread (lmpg.dynamic_sampling)
+            filled = self.dynamic_sampling(SampledGroups(prompts, batch, scores), next_prompts=self.next_prompts,
+                                           sample=self.sample, score=self.score, iteration=self.iteration)
+            prompts, batch, scores = filled.groups.prompts, filled.groups.batch, filled.groups.scores
+            sampling_stats = filled.stats
+            time_sample += filled.time_sample
+            time_score += lap() - filled.time_sample  # the extra rounds' scoring and the choice
         self.fill_logp_old(batch)                                        # 4.
         self.fill_logp_ref(batch)
         if c.kl_coef > 0 and c.kl_in == "reward":
@@ -292,20 +309,23 @@ class PGTrainer:
         time_sync = lap()
         self.iteration += 1
         metrics = self.iteration_metrics(batch, prompts, scores, {**adv_stats, **mismatch}, update_stats, entropy)  # 7.
+        metrics.update(sampling_stats)
         timings = self.iteration_timings(batch, time_sample, time_score, time_logp, time_update, time_sync)
         self.log(metrics, timings, batch, prompts, scores)
         return StepResult(metrics, timings, batch)
 
-    def next_prompts(self) -> Prompts:
-        """The global batch of prompts in a seeded order; this process's share of every minibatch."""
+    def next_prompts(self, count: int | None = None, first_position: int = 0) -> Prompts:
+        """The global batch of prompts in a seeded order; this process's share of every minibatch.
+        count: dynamic sampling's extra round of `count` prompts instead, each process a contiguous
+        block of them, at positions from first_position on (after the earlier rounds')."""
         c, acc = self.config, self.accelerator
-        positions = distributed.prompt_positions(c.prompts_per_iteration, max(c.resolved_minibatch_size // c.group_size, 1),
-                                                 acc.num_processes, acc.process_index)
-        indices = self.prompt_order.next_indices(c.prompts_per_iteration)
+        count, per_minibatch = (c.prompts_per_iteration, c.prompts_per_minibatch) if count is None else (count, count)
+        positions = distributed.prompt_positions(count, per_minibatch, acc.num_processes, acc.process_index)
+        indices = self.prompt_order.next_indices(count)
         rows = self.train_dataset[[indices[p] for p in positions]]  # dict of columns
         prompts = rows[c.prompt_column]
         rendered = [render_prompt(self.tokenizer, p) for p in prompts]
-        return Prompts(positions, rows, prompts, [t for t, _ in rendered], rendered[0][1])
+        return Prompts([first_position + p for p in positions], rows, prompts, [t for t, _ in rendered], rendered[0][1])
 
     def sample(self, prompts: Prompts) -> TrajectoryBatch:
         """G completions per prompt from pi_old, each from its own random stream."""
