@@ -365,3 +365,25 @@ def test_episodes_generate_through_the_engine_token_in_token_out(tokenizer, tmp_
     assert max(m["turns_max"] for m in history) >= 2
     for m in history:
         assert 0 <= m["mismatch_kl"] < 1e-6 and abs(m["mismatch_ratio_max"] - 1) < 1e-4
+
+
+def test_dynamic_sampling_with_the_engine_fills_the_batch_with_spread_groups(tokenizer, tmp_path):
+    """DAPO's dynamic sampling through the real engine: extra rounds sample the next prompts with seeds
+    of their own, and every trained group has reward spread."""
+
+    def a_unless_plus(prompts, completions, **kwargs):  # prompts with '+' never have spread
+        return [0.0 if "+" in p else c.count("a") / 8 for p, c in zip(prompts, completions)]
+
+    config = PGConfig(output_dir=str(tmp_path / "run"), iterations=2, batch_size=8, group_size=4, max_new_tokens=8,
+                      sampler="vllm", dynamic_sampling=True, dynamic_sampling_max_extra_rounds=6,
+                      dynamic_sampling_round_prompts=1, learning_rate=1e-3, seed=4, progress_bar=False,
+                      sample_log_every=0, sample_groups_per_iteration=None)
+    prompts = ["a", "12+3=", "ab", "1+1=", "b", "3+4=", "ba", "aa"]
+    trainer = PGTrainer(_model(tokenizer), [a_unless_plus], datasets.Dataset.from_dict({"prompt": prompts}),
+                        config, tokenizer=tokenizer)
+    history = trainer.train()
+    assert sum(m["dynamic_sampling/extra_rounds"] for m in history) >= 1
+    assert all(m["dynamic_sampling/bound_hit"] == 0 and m["zero_spread_group_frac"] == 0.0 for m in history)
+    records = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    for g in range(0, len(records), 4):
+        assert "+" not in records[g]["prompt"] and len({r["reward"] for r in records[g:g + 4]}) > 1
