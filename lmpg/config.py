@@ -30,9 +30,11 @@ from lmpg.choices import (
     KlIn,
     LossAgg,
     OnError,
+    PgObjective,
     RatioLevel,
     RewardExecutor,
     SamplerCorrection,
+    SequenceLossWeight,
     ToolFormat,
 )
 from lmpg.errors import ConfigError
@@ -197,7 +199,34 @@ class PGConfig:
     """PPO clipping: ratio ceiling 1 + clip_eps_high (DAPO raises it, e.g. 0.28)."""
     loss_agg: LossAgg = "token_mean"
     """Loss aggregation: token_mean, sequence_mean, sequence_sum or constant (see lmpg.losses). With
-    ratio_level sequence or sequence_mean it aggregates only the KL term (token_mean or sequence_mean)."""
+    ratio_level sequence or sequence_mean and sequence_loss_weight one it aggregates only the KL term
+    (token_mean or sequence_mean)."""
+    pg_objective: PgObjective = "ppo_clip"
+    """The per-token policy objective (lmpg.losses): ppo_clip (PPO's clipped ratio, clip_eps_low / _high,
+    clip_delta), cispo (detached importance weight capped at cispo_weight_max, times log pi; MiniMax-M1),
+    sapo (a soft sigmoid gate, sapo_temperature_pos / _neg) or vespo (a smooth weight of the trajectory
+    ratio, vespo_*; ratio_level token)."""
+    sequence_loss_weight: SequenceLossWeight = "one"
+    """With ratio_level sequence or sequence_mean, what each sequence's loss weighs: one (averaged over
+    sequences, GSPO) or length (it counts at each of its tokens and loss_agg aggregates them: TRL's sequence
+    level for its loss types but grpo and sapo; with loss_agg sequence_sum and ratio_level sequence_mean,
+    LUSPO)."""
+    cispo_weight_max: float = 5.0
+    """pg_objective=cispo: the cap w_max of the detached importance weight min(r, w_max) (ScaleRL's eps_max;
+    TRL's epsilon_high under loss_type=cispo)."""
+    sapo_temperature_pos: float = 1.0
+    """pg_objective=sapo: the gate's temperature tau where A > 0 (the gradient fades as r leaves 1, faster for
+    larger tau)."""
+    sapo_temperature_neg: float = 1.05
+    """pg_objective=sapo: the gate's temperature tau where A <= 0."""
+    vespo_k_pos: float = 2.0
+    """pg_objective=vespo: the exponent k of phi(w) = e^lambda w^k e^(-lambda w) where A >= 0 (damps w < 1)."""
+    vespo_lambda_pos: float = 3.0
+    """pg_objective=vespo: the decay lambda of phi(w) where A >= 0 (damps w > 1)."""
+    vespo_k_neg: float = 3.0
+    """pg_objective=vespo: the exponent k where A < 0."""
+    vespo_lambda_neg: float = 2.0
+    """pg_objective=vespo: the decay lambda where A < 0."""
     loss_constant: float | None = None
     """Normaliser per sequence for loss_agg=constant (default: max_new_tokens)."""
     kl_coef: float = 0.0
@@ -382,10 +411,29 @@ class PGConfig:
         if self.loss_constant is not None and self.loss_agg != "constant":
             raise ConfigError(f"loss_constant={self.loss_constant} only applies to loss_agg=constant; "
                               f"set loss_agg=constant or drop loss_constant")
-        if self.ratio_level in SEQUENCE_RATIO_LEVELS and self.loss_agg in ("sequence_sum", "constant"):
+        if (self.ratio_level in SEQUENCE_RATIO_LEVELS and self.sequence_loss_weight == "one"
+                and self.loss_agg in ("sequence_sum", "constant")):
             raise ConfigError(f"loss_agg={self.loss_agg} does not apply with ratio_level={self.ratio_level} (its policy "
                               "loss is one term per sequence, averaged over sequences; loss_agg only aggregates "
-                              "the KL term there); set loss_agg=token_mean or sequence_mean")
+                              "the KL term there); set loss_agg=token_mean or sequence_mean, or "
+                              "sequence_loss_weight=length")
+        if self.sequence_loss_weight == "length" and self.ratio_level not in SEQUENCE_RATIO_LEVELS:
+            raise ConfigError("sequence_loss_weight=length weighs a sequence ratio's loss by its length; set "
+                              "ratio_level=sequence or sequence_mean, or sequence_loss_weight=one")
+        if self.pg_objective == "vespo" and self.ratio_level != "token":
+            raise ConfigError(f"pg_objective=vespo weighs the trajectory ratio itself; set ratio_level=token "
+                              f"(not {self.ratio_level})")
+        if self.pg_objective == "vespo" and correction != "none":
+            raise ConfigError(f"pg_objective=vespo with sampler_correction={correction}: TRL folds the sampler "
+                              "correction into VESPO's sequence weight, lmpg does not yet; set sampler_correction=none")
+        if self.cispo_weight_max <= 0:
+            raise ConfigError(f"cispo_weight_max={self.cispo_weight_max} must be > 0")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0 (sampling only; use greedy eval for argmax)")
         if not 0 < self.top_p <= 1:

@@ -70,14 +70,15 @@ def surrogate_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor
                    clip_eps_low: float | None = None, clip_eps_high: float | None = None,
                    loss_agg: LossAgg = "token_mean", loss_constant: float | None = None, kl_coef: float = 0.0,
                    kl_estimator: KlEstimator = "k3", kl_in: KlIn = "loss", num_tokens: float | None = None,
-                   num_sequences: float | None = None) -> tuple[torch.Tensor, dict]:
+                   num_sequences: float | None = None, **objective) -> tuple[torch.Tensor, dict]:
     """The loss of a micro-batch whose gradient is its share of the minibatch's policy gradient:
 
         L = L_pg(logp, logp_old, adv)  +  kl_coef * agg_{i,t} KL_{i,t}(pi_theta || pi_ref)
 
     L_pg is `lmpg.losses.policy_gradient_loss` (ratio_level, clip_eps_low / _high, loss_agg,
-    loss_constant); KL_{i,t} is `lmpg.kl.kl_estimate(logp, logp_ref, kl_estimator)`, aggregated over
-    `loss_mask` as the policy loss is. The KL term joins the loss only with kl_in=loss (with
+    loss_constant, and the `objective` keywords: pg_objective, sequence_loss_weight and the
+    objective's numbers); KL_{i,t} is `lmpg.kl.kl_estimate(logp, logp_ref, kl_estimator)`, aggregated
+    over `loss_mask` as the policy loss is. The KL term joins the loss only with kl_in=loss (with
     kl_in=reward the penalty is already in the rewards). num_tokens / num_sequences: the whole
     minibatch's totals (`lmpg.losses.aggregate`). Per-token inputs are (B, T); logp_ref is needed
     when kl_coef > 0.
@@ -85,7 +86,7 @@ def surrogate_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor
     loss, stats = policy_gradient_loss(
         logp, logp_old, adv, loss_mask, ratio_level=ratio_level, clip_eps_low=clip_eps_low,
         clip_eps_high=clip_eps_high, loss_agg=loss_agg, loss_constant=loss_constant,
-        num_tokens=num_tokens, num_sequences=num_sequences)
+        num_tokens=num_tokens, num_sequences=num_sequences, **objective)
     stats["kl"] = 0.0
     if kl_coef > 0:
         kl_tok = kl_estimate(logp, logp_ref, kl_estimator)
@@ -101,7 +102,11 @@ def surrogate_loss_settings(config: PGConfig) -> dict:
     c = config
     return dict(ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high,
                 loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant, kl_coef=c.kl_coef,
-                kl_estimator=c.kl_estimator, kl_in=c.kl_in)
+                kl_estimator=c.kl_estimator, kl_in=c.kl_in, pg_objective=c.pg_objective,
+                sequence_loss_weight=c.sequence_loss_weight, cispo_weight_max=c.cispo_weight_max,
+                sapo_temperature_pos=c.sapo_temperature_pos, sapo_temperature_neg=c.sapo_temperature_neg,
+                vespo_k_pos=c.vespo_k_pos, vespo_lambda_pos=c.vespo_lambda_pos, vespo_k_neg=c.vespo_k_neg,
+                vespo_lambda_neg=c.vespo_lambda_neg)
 
 
 class NonFiniteGuard:

@@ -41,7 +41,9 @@ def test_valid_combinations_pass():
 # ----------------------------------------------------------------------------- choices from Literals
 CHOICE_FIELDS = {"baseline", "adv_norm", "ratio_level", "loss_agg", "kl_estimator", "kl_in", "reward_on_error",
                  "sampler", "logp_old_source", "tool_format", "reward_executor", "lr_scheduler", "mixed_precision",
-                 "sampler_correction"}
+                 "sampler_correction", "pg_objective", "sequence_loss_weight"}
+# the fields a choice needs beside it to be a valid config
+CHOICE_CONTEXT = {"sampler_correction": dict(sampler="vllm"), "sequence_loss_weight": dict(ratio_level="sequence_mean")}
 
 
 def test_every_choice_field_is_a_literal_and_its_choices_are_the_literals_values():
@@ -65,6 +67,8 @@ def test_the_maths_modules_tuples_are_their_literals():
 
     assert losses.RATIO_LEVELS == get_args(losses.RatioLevel) == ("token", "sequence", "sequence_mean")
     assert losses.LOSS_AGGS == get_args(losses.LossAgg) == ("token_mean", "sequence_mean", "sequence_sum", "constant")
+    assert losses.PG_OBJECTIVES == get_args(losses.PgObjective) == ("ppo_clip", "cispo", "sapo", "vespo")
+    assert losses.SEQUENCE_LOSS_WEIGHTS == get_args(losses.SequenceLossWeight) == ("one", "length")
     assert advantages.BASELINES == get_args(advantages.Baseline)
     assert set(advantages.WEIGHTED_BASELINES) <= set(advantages.BASELINES)
     assert advantages.ADV_NORMS == get_args(advantages.AdvNorm)
@@ -94,7 +98,7 @@ def test_every_choice_is_accepted_and_anything_else_refused_in_one_line():
 
     for name, allowed in choices().items():
         for value in allowed:
-            assert getattr(PGConfig(**{name: value}), name) == value
+            assert getattr(PGConfig(**{name: value, **CHOICE_CONTEXT.get(name, {})}), name) == value
         with pytest.raises(ConfigError) as err:
             PGConfig(**{name: "bogus"})
         assert str(err.value) == f"{name}='bogus' is not valid; set it to one of {', '.join(allowed)}"

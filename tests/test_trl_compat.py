@@ -53,21 +53,24 @@ def test_fields_map_one_by_one(tmp_path):
     assert (config.top_p, config.top_k, config.lr_scheduler, config.seed) == (0.9, 20, "cosine", 3)
     assert (config.reward_weights, config.adam_eps, config.keep_last, config.log_every) == ([1.0, 0.5], 1e-6, 5, 1)
     assert config.gradient_checkpointing  # TRL's default is on
-    # GSPO: lmpg averages one loss per sequence over sequences, which is TRL's sequence level with grpo only
+    # GSPO: one loss per sequence averaged over sequences (grpo); TRL's other loss types weigh it by length
     gspo = config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="grpo", importance_sampling_level="sequence"))
-    assert (gspo.ratio_level, gspo.loss_agg) == ("sequence_mean", "sequence_mean")
-    with pytest.raises(ConfigError, match="importance_sampling_level='sequence' with loss_type='dr_grpo'"):
-        config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
+    assert (gspo.ratio_level, gspo.loss_agg, gspo.sequence_loss_weight) == ("sequence_mean", "sequence_mean", "one")
+    dr_gspo = config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
+    assert (dr_gspo.ratio_level, dr_gspo.loss_agg, dr_gspo.sequence_loss_weight) == ("sequence_mean", "constant", "length")
+    with pytest.raises(ConfigError, match="importance_sampling_level='sequence' with loss_type='vespo' and beta"):
+        config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="vespo", importance_sampling_level="sequence",
+                                    beta=0.04))
 
 
 def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
-    args = grpo_config(tmp_path, max_steps=10, loss_type="vespo", multi_objective_aggregation="normalize_then_sum",
+    args = grpo_config(tmp_path, max_steps=10, multi_objective_aggregation="normalize_then_sum",
                        entropy_coef=0.1, mask_truncated_completions=True)
     with pytest.raises(ConfigError) as error:
         config_from_trl(args)
     message = str(error.value)
     assert "\n" not in message
-    for fragment in ("loss_type='vespo'", "multi_objective_aggregation='normalize_then_sum'", "entropy_coef=0.1",
+    for fragment in ("multi_objective_aggregation='normalize_then_sum'", "entropy_coef=0.1",
                      "mask_truncated_completions=True"):
         assert fragment in message
     args = grpo_config(tmp_path, max_steps=10, chat_template_kwargs={"enable_thinking": False},
@@ -241,14 +244,17 @@ def test_environment_factory_must_be_importable_by_name():
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
-def test_every_trl_loss_type_maps_or_is_refused_in_one_line(tmp_path, loss_type):
-    """The loss types TRL 1.16's GRPOTrainer._compute_loss knows; the guide's defaults checked on GRPOConfig."""
-    args = grpo_config(tmp_path, max_steps=4, loss_type=loss_type)
+def test_every_trl_loss_type_maps(tmp_path, loss_type):
+    """The loss types TRL 1.16's GRPOTrainer._compute_loss knows, each as lmpg's objective and aggregation
+    (tests/test_losses_trl.py: the same value and gradient as TRL's code); the guide's defaults checked
+    on GRPOConfig."""
+    args = grpo_config(tmp_path, max_steps=4, loss_type=loss_type, epsilon_high=3.0, sapo_temperature_neg=2.0,
+                       vespo_k_neg=4.0)
     assert (args.multi_objective_aggregation, grpo_config(tmp_path).loss_type) == ("sum_then_normalize", "dapo")
-    if loss_type in ("cispo", "sapo", "luspo", "vespo"):
-        with pytest.raises(ConfigError, match=f"loss_type='{loss_type}'") as error:
-            config_from_trl(args)
-        assert "\n" not in str(error.value)
-    else:
-        assert config_from_trl(args).loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean",
-                                                    "dr_grpo": "constant", "dapo": "token_mean"}[loss_type]
+    config = config_from_trl(args)
+    assert config.loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean", "dr_grpo": "constant", "dapo": "token_mean",
+                               "cispo": "token_mean", "sapo": "sequence_mean", "luspo": "sequence_sum",
+                               "vespo": "token_mean"}[loss_type]
+    assert config.pg_objective == {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}.get(loss_type, "ppo_clip")
+    assert (config.cispo_weight_max, config.sapo_temperature_neg, config.vespo_k_neg) == (
+        3.0 if loss_type == "cispo" else 5.0, 2.0 if loss_type == "sapo" else 1.05, 4.0 if loss_type == "vespo" else 3.0)

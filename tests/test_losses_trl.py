@@ -1,0 +1,137 @@
+"""lmpg's losses against TRL 1.16's own `GRPOTrainer._compute_loss`, installed and unchanged, on the
+same tensors: value and gradient, for every TRL loss type at its token and sequence level and for the
+loss-side options `config_from_trl` maps.
+
+TRL's method runs unbound on a minimal trainer object: `_get_per_token_logps_and_entropies` returns
+the given log-probs and entropies (the model's forward is not what is compared), the accelerator is
+one process, one micro-batch per optimizer step. The lmpg side is the PGConfig that `config_from_trl`
+makes of the same GRPOConfig, through `lmpg.update.surrogate_loss` with `surrogate_loss_settings`,
+so the mapping is checked with the maths.
+
+Shapes: B sequences, T completion tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import types
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+# trl is a test dependency (pyproject [test], TRL 1.16): missing, this module fails, never skips
+import trl
+from trl.trainer.grpo_trainer import GRPOTrainer
+
+from lmpg.trl_compat import config_from_trl
+from lmpg.update import surrogate_loss, surrogate_loss_settings
+
+DT = torch.float64
+B, T = 6, 7
+TOL = dict(rtol=1e-6, atol=1e-9)  # float64; TRL builds SAPO's and VESPO's constants in float32
+
+
+def grpo_config(tmp_path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trl.GRPOConfig(output_dir=str(tmp_path / "out"), bf16=False, report_to="none", max_steps=10,
+                              num_generations=2, per_device_train_batch_size=B, max_completion_length=T + 2,
+                              **kwargs)
+
+
+def tensors(seed, spread=0.4):
+    """logp (leaf), logp_old, logp_ref, entropy, adv (B,) of mixed signs and a completion mask of
+    varied lengths with one empty row."""
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, T, generator=g, dtype=DT) * 3).requires_grad_(True)
+    logp_old = logp.detach() + spread * torch.randn(B, T, generator=g, dtype=DT)
+    logp_ref = logp.detach() + 0.5 * torch.randn(B, T, generator=g, dtype=DT)
+    entropy = 2 * torch.rand(B, T, generator=g, dtype=DT)
+    adv = torch.randn(B, generator=g, dtype=DT)
+    lengths = torch.tensor([7, 3, 5, 1, 6, 0])
+    mask = torch.arange(T) < lengths.unsqueeze(1)
+    return SimpleNamespace(logp=logp, logp_old=logp_old, logp_ref=logp_ref, entropy=entropy, adv=adv, mask=mask)
+
+
+def trl_trainer(args):
+    """The attributes of a GRPOTrainer that `_compute_loss` reads, as TRL's __init__ sets them from args."""
+    accelerator = SimpleNamespace(num_processes=1, sync_gradients=True, gather=lambda t: t,
+                                  reduce=lambda t, reduction: t, gather_for_metrics=lambda t: t,
+                                  pad_across_processes=lambda t, dim, pad_index: t)
+    trainer = SimpleNamespace(
+        args=args, accelerator=accelerator, beta=args.beta, loss_type=args.loss_type,
+        importance_sampling_level=args.importance_sampling_level, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        top_entropy_quantile=args.top_entropy_quantile, off_policy_mask_threshold=args.off_policy_mask_threshold,
+        entropy_coef=args.entropy_coef, use_adaptive_entropy=args.use_adaptive_entropy,
+        _entropy_bonus_enabled=args.entropy_coef != 0.0 or args.use_adaptive_entropy,
+        _last_world_entropy=float("inf"), _entropy_window_stats=None, use_vllm=False,
+        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_completion_length=args.max_completion_length, aux_loss_enabled=False,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
+    trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
+    trainer.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
+    trainer.get_gamma_weights = GRPOTrainer.get_gamma_weights
+    return trainer
+
+
+def trl_loss(trainer, x, logp=None, logp_old=None):
+    """TRL's `_compute_loss` on the tensors of `x`: (loss, d loss / d logp)."""
+    logp = x.logp if logp is None else logp
+    trainer._get_per_token_logps_and_entropies = lambda model, *a, **k: (logp, x.entropy, None)
+    inputs = dict(prompt_ids=torch.zeros(B, 0, dtype=torch.long), prompt_mask=torch.zeros(B, 0, dtype=torch.long),
+                  completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=x.mask.long(),
+                  advantages=x.adv, old_per_token_logps=x.logp_old if logp_old is None else logp_old,
+                  ref_per_token_logps=x.logp_ref, num_items_in_batch=x.mask.sum().to(DT))
+    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.detach(), grad
+
+
+def lmpg_loss(config, x, **extra):
+    """lmpg's micro-batch loss under `config` on the same tensors: (loss, d loss / d logp, stats)."""
+    loss, stats = surrogate_loss(x.logp, x.logp_old, x.adv.unsqueeze(1).expand(B, T), x.mask,
+                                 logp_ref=x.logp_ref, **surrogate_loss_settings(config), **extra)
+    (grad,) = torch.autograd.grad(loss, x.logp)
+    return loss.detach(), grad, stats
+
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_trl_loss_type_equals_trls_code(tmp_path, loss_type, level):
+    """Value and gradient of TRL's loss for each loss_type and importance_sampling_level, off-policy
+    (ratios spread around 1, clipping active), beta 0; config_from_trl's PGConfig on the same tensors."""
+    kw = dict(epsilon_high=1.2) if loss_type == "cispo" else dict(epsilon=0.2, epsilon_high=0.28)
+    args = grpo_config(tmp_path, loss_type=loss_type, importance_sampling_level=level, beta=0.0, **kw)
+    config = config_from_trl(args)
+    for seed in range(3):
+        x = tensors(seed)
+        want, want_grad = trl_loss(trl_trainer(args), x)
+        got, got_grad, stats = lmpg_loss(config, x)
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got_grad, want_grad, **TOL)
+        assert want_grad.abs().sum() > 0
+    if loss_type in ("cispo", "grpo", "dapo"):  # the cap or the clip is active on some tokens, or sequences
+        assert 0 < stats["clip_frac"] < 1
+
+
+def test_the_sequence_level_maps_to_lmpgs_sequence_loss_weights(tmp_path):
+    """TRL's grpo and sapo average the sequence losses over sequences; its other loss types sum each
+    sequence's loss over its tokens (the length weighting TRL warns about); luspo is GSPO's ratio
+    with sequence_sum. vespo's loss does not see the level (its weight is the trajectory ratio)."""
+    def mapped(loss_type):
+        c = config_from_trl(grpo_config(tmp_path, loss_type=loss_type, importance_sampling_level="sequence"))
+        return c.pg_objective, c.ratio_level, c.sequence_loss_weight, c.loss_agg
+
+    assert mapped("grpo") == ("ppo_clip", "sequence_mean", "one", "sequence_mean")
+    assert mapped("sapo") == ("sapo", "sequence_mean", "one", "sequence_mean")
+    assert mapped("dapo") == ("ppo_clip", "sequence_mean", "length", "token_mean")
+    assert mapped("dr_grpo") == ("ppo_clip", "sequence_mean", "length", "constant")
+    assert mapped("cispo") == ("cispo", "sequence_mean", "length", "token_mean")
+    assert mapped("luspo") == ("ppo_clip", "sequence_mean", "length", "sequence_sum")
+    assert mapped("vespo") == ("vespo", "token", "one", "token_mean")
