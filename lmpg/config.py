@@ -235,6 +235,10 @@ class PGConfig:
     """KL estimator: k1, k2 or k3 (see lmpg.kl)."""
     kl_in: KlIn = "loss"
     """Where the KL penalty goes: 'loss' (GRPO) or 'reward' (subtracted per token from the rewards)."""
+    kl_ratio_weighted: bool = False
+    """Multiply each token's KL estimate in the loss by the ratio pi_theta / pi_old (DeepSeek-V3.2's unbiased KL;
+    TRL's use_bias_correction_kl, on by default there): the expected gradient of k3 becomes that of
+    KL(pi_theta || pi_ref) at each state, where the plain k3's is KL(pi_ref || pi_theta)'s (lmpg.kl)."""
     adv_eps: float = 1e-6
     """Added to the std before dividing advantages by it."""
 
@@ -450,6 +454,9 @@ class PGConfig:
             raise ConfigError(f"loss_constant={self.loss_constant} must be > 0")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0")
+        if self.kl_ratio_weighted and self.kl_in == "reward":
+            raise ConfigError("kl_ratio_weighted weighs the KL term of the loss by pi_theta / pi_old; with kl_in=reward "
+                              "the penalty is a fixed reward: set kl_ratio_weighted=false or kl_in=loss")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
         if self.lora_r < 0:

@@ -72,10 +72,10 @@ def _lacking(args: Any) -> list[str]:
     if str(_value(args.optim)) not in OPTIMIZERS:
         problems.append(f"optim={_value(args.optim)!r} (AdamW only)")
     level, loss_type = getattr(args, "importance_sampling_level", "token"), _value(args.loss_type)
-    if level == "sequence" and loss_type == "vespo" and args.beta != 0:
-        problems.append("importance_sampling_level='sequence' with loss_type='vespo' and beta != 0 (VESPO weighs the "
-                        "trajectory ratio itself; TRL's sequence level then only reweights the KL term, and TRL warns "
-                        "against it: set importance_sampling_level='token')")
+    if level == "sequence" and loss_type == "vespo" and args.beta != 0 and args.use_bias_correction_kl:
+        problems.append("importance_sampling_level='sequence' with loss_type='vespo', beta != 0 and "
+                        "use_bias_correction_kl (VESPO weighs the trajectory ratio itself; TRL's sequence level then "
+                        "only reweights the KL term, and TRL warns against it: set importance_sampling_level='token')")
     if getattr(args, "use_vllm", False) and getattr(args, "vllm_mode", "colocate") != "colocate":
         problems.append(f"vllm_mode={args.vllm_mode!r} (lmpg has no vLLM server mode yet; vllm_mode='colocate' runs "
                         "an engine in each training process)")
@@ -118,7 +118,8 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         max_episode_tokens=args.max_completion_length,  # TRL's cap on a multi-turn completion, tool results included
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
         clip_eps_low=args.epsilon, clip_eps_high=epsilon_high,
-        kl_coef=args.beta, kl_in="loss", kl_estimator="k3", loss_agg=loss_agg,
+        kl_coef=args.beta, kl_in="loss", kl_estimator="k3", kl_ratio_weighted=bool(args.use_bias_correction_kl),
+        loss_agg=loss_agg,
         loss_constant=args.max_completion_length if loss_agg == "constant" else None,
         baseline="group_mean", adv_norm=ADV_NORM[_value(args.scale_rewards)],
         **objective_fields_from_trl(args, loss_type, epsilon_high),
@@ -149,7 +150,7 @@ def objective_fields_from_trl(args: Any, loss_type: str, epsilon_high: float) ->
     the sequence's tokens, weighing it by length)."""
     level = getattr(args, "importance_sampling_level", "token")
     fields: dict[str, Any] = {"pg_objective": PG_OBJECTIVE.get(loss_type, "ppo_clip")}
-    if level == "sequence" and loss_type != "vespo":  # vespo: the level does not reach its loss (beta 0)
+    if level == "sequence" and loss_type != "vespo":  # vespo: the level reaches only the KL (refused above)
         fields.update(ratio_level="sequence_mean",
                       sequence_loss_weight="one" if loss_type in SEQUENCE_LOSS_WEIGHT_ONE else "length")
     else:

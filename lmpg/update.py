@@ -34,7 +34,7 @@ from lmpg.diagnostics import EntropyRecorder, GradientSNR, ImportanceWeightESS, 
 from lmpg.errors import TrainingError
 from lmpg.forward import micro_batches, row_logprobs
 from lmpg.kl import kl_estimate
-from lmpg.losses import aggregate, policy_gradient_loss
+from lmpg.losses import aggregate, importance_ratio, policy_gradient_loss
 from lmpg.sampler import row_seed
 
 logger = logging.getLogger("lmpg")
@@ -69,11 +69,15 @@ def surrogate_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor
                    logp_ref: torch.Tensor | None = None, ratio_level: RatioLevel = "token",
                    clip_eps_low: float | None = None, clip_eps_high: float | None = None,
                    loss_agg: LossAgg = "token_mean", loss_constant: float | None = None, kl_coef: float = 0.0,
-                   kl_estimator: KlEstimator = "k3", kl_in: KlIn = "loss", num_tokens: float | None = None,
-                   num_sequences: float | None = None, **objective) -> tuple[torch.Tensor, dict]:
+                   kl_estimator: KlEstimator = "k3", kl_in: KlIn = "loss", kl_ratio_weighted: bool = False,
+                   num_tokens: float | None = None, num_sequences: float | None = None,
+                   **objective) -> tuple[torch.Tensor, dict]:
     """The loss of a micro-batch whose gradient is its share of the minibatch's policy gradient:
 
-        L = L_pg(logp, logp_old, adv)  +  kl_coef * agg_{i,t} KL_{i,t}(pi_theta || pi_ref)
+        L = L_pg(logp, logp_old, adv)  +  kl_coef * agg_{i,t} [ w_{i,t} KL_{i,t}(pi_theta || pi_ref) ]
+
+    w = 1, or with kl_ratio_weighted the importance ratio pi_theta / pi_old at `ratio_level` (with grad;
+    a sequence level's ratio for every token of the sequence; lmpg.kl's docstring says what it estimates).
 
     L_pg is `lmpg.losses.policy_gradient_loss` (ratio_level, clip_eps_low / _high, loss_agg,
     loss_constant, and the `objective` keywords: pg_objective, sequence_loss_weight and the
@@ -90,6 +94,9 @@ def surrogate_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor
     stats["kl"] = 0.0
     if kl_coef > 0:
         kl_tok = kl_estimate(logp, logp_ref, kl_estimator)
+        if kl_ratio_weighted:
+            ratio = importance_ratio(logp, logp_old.detach(), loss_mask.bool(), ratio_level)
+            kl_tok = kl_tok * (ratio if ratio.dim() == 2 else ratio.unsqueeze(1))
         kl_term = aggregate(kl_tok, loss_mask, loss_agg, loss_constant, num_tokens, num_sequences)
         stats["kl"] = float(kl_term.detach())
         if kl_in == "loss":
@@ -102,7 +109,8 @@ def surrogate_loss_settings(config: PGConfig) -> dict:
     c = config
     return dict(ratio_level=c.ratio_level, clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high,
                 loss_agg=c.loss_agg, loss_constant=c.resolved_loss_constant, kl_coef=c.kl_coef,
-                kl_estimator=c.kl_estimator, kl_in=c.kl_in, pg_objective=c.pg_objective,
+                kl_estimator=c.kl_estimator, kl_in=c.kl_in, kl_ratio_weighted=c.kl_ratio_weighted,
+                pg_objective=c.pg_objective,
                 sequence_loss_weight=c.sequence_loss_weight, cispo_weight_max=c.cispo_weight_max,
                 sapo_temperature_pos=c.sapo_temperature_pos, sapo_temperature_neg=c.sapo_temperature_neg,
                 vespo_k_pos=c.vespo_k_pos, vespo_lambda_pos=c.vespo_lambda_pos, vespo_k_neg=c.vespo_k_neg,

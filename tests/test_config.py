@@ -19,6 +19,14 @@ from lmpg.errors import ConfigError
      r"baseline=optimal_token needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
     (dict(tool_timeout=-1), r"tool_timeout=-1.0 must be > 0"),
     (dict(tool_timeout=0), r"tool_timeout=0.0 must be > 0"),
+    # issue 22: the loss types and TRL's options
+    (dict(sequence_loss_weight="length"), r"sequence_loss_weight=length weighs a sequence ratio's loss.*ratio_level"),
+    (dict(pg_objective="vespo", ratio_level="sequence_mean"), r"pg_objective=vespo .*set ratio_level=token"),
+    (dict(pg_objective="vespo", sampler="vllm"), r"pg_objective=vespo with sampler_correction=token_truncate"),
+    (dict(cispo_weight_max=0), r"cispo_weight_max=0.0 must be > 0"),
+    (dict(sapo_temperature_neg=0), r"sapo_temperature_neg=0.0 must be > 0"),
+    (dict(vespo_k_pos=-1), r"vespo_k_pos=-1.0 must be >= 0"),
+    (dict(kl_ratio_weighted=True, kl_in="reward", kl_coef=0.1), r"kl_ratio_weighted weighs the KL term of the loss"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:

@@ -135,3 +135,45 @@ def test_the_sequence_level_maps_to_lmpgs_sequence_loss_weights(tmp_path):
     assert mapped("cispo") == ("cispo", "sequence_mean", "length", "token_mean")
     assert mapped("luspo") == ("ppo_clip", "sequence_mean", "length", "sequence_sum")
     assert mapped("vespo") == ("vespo", "token", "one", "token_mean")
+
+
+@pytest.mark.parametrize("use_bias_correction_kl", [True, False])
+@pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dapo", "token"), ("grpo", "sequence"),
+                                             ("dr_grpo", "sequence")])
+def test_kl_with_and_without_trls_bias_correction_equals_trls_code(tmp_path, loss_type, level, use_bias_correction_kl):
+    """beta 0.04, off-policy (the ratio away from 1, as in every epoch after the first): TRL's default
+    multiplies k3 by pi_theta / pi_old (use_bias_correction_kl), which changes value and gradient;
+    config_from_trl maps it to kl_ratio_weighted."""
+    args = grpo_config(tmp_path, loss_type=loss_type, importance_sampling_level=level, beta=0.04,
+                       use_bias_correction_kl=use_bias_correction_kl)
+    config = config_from_trl(args)
+    assert config.kl_ratio_weighted is use_bias_correction_kl
+    for seed in range(2):
+        x = tensors(seed)
+        want, want_grad = trl_loss(trl_trainer(args), x)
+        got, got_grad, stats = lmpg_loss(config, x)
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got_grad, want_grad, **TOL)
+    other = config_from_trl(args, kl_ratio_weighted=not use_bias_correction_kl)
+    other_loss, other_grad, _ = lmpg_loss(other, x)  # the correction is not a no-op here
+    assert abs(float(other_loss - got)) > 1e-4 and float((other_grad - got_grad).abs().max()) > 1e-4
+
+
+def test_the_bias_corrected_kl_changes_the_gradient_at_ratio_one(tmp_path):
+    """theta == theta_old: the ratio's value is 1, so the loss is the same with and without the
+    correction, but the ratio carries a gradient: d(r k3)/d logp = k3 + d k3 / d logp (TRL's docs)."""
+    x = tensors(0)
+    x.logp_old = x.logp.detach().clone()
+    grads = {}
+    for corrected in (True, False):
+        args = grpo_config(tmp_path, loss_type="grpo", beta=0.04, use_bias_correction_kl=corrected)
+        want, want_grad = trl_loss(trl_trainer(args), x)
+        got, got_grad, _ = lmpg_loss(config_from_trl(args), x)
+        torch.testing.assert_close(got_grad, want_grad, **TOL)
+        torch.testing.assert_close(got, want, **TOL)
+        grads[corrected] = (got, got_grad)
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=1e-12)
+    k3 = torch.exp(x.logp_ref - x.logp.detach()) - (x.logp_ref - x.logp.detach()) - 1
+    lengths = x.mask.sum(1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(grads[True][1] - grads[False][1], torch.where(x.mask, 0.04 * k3 / lengths / B, 0.0),
+                               rtol=1e-9, atol=1e-12)

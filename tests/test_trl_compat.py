@@ -33,7 +33,8 @@ def test_the_migration_guides_side_by_side_run_converts_to_its_pgconfig(tmp_path
                         micro_batch_size=8, epochs_per_batch=1, max_new_tokens=256, learning_rate=1e-6,
                         kl_coef=0.0, clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token_mean",
                         baseline="group_mean", adv_norm="group", temperature=1.0, iterations=500, seed=42,
-                        log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0, max_episode_tokens=256)
+                        log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0, max_episode_tokens=256,
+                        kl_ratio_weighted=True)  # TRL's use_bias_correction_kl (default on), no effect at beta 0
     assert config == expected
 
 
@@ -49,7 +50,8 @@ def test_fields_map_one_by_one(tmp_path):
     assert (config.epochs_per_batch, config.iterations, config.warmup_steps) == (2, 10, 4)
     assert (config.loss_agg, config.loss_constant, config.adv_norm, config.ratio_level) == \
         ("constant", 32, "none", "token")
-    assert (config.kl_coef, config.kl_in, config.kl_estimator) == (0.04, "loss", "k3")
+    assert (config.kl_coef, config.kl_in, config.kl_estimator, config.kl_ratio_weighted) == (0.04, "loss", "k3", True)
+    assert not config_from_trl(grpo_config(tmp_path, max_steps=4, use_bias_correction_kl=False)).kl_ratio_weighted
     assert (config.top_p, config.top_k, config.lr_scheduler, config.seed) == (0.9, 20, "cosine", 3)
     assert (config.reward_weights, config.adam_eps, config.keep_last, config.log_every) == ([1.0, 0.5], 1e-6, 5, 1)
     assert config.gradient_checkpointing  # TRL's default is on
@@ -58,7 +60,7 @@ def test_fields_map_one_by_one(tmp_path):
     assert (gspo.ratio_level, gspo.loss_agg, gspo.sequence_loss_weight) == ("sequence_mean", "sequence_mean", "one")
     dr_gspo = config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
     assert (dr_gspo.ratio_level, dr_gspo.loss_agg, dr_gspo.sequence_loss_weight) == ("sequence_mean", "constant", "length")
-    with pytest.raises(ConfigError, match="importance_sampling_level='sequence' with loss_type='vespo' and beta"):
+    with pytest.raises(ConfigError, match="importance_sampling_level='sequence' with loss_type='vespo', beta"):
         config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="vespo", importance_sampling_level="sequence",
                                     beta=0.04))
 

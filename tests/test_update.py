@@ -129,7 +129,8 @@ def test_surrogate_loss_settings_are_the_numbers_of_the_config():
                clip_eps_low=0.1, clip_eps_high=0.3)
     assert surrogate_loss_settings(c) == dict(ratio_level="token", clip_eps_low=0.1, clip_eps_high=0.3,
                                               loss_agg="constant", loss_constant=5.0, kl_coef=0.1,
-                                              kl_estimator="k2", kl_in="reward", pg_objective="ppo_clip",
+                                              kl_estimator="k2", kl_in="reward", kl_ratio_weighted=False,
+                                              pg_objective="ppo_clip",
                                               sequence_loss_weight="one", cispo_weight_max=5.0,
                                               sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
                                               vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
