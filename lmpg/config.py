@@ -197,6 +197,10 @@ class PGConfig:
     """PPO clipping: ratio floor 1 - clip_eps_low (None with clip_eps_high None = no clipping)."""
     clip_eps_high: float | None = 0.2
     """PPO clipping: ratio ceiling 1 + clip_eps_high (DAPO raises it, e.g. 0.28)."""
+    clip_delta: float | None = None
+    """Two-sided clipping (INTELLECT-2; TRL's delta): pg_objective=ppo_clip caps the unclipped ratio at clip_delta
+    too, so a negative-advantage token whose ratio passed it stops pushing (None: off; > 1, usually > 1 +
+    clip_eps_high)."""
     loss_agg: LossAgg = "token_mean"
     """Loss aggregation: token_mean, sequence_mean, sequence_sum or constant (see lmpg.losses). With
     ratio_level sequence or sequence_mean and sequence_loss_weight one it aggregates only the KL term
@@ -241,6 +245,31 @@ class PGConfig:
     KL(pi_theta || pi_ref) at each state, where the plain k3's is KL(pi_ref || pi_theta)'s (lmpg.kl)."""
     adv_eps: float = 1e-6
     """Added to the std before dividing advantages by it."""
+    mask_truncated_completions: bool = False
+    """Leave samples that hit the length limit (no EOS at the end of the policy's last turn) out of the baselines,
+    the std and the loss, as unscored ones are (DAPO's overlong filtering); counted as truncated_masked_frac."""
+    top_entropy_quantile: float = 1.0
+    """rho: only the counted tokens whose entropy is in the top rho of their micro-batch's (all processes) keep
+    their policy term ("Beyond the 80/20 rule": 0.2; lmpg.entropy); 1.0 keeps every token."""
+    off_policy_mask_threshold: float | None = None
+    """DeepSeek-V3.2's off-policy sequence mask: a sequence with A < 0 whose mean log(q / pi_theta) over its
+    tokens exceeds this (q the sampling policy) leaves the policy term (None: off; e.g. 0.5)."""
+    entropy_coef: float = 0.0
+    """c: the loss subtracts c times the mean token entropy of the tokens the policy term acts on (lmpg.entropy);
+    with adaptive_entropy, the starting coefficient."""
+    adaptive_entropy: bool = False
+    """Skywork-OR1's adaptive entropy bonus (TRL's use_adaptive_entropy): after every optimizer step c moves by
+    entropy_coef_delta towards more bonus while the step's mean entropy is at or below entropy_target and
+    less above it, within [entropy_coef_min, entropy_coef_max]; the bonus applies only at or below the
+    target."""
+    entropy_coef_min: float = 0.0
+    """adaptive_entropy: the lowest coefficient."""
+    entropy_coef_max: float = 1.0
+    """adaptive_entropy: the highest coefficient."""
+    entropy_coef_delta: float = 0.005
+    """adaptive_entropy: the coefficient's step per optimizer step."""
+    entropy_target: float = 0.2
+    """adaptive_entropy: the mean token entropy (nats) at or below which the bonus applies and grows."""
 
     # --- model ---
     gradient_checkpointing: bool = False
@@ -311,6 +340,12 @@ class PGConfig:
     @property
     def clipping(self) -> bool:
         return self.clip_eps_low is not None or self.clip_eps_high is not None
+
+    @property
+    def entropy_bonus_on(self) -> bool:
+        """Whether the loss has the entropy bonus (a static coefficient, or the adaptive one, which may
+        return from 0)."""
+        return self.entropy_coef != 0.0 or self.adaptive_entropy
 
     @property
     def resolved_sampler_correction(self) -> str:
@@ -430,6 +465,20 @@ class PGConfig:
         if self.pg_objective == "vespo" and correction != "none":
             raise ConfigError(f"pg_objective=vespo with sampler_correction={correction}: TRL folds the sampler "
                               "correction into VESPO's sequence weight, lmpg does not yet; set sampler_correction=none")
+        if self.clip_delta is not None and self.pg_objective != "ppo_clip":
+            raise ConfigError(f"clip_delta caps pg_objective=ppo_clip's ratio; with pg_objective={self.pg_objective} "
+                              "set clip_delta=null")
+        if self.clip_delta is not None and self.clip_delta <= 1:
+            raise ConfigError(f"clip_delta={self.clip_delta} must be > 1 (it caps the ratio, which is 1 at the first step)")
+        if not 0 <= self.top_entropy_quantile <= 1:
+            raise ConfigError(f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 keeps every token)")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ConfigError(f"off_policy_mask_threshold={self.off_policy_mask_threshold} must be >= 0, or null")
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ConfigError(f"entropy_coef_min={self.entropy_coef_min} must be <= entropy_coef_max={self.entropy_coef_max}")
+        if self.entropy_coef_delta < 0 or self.entropy_target < 0:
+            raise ConfigError(f"entropy_coef_delta={self.entropy_coef_delta} and entropy_target={self.entropy_target} "
+                              "must be >= 0")
         if self.cispo_weight_max <= 0:
             raise ConfigError(f"cispo_weight_max={self.cispo_weight_max} must be > 0")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):

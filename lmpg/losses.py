@@ -57,8 +57,9 @@ token's log pi). What a sequence's loss weighs is `sequence_loss_weight`:
           whose gradient at ratio 1 is (1/N) sum_i sum_t A_i grad log pi_t: GSPO's mean over tokens
           times the length is the sum, the textbook estimator.
 
-`policy_token_mask` (B, T), when given, keeps the policy term only on its True tokens; the dropped
-tokens still count in the normaliser, as TRL's masks do.
+`policy_token_mask` (B, T), when given, keeps the policy term only on its True tokens (the off-policy
+sequence mask `off_policy_sequence_mask`, the high-entropy tokens of lmpg.entropy); the dropped tokens
+still count in the normaliser, as TRL's masks do.
 
 To split a batch over micro-batches or processes and still get the whole batch's gradient, pass the
 whole batch's `num_tokens` and `num_sequences`: each part then returns its share of the sum, and the
@@ -151,6 +152,26 @@ def vespo_weight(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, 
     lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_sequence_mask(logp: torch.Tensor, logp_sampler: torch.Tensor, adv: torch.Tensor,
+                             loss_mask: torch.Tensor, *, threshold: float) -> tuple[torch.Tensor, dict]:
+    """(keep (B, T) bool, stats): the off-policy sequence mask of DeepSeek-V3.2 (arXiv 2512.02556 eq. 9),
+
+        keep_i = A_i >= 0  or  (1/|y_i|) sum_t (log q(a_t|s_t) - log pi_theta(a_t|s_t)) <= threshold
+
+    q the policy that sampled the batch (`logp_sampler`: pi_old, or an inference engine's log-probs).
+    A sequence that lowers its own probability (A < 0) after pi_theta moved far from what sampled it
+    is dropped from the policy term. A NaN log-prob (a token the engine could not score) adds 0.
+    adv (B, T): a token's own advantage decides for it. stats: off_policy_masked_frac (sequences with a
+    counted token that lost at least one, of those).
+    """
+    kl = torch.where(loss_mask, (logp_sampler - logp.detach()).nan_to_num(nan=0.0), torch.zeros_like(logp))
+    mean_kl = masked_mean(kl, loss_mask, dim=1).unsqueeze(1)  # (B, 1)
+    keep = (adv >= 0) | (mean_kl <= threshold)  # (B, T)
+    seq_mask = loss_mask.any(1)
+    dropped = (~keep & loss_mask).any(1)
+    return keep, {"off_policy_masked_frac": float(masked_mean(dropped.float(), seq_mask))}
 
 
 def aggregate(token_loss: torch.Tensor, loss_mask: torch.Tensor, loss_agg: LossAgg,

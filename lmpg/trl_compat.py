@@ -32,13 +32,7 @@ UNSUPPORTED = {
     "loss_type": (tuple(LOSS_AGG), "not a TRL 1.16 loss type"),
     "multi_objective_aggregation": (("sum_then_normalize",), "lmpg normalises the weighted sum of the rewards"),
     "importance_sampling_level": (tuple(RATIO_LEVEL), "ratio_level: token or sequence_mean"),
-    "mask_truncated_completions": ((False,), "no equivalent"),
-    "top_entropy_quantile": ((1.0,), "no equivalent"),
-    "delta": ((None,), "no two-sided clipping"),
     "sync_ref_model": ((False,), "the reference model stays the initial policy"),
-    "entropy_coef": ((0.0,), "no entropy bonus"),
-    "use_adaptive_entropy": ((False,), "no entropy bonus"),
-    "off_policy_mask_threshold": ((None,), "no off-policy masking"),
     "min_p": ((None,), "temperature, top_p and top_k only"),
     "repetition_penalty": ((1.0,), "temperature, top_p and top_k only"),
     "generation_kwargs": ((None, {}), "temperature, top_p and top_k only"),
@@ -134,6 +128,11 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         if str(_value(args.save_strategy)) == "steps" and args.save_steps >= 1 else 0,
         keep_last=args.save_total_limit or 2, report_to=report_to,
     )
+    fields.update(mask_truncated_completions=bool(args.mask_truncated_completions),
+                  top_entropy_quantile=args.top_entropy_quantile, off_policy_mask_threshold=args.off_policy_mask_threshold,
+                  entropy_coef=args.entropy_coef, adaptive_entropy=bool(args.use_adaptive_entropy),
+                  entropy_coef_min=args.entropy_coef_min, entropy_coef_max=args.entropy_coef_max,
+                  entropy_coef_delta=args.entropy_coef_delta, entropy_target=args.entropy_target)
     if getattr(args, "use_vllm", False):
         fields.update(vllm_fields_from_trl(args))
     if getattr(args, "max_prompt_length", None):  # older TRL
@@ -150,6 +149,8 @@ def objective_fields_from_trl(args: Any, loss_type: str, epsilon_high: float) ->
     the sequence's tokens, weighing it by length)."""
     level = getattr(args, "importance_sampling_level", "token")
     fields: dict[str, Any] = {"pg_objective": PG_OBJECTIVE.get(loss_type, "ppo_clip")}
+    if fields["pg_objective"] == "ppo_clip":  # TRL applies delta in its clipped branch only
+        fields["clip_delta"] = args.delta
     if level == "sequence" and loss_type != "vespo":  # vespo: the level reaches only the KL (refused above)
         fields.update(ratio_level="sequence_mean",
                       sequence_loss_weight="one" if loss_type in SEQUENCE_LOSS_WEIGHT_ONE else "length")

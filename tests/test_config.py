@@ -27,6 +27,11 @@ from lmpg.errors import ConfigError
     (dict(sapo_temperature_neg=0), r"sapo_temperature_neg=0.0 must be > 0"),
     (dict(vespo_k_pos=-1), r"vespo_k_pos=-1.0 must be >= 0"),
     (dict(kl_ratio_weighted=True, kl_in="reward", kl_coef=0.1), r"kl_ratio_weighted weighs the KL term of the loss"),
+    (dict(clip_delta=1.0), r"clip_delta=1.0 must be > 1"),
+    (dict(clip_delta=2.0, pg_objective="sapo"), r"clip_delta caps pg_objective=ppo_clip's ratio"),
+    (dict(top_entropy_quantile=1.5), r"top_entropy_quantile=1.5 must be in \[0, 1\]"),
+    (dict(off_policy_mask_threshold=-0.1), r"off_policy_mask_threshold=-0.1 must be >= 0"),
+    (dict(entropy_coef_min=0.5, entropy_coef_max=0.1), r"entropy_coef_min=0.5 must be <= entropy_coef_max=0.1"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:

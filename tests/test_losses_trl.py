@@ -177,3 +177,140 @@ def test_the_bias_corrected_kl_changes_the_gradient_at_ratio_one(tmp_path):
     lengths = x.mask.sum(1, keepdim=True).clamp(min=1)
     torch.testing.assert_close(grads[True][1] - grads[False][1], torch.where(x.mask, 0.04 * k3 / lengths / B, 0.0),
                                rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# loss-side options
+# ---------------------------------------------------------------------------------------------
+
+def option_terms(config, x, entropy=None, coefficient=None):
+    """The entropy keywords lmpg's update passes to surrogate_loss for this one-micro-batch minibatch
+    on one process (`PolicyUpdate.entropy_terms`), and the off-policy mask's sampling log-probs."""
+    from lmpg.update import EntropyCoefficient, PolicyUpdate
+
+    gather = lambda t: t  # noqa: E731 - one process
+    update = SimpleNamespace(config=config, gather=gather,
+                             entropy_coefficient=coefficient or EntropyCoefficient(config, gather))
+    terms = PolicyUpdate.entropy_terms(update, x.entropy if entropy is None else entropy, x.mask,
+                                       float(x.mask.sum()), 1)
+    if config.off_policy_mask_threshold is not None:
+        terms["logp_sampler"] = x.logp_old  # TRL without vLLM: old_per_token_logps
+    return terms
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("options", [
+    dict(loss_type="dapo", delta=1.3),
+    dict(loss_type="grpo", delta=1.3, epsilon_high=0.28),
+    dict(loss_type="dapo", off_policy_mask_threshold=0.05),
+    dict(loss_type="grpo", off_policy_mask_threshold=0.05, beta=0.04),
+    dict(loss_type="dapo", top_entropy_quantile=0.4),
+    dict(loss_type="grpo", top_entropy_quantile=0.2, beta=0.04),
+    dict(loss_type="luspo", top_entropy_quantile=0.5, off_policy_mask_threshold=0.05, delta=1.5),
+    dict(loss_type="sapo", top_entropy_quantile=0.5, off_policy_mask_threshold=0.05),
+    dict(loss_type="cispo", epsilon_high=1.2, off_policy_mask_threshold=0.05, top_entropy_quantile=0.6),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_delta_off_policy_mask_and_top_entropy_quantile_equal_trls_code(tmp_path, options, level):
+    """delta (two-sided clipping), off_policy_mask_threshold (DeepSeek-V3.2's sequence mask, against
+    pi_old's log-probs as TRL takes them without vLLM) and top_entropy_quantile (the micro-batch's
+    high-entropy tokens), alone and together, at both levels: TRL's value and gradient. The ratios
+    spread widely, so each option acts on some tokens."""
+    args = grpo_config(tmp_path, importance_sampling_level=level, **options)
+    config = config_from_trl(args)
+    acted = collections.Counter()
+    for seed in range(3):
+        x = tensors(seed, spread=0.8)
+        want, want_grad = trl_loss(trl_trainer(args), x)
+        got, got_grad, stats = lmpg_loss(config, x, **option_terms(config, x))
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got_grad, want_grad, **TOL)
+        acted["masked"] += stats.get("off_policy_masked_frac", 0) > 0
+        acted["entropy"] += 0 < stats.get("high_entropy_frac", 0) < 1
+        acted["clipped"] += stats["clip_frac"] > 0
+    if config.off_policy_mask_threshold is not None:
+        assert acted["masked"], "no sequence was masked: the case checks nothing"
+    if config.top_entropy_quantile < 1:
+        assert acted["entropy"] == 3
+    if config.clip_delta is not None:
+        assert acted["clipped"]
+
+
+def test_delta_caps_negative_advantages_by_hand():
+    """r = 2 past d = 1.5 with A = -1: PPO's min(r A, clip(r) A) = -2 keeps a gradient; with d the
+    objective is min(1.5 A, 1.2 A) = -1.5 and the gradient is 0 (INTELLECT-2's two-sided clip)."""
+    from lmpg.losses import policy_gradient_loss
+
+    one = torch.ones(1, 1, dtype=torch.bool)
+    for delta, value, slope in ((None, 2.0, 2.0), (1.5, 1.5, 0.0)):
+        logp = torch.tensor([[torch.log(torch.tensor(2.0))]], dtype=DT, requires_grad=True)
+        loss, stats = policy_gradient_loss(logp, torch.zeros(1, 1, dtype=DT), -torch.ones(1, 1, dtype=DT), one,
+                                           clip_eps_low=0.2, clip_eps_high=0.2, clip_delta=delta,
+                                           loss_agg="sequence_sum")
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert (float(loss), float(grad), stats["clip_frac"]) == pytest.approx((value, slope, float(delta is not None)))
+
+
+@pytest.mark.parametrize("options", [dict(loss_type="dapo", entropy_coef=0.05),
+                                     dict(loss_type="grpo", entropy_coef=0.1, beta=0.04),
+                                     dict(loss_type="dapo", entropy_coef=0.05, top_entropy_quantile=0.3)],
+                         ids=["dapo", "grpo-kl", "dapo-top-entropy"])
+def test_entropy_bonus_equals_trls_code(tmp_path, options):
+    """L - c H_bar, H_bar the mean entropy over the tokens the policy term acts on, with the entropy's
+    own gradient: TRL's value, and its gradient with respect to the log-probs and the entropies."""
+    args = grpo_config(tmp_path, **options)
+    config = config_from_trl(args)
+    assert config.entropy_bonus_on
+    for seed in range(2):
+        x = tensors(seed, spread=0.8)
+        grads = []
+        for side in ("trl", "lmpg"):
+            entropy = x.entropy.clone().requires_grad_(True)
+            if side == "trl":
+                trainer = trl_trainer(args)
+                trainer._get_per_token_logps_and_entropies = lambda model, *a, **k: (x.logp, entropy, None)
+                loss = trl_loss_keep_graph(trainer, x)
+            else:
+                loss, _ = surrogate_loss(x.logp, x.logp_old, x.adv.unsqueeze(1).expand(B, T), x.mask,
+                                         logp_ref=x.logp_ref, **surrogate_loss_settings(config),
+                                         **option_terms(config, x, entropy=entropy))
+            grads.append((loss.detach(), *torch.autograd.grad(loss, (x.logp, entropy))))
+        for got, want in zip(grads[1], grads[0]):
+            torch.testing.assert_close(got, want, **TOL)
+        assert grads[0][2].abs().sum() > 0  # the bonus reaches the entropies
+
+
+def trl_loss_keep_graph(trainer, x):
+    """TRL's `_compute_loss` on x (the trainer's forward stub already set), the loss with its graph."""
+    inputs = dict(prompt_ids=torch.zeros(B, 0, dtype=torch.long), prompt_mask=torch.zeros(B, 0, dtype=torch.long),
+                  completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=x.mask.long(),
+                  advantages=x.adv, old_per_token_logps=x.logp_old, ref_per_token_logps=x.logp_ref,
+                  num_items_in_batch=x.mask.sum().to(DT))
+    return GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+def test_adaptive_entropy_coefficient_follows_trls_rule_step_by_step(tmp_path):
+    """use_adaptive_entropy over six optimizer steps whose entropies are below, then above, then below
+    the target: the coefficient each step applies, the coefficient after it and the loss equal TRL's
+    (its trainer object carried from step to step, as lmpg's EntropyCoefficient is)."""
+    from lmpg.update import EntropyCoefficient
+
+    args = grpo_config(tmp_path, loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.02, entropy_target=0.5,
+                       entropy_coef_delta=0.01, entropy_coef_max=0.035, entropy_coef_min=0.005)
+    config = config_from_trl(args)
+    trainer, coefficient = trl_trainer(args), EntropyCoefficient(config, lambda t: t)
+    coefs = []
+    for step, scale in enumerate((0.3, 0.3, 0.3, 2.0, 2.0, 0.3)):  # mean entropy ~ scale / 2 ... 1
+        x = tensors(step)
+        x.entropy = x.entropy * scale
+        want, want_grad = trl_loss(trainer, x)
+        terms = option_terms(config, x, coefficient=coefficient)
+        got, got_grad, stats = lmpg_loss(config, x, **terms)
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got_grad, want_grad, **TOL)
+        coefficient.micro_batch(0, None, None, None, None, x.mask, stats)
+        coefficient.optimizer_step(True, 0.0, None)
+        assert coefficient.coef == pytest.approx(trainer.entropy_coef, abs=1e-15)
+        assert coefficient.last_entropy == pytest.approx(trainer._last_world_entropy, rel=1e-12)
+        coefs += [terms["entropy_coef"], coefficient.coef]  # applied in the step, after it
+    # off before any measurement; up to the cap while below target; down above it (and off); up again
+    assert coefs == pytest.approx([0.0, 0.03, 0.03, 0.035, 0.035, 0.035, 0.035, 0.025, 0.0, 0.015, 0.0, 0.025])

@@ -130,7 +130,7 @@ def test_surrogate_loss_settings_are_the_numbers_of_the_config():
     assert surrogate_loss_settings(c) == dict(ratio_level="token", clip_eps_low=0.1, clip_eps_high=0.3,
                                               loss_agg="constant", loss_constant=5.0, kl_coef=0.1,
                                               kl_estimator="k2", kl_in="reward", kl_ratio_weighted=False,
-                                              pg_objective="ppo_clip",
+                                              pg_objective="ppo_clip", clip_delta=None, off_policy_mask_threshold=None,
                                               sequence_loss_weight="one", cispo_weight_max=5.0,
                                               sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
                                               vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
