@@ -1,6 +1,7 @@
 """config_from_trl on real TRL GRPOConfig objects, and a TRL GRPO script ported by its imports."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 # trl is a test dependency (pyproject [test], TRL 1.16): missing, this module fails, never skips
 import trl
 import yaml
@@ -259,3 +261,48 @@ def test_every_trl_loss_type_maps(tmp_path, loss_type):
     assert (config.cispo_weight_max, config.sapo_temperature_neg, config.vespo_k_neg) == (
         3.0 if loss_type == "cispo" else 5.0, 2.0 if loss_type == "sapo" else 1.05, 4.0 if loss_type == "vespo" else 3.0)
 
+
+# each TRL 1.16 option lmpg implemented in issue 22, set on its own, then all together; and the metric
+# the run logs for it
+PORTED_OPTIONS = {
+    "cispo": (dict(loss_type="cispo", epsilon_high=2.0), None),
+    "sapo": (dict(loss_type="sapo", sapo_temperature_neg=2.0), None),
+    "luspo": (dict(loss_type="luspo", importance_sampling_level="sequence"), None),
+    "vespo": (dict(loss_type="vespo", vespo_k_neg=2.0), None),
+    "dr_grpo-sequence": (dict(loss_type="dr_grpo", importance_sampling_level="sequence"), None),
+    "bias-corrected-kl": (dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True), "kl"),
+    "delta": (dict(delta=1.5), None),
+    "mask_truncated_completions": (dict(mask_truncated_completions=True), "truncated_masked_frac"),
+    "top_entropy_quantile": (dict(top_entropy_quantile=0.2), "high_entropy_frac"),
+    "entropy_coef": (dict(entropy_coef=0.01), "entropy_coef"),
+    "use_adaptive_entropy": (dict(use_adaptive_entropy=True, entropy_target=10.0), "entropy_coef"),
+    "off_policy_mask_threshold": (dict(off_policy_mask_threshold=0.01), "off_policy_masked_frac"),
+    "all": (dict(loss_type="dapo", beta=0.04, delta=1.5, mask_truncated_completions=True, top_entropy_quantile=0.5,
+                 use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=10.0, off_policy_mask_threshold=0.01),
+            "off_policy_masked_frac"),
+}
+
+
+@pytest.mark.parametrize("name", list(PORTED_OPTIONS))
+def test_each_trl_loss_option_ports_and_trains_two_iterations(tmp_path, name, tiny_model, tokenizer, prompts_dataset):
+    """A GRPOConfig with the option set, through lmpg.trl_compat.GRPOTrainer (config_from_trl): two
+    iterations of two epochs each (so the second epoch is off-policy), finite losses, the policy moves,
+    and the option's own metric is logged."""
+    from lmpg.trl_compat import GRPOTrainer
+
+    def distinct_characters(completions, **kwargs):  # spread within every group, so advantages are not 0
+        return [len(set(c)) / 5 for c in completions]
+
+    options, metric = PORTED_OPTIONS[name]
+    args = grpo_config(tmp_path, num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                       num_iterations=2, max_completion_length=5, max_steps=4, learning_rate=1e-2, logging_steps=1,
+                       save_strategy="no", **options)
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    trainer = GRPOTrainer(tiny_model, reward_funcs=[distinct_characters], args=args, train_dataset=prompts_dataset,
+                          processing_class=tokenizer)
+    metrics = trainer.train()
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert all(m["optimizer_steps"] == 2 and math.isfinite(m["loss"]) for m in metrics)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, tiny_model.parameters()))
+    if metric is not None:
+        assert all(metric in m for m in metrics), metric
