@@ -36,8 +36,10 @@ from lmpg.masked import masked_mean, masked_sum
 def high_entropy_threshold(entropies: torch.Tensor, top_quantile: float) -> tuple[float, int]:
     """(threshold, kept): the (1 - top_quantile) quantile of `entropies` (1-D, the counted tokens' of a
     micro-batch on every process; linear interpolation, torch.quantile's) and how many are at or above
-    it. (inf, 0) when there are none: no token trains."""
-    values = entropies.detach().float()
+    it. (inf, 0) when there are none: no token trains. Computed in fp32 (as TRL does) or fp64, the
+    entropies' own precision, so a quantile that lands on an entropy keeps that token."""
+    values = entropies.detach()
+    values = values if values.dtype in (torch.float32, torch.float64) else values.float()
     if values.numel() == 0:
         return math.inf, 0
     threshold = float(torch.quantile(values, 1.0 - top_quantile))

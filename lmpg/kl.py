@@ -21,8 +21,9 @@ the forward KL's gradient. Weighting each token's k3 by the ratio r = pi_theta /
 gradient (`kl_ratio_weighted`; DeepSeek-V3.2, arXiv 2512.02556; TRL's use_bias_correction_kl), gives
 E_{a ~ pi_old}[grad (r k3)] = grad sum_a pi_theta(a) k3(a) = grad KL(pi_theta || pi_ref) at every state
 and every theta. Over a completion it is the gradient of sum_t KL_t at each visited state s_t with the
-state distribution held fixed, as the token ratio is (tests/test_estimator_enumeration.py has both
-gradients and the sequence KL's).
+state distribution held fixed, as the token ratio is; weighted by the sequence ratio (ratio_level
+sequence) it is the gradient of the completions' KL(pi_theta(tau) || pi_ref(tau)) itself
+(tests/test_estimator_enumeration.py: each exactly, and how far apart they are).
 """
 
 from __future__ import annotations
