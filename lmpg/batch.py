@@ -17,7 +17,8 @@ Masks, each with one meaning:
   log pi(a_t | s_t) enters the policy gradient; a subset of `completion_mask`. For a single-turn
   completion the two are equal; in a multi-turn episode it has holes where the environment wrote
   (those tokens are dynamics: part of the state later actions condition on, with no log-prob term).
-The loss counts a token where `loss_mask` = action_mask & scored is True.
+The loss counts a token where `loss_mask` = action_mask & sample_mask is True; `sample_mask` (B,) is
+`scored`, less the rows `excluded` (mask_truncated_completions: the truncated ones).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class TrajectoryBatch:
     """(B, T) fp32: log pi_ref(a_t | s_t) of the KL's reference policy, or None without KL."""
     adv: torch.Tensor | None = None
     """(B, T) fp32: the advantage A_t weighting grad log pi(a_t | s_t)."""
+    excluded: torch.Tensor | None = None
+    """(B,) bool or None: scored rows left out of the baselines, the std and the loss all the same
+    (mask_truncated_completions: the rows the length limit cut)."""
 
     @property
     def batch_size(self) -> int:
@@ -91,11 +95,19 @@ class TrajectoryBatch:
         return int(self.action_mask.sum())
 
     @property
+    def sample_mask(self) -> torch.Tensor | None:
+        """(B,) bool: the rows that count in the baselines, the std and the loss: scored and not
+        `excluded` (None before scoring)."""
+        if self.scored is None or self.excluded is None:
+            return self.scored
+        return self.scored & ~self.excluded
+
+    @property
     def loss_mask(self) -> torch.Tensor:
-        """(B, T) bool: action tokens of scored rows, the tokens the loss counts."""
-        if self.scored is None:
+        """(B, T) bool: action tokens of the rows of `sample_mask`, the tokens the loss counts."""
+        if self.sample_mask is None:
             return self.action_mask
-        return self.action_mask & self.scored.unsqueeze(1)
+        return self.action_mask & self.sample_mask.unsqueeze(1)
 
     @property
     def rewards_for_returns(self) -> torch.Tensor:

@@ -20,6 +20,10 @@ GROUP_BASELINES = ("group_mean", "leave_one_out", *WEIGHTED_BASELINES)
 # lmpg.losses
 RatioLevel = Literal["token", "sequence", "sequence_mean"]
 LossAgg = Literal["token_mean", "sequence_mean", "sequence_sum", "constant"]
+# the per-token objective f(r, A) whose gradient the loss follows (lmpg.losses' docstring)
+PgObjective = Literal["ppo_clip", "cispo", "sapo", "vespo"]
+# under a sequence ratio level, what a sequence's loss weighs: one (GSPO) or its length (TRL's other loss types)
+SequenceLossWeight = Literal["one", "length"]
 # every level but token gives one loss per sequence (averaged over sequences), so loss_agg reaches
 # only the KL term there
 SEQUENCE_RATIO_LEVELS = tuple(level for level in get_args(RatioLevel) if level != "token")

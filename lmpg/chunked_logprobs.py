@@ -148,14 +148,15 @@ def hidden_states(model, found: OutputHead, **inputs):
 
 
 def _chunk_logp_entropy(found: OutputHead, h: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                        with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp (n,), entropy (n,), no grad; zeros unless with_entropy) of one chunk of hidden states."""
+                        with_entropy: bool, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp (n,), entropy (n,), no grad unless entropy_grad; zeros unless with_entropy) of one chunk of
+    hidden states."""
     z = found.logits(h).float()  # (n, V)
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         if with_entropy:
             p = torch.softmax(z, dim=-1)
             entropy = lse - (p * z).sum(-1)  # H = logsumexp(z) - sum_v p_v z_v
@@ -181,15 +182,18 @@ def _linear_logits(h, weight, bias, scale: float, temperature: float) -> torch.T
 
 
 class LinearTokenLogprob(torch.autograd.Function):
-    """(log pi(a_t | s_t) (n,), entropy (n,), no grad) of z = scale (h W^T + b) / tau, chunk by chunk.
+    """(log pi(a_t | s_t) (n,), entropy (n,)) of z = scale (h W^T + b) / tau, chunk by chunk; the entropy
+    has no gradient unless entropy_grad.
 
     Backward, for upstream gradient g_t: d z_t = g_t (onehot(a_t) - p_t) scale / tau, then
     grad h_t = d z_t W, grad W = sum_t d z_t^T h_t, grad b = sum_t d z_t. Each chunk's logits are
-    recomputed and turned into d z in place, and grad W is one buffer the chunks add into.
+    recomputed and turned into d z in place, and grad W is one buffer the chunks add into. With the
+    entropy's upstream gradient e_t, d H_t / d z_t = -p_t (log p_t + H_t) adds, so
+    d z_t = (g_t onehot(a_t) - p_t (g_t + e_t (log p_t + H_t))) scale / tau.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, scale, temperature, with_entropy, chunk_size):
+    def forward(ctx, hidden, weight, bias, tokens, scale, temperature, with_entropy, chunk_size, entropy_grad=False):
         logps, entropies = [], []
         for h, a in zip(hidden.split(chunk_size), tokens.split(chunk_size)):
             z = _linear_logits(h, weight, bias, scale, temperature)  # (c, V)
@@ -199,23 +203,34 @@ class LinearTokenLogprob(torch.autograd.Function):
                 entropies.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
         ctx.save_for_backward(hidden, weight, bias, tokens)
         ctx.scale, ctx.temperature, ctx.chunk_size = scale, temperature, chunk_size
+        ctx.entropy_grad = with_entropy and entropy_grad
         logp = torch.cat(logps)
         entropy = torch.cat(entropies) if with_entropy else logp.new_zeros(logp.shape)
-        ctx.mark_non_differentiable(entropy)
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, g, _):
+    def backward(ctx, g, g_entropy):
         hidden, weight, bias, tokens = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
         c, at = ctx.chunk_size, 0
-        for h, a, gc in zip(hidden.split(c), tokens.split(c), g.split(c)):
+        with_entropy = ctx.entropy_grad and g_entropy is not None
+        g_entropy = g_entropy if with_entropy else g
+        for h, a, gc, ec in zip(hidden.split(c), tokens.split(c), g.split(c), g_entropy.split(c)):
             z = _linear_logits(h, weight, bias, ctx.scale, ctx.temperature)  # (c, V)
-            dz = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_()  # p, in place
-            dz.mul_(-gc.unsqueeze(-1)).scatter_add_(-1, a.unsqueeze(-1), gc.unsqueeze(-1))
+            if with_entropy:
+                logp_all = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log p, in place
+                p = logp_all.exp()
+                entropy = -(p * logp_all).sum(-1, keepdim=True)
+                dz = logp_all.add_(entropy).mul_(ec.unsqueeze(-1)).add_(gc.unsqueeze(-1)).mul_(p).neg_()
+            else:
+                dz = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_()  # p, in place
+                dz.mul_(-gc.unsqueeze(-1))
+            dz.scatter_add_(-1, a.unsqueeze(-1), gc.unsqueeze(-1))
             dz = dz.mul_(ctx.scale / ctx.temperature).to(weight.dtype)
             if need_h:
                 grad_h[at:at + len(h)] = dz @ weight
@@ -224,33 +239,34 @@ class LinearTokenLogprob(torch.autograd.Function):
             if need_b:
                 grad_b += dz.sum(0)
             at += len(h)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def chunked_token_logprobs(found: OutputHead, hidden: torch.Tensor, tokens: torch.Tensor,
                            temperature: float = 1.0, with_entropy: bool = False,
-                           chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, dict]:
+                           chunk_size: int = DEFAULT_CHUNK_SIZE, *, entropy_grad: bool = False) -> tuple[torch.Tensor, dict]:
     """log pi(a_t | s_t) of `tokens` from the hidden states that predict them, (B, T) fp32, a chunk of
     `chunk_size` tokens at a time (the module docstring has the equations).
 
     hidden: (B, T, H), position t predicting tokens[:, t]; tokens: (B, T) int64.
-    Returns (logp, stats) with stats["entropy"] (B, T) (no grad) or None.
+    Returns (logp, stats) with stats["entropy"] (B, T) (no grad unless entropy_grad) or None.
     """
     B, T, H = hidden.shape  # sequences, completion tokens, hidden size
     flat_h, flat_a = hidden.reshape(B * T, H), tokens.reshape(B * T)
     if B * T and _plain_linear(found, hidden):
         logp, entropy = LinearTokenLogprob.apply(flat_h, found.head.weight, found.head.bias, flat_a, found.scale,
-                                                 temperature, with_entropy, chunk_size)
+                                                 temperature, with_entropy, chunk_size, entropy_grad)
         return logp.view(B, T), {"entropy": entropy.view(B, T) if with_entropy else None}
     logps, entropies = [], []
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     for h, a in zip(flat_h.split(chunk_size), flat_a.split(chunk_size)):
         if recompute:  # the backward recomputes this chunk's logits instead of keeping them
-            logp, ent = checkpoint(_chunk_logp_entropy, found, h, a, temperature, with_entropy, use_reentrant=False)
+            logp, ent = checkpoint(_chunk_logp_entropy, found, h, a, temperature, with_entropy, entropy_grad,
+                                   use_reentrant=False)
         else:
-            logp, ent = _chunk_logp_entropy(found, h, a, temperature, with_entropy)
+            logp, ent = _chunk_logp_entropy(found, h, a, temperature, with_entropy, entropy_grad)
         logps.append(logp)
-        entropies.append(ent.detach())
+        entropies.append(ent if entropy_grad else ent.detach())
     if not logps:
         empty = hidden.new_zeros(B, T, dtype=torch.float32)
         return empty, {"entropy": empty if with_entropy else None}

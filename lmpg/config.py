@@ -31,9 +31,11 @@ from lmpg.choices import (
     KlIn,
     LossAgg,
     OnError,
+    PgObjective,
     RatioLevel,
     RewardExecutor,
     SamplerCorrection,
+    SequenceLossWeight,
     ToolFormat,
 )
 from lmpg.errors import ConfigError
@@ -204,9 +206,40 @@ class PGConfig:
     """PPO clipping: ratio floor 1 - clip_eps_low (None with clip_eps_high None = no clipping)."""
     clip_eps_high: float | None = 0.2
     """PPO clipping: ratio ceiling 1 + clip_eps_high (DAPO raises it, e.g. 0.28)."""
+    clip_delta: float | None = None
+    """Two-sided clipping (INTELLECT-2; TRL's delta): pg_objective=ppo_clip caps the unclipped ratio at clip_delta
+    too, so a negative-advantage token whose ratio passed it stops pushing (None: off; > 1, usually > 1 +
+    clip_eps_high)."""
     loss_agg: LossAgg = "token_mean"
     """Loss aggregation: token_mean, sequence_mean, sequence_sum or constant (see lmpg.losses). With
-    ratio_level sequence or sequence_mean it aggregates only the KL term (token_mean or sequence_mean)."""
+    ratio_level sequence or sequence_mean and sequence_loss_weight one it aggregates only the KL term
+    (token_mean or sequence_mean)."""
+    pg_objective: PgObjective = "ppo_clip"
+    """The per-token policy objective (lmpg.losses): ppo_clip (PPO's clipped ratio, clip_eps_low / _high,
+    clip_delta), cispo (detached importance weight capped at cispo_weight_max, times log pi; MiniMax-M1),
+    sapo (a soft sigmoid gate, sapo_temperature_pos / _neg) or vespo (a smooth weight of the trajectory
+    ratio, vespo_*; ratio_level token)."""
+    sequence_loss_weight: SequenceLossWeight = "one"
+    """With ratio_level sequence or sequence_mean, what each sequence's loss weighs: one (averaged over
+    sequences, GSPO) or length (it counts at each of its tokens and loss_agg aggregates them: TRL's sequence
+    level for its loss types but grpo and sapo; with loss_agg sequence_sum and ratio_level sequence_mean,
+    LUSPO)."""
+    cispo_weight_max: float = 5.0
+    """pg_objective=cispo: the cap w_max of the detached importance weight min(r, w_max) (ScaleRL's eps_max;
+    TRL's epsilon_high under loss_type=cispo)."""
+    sapo_temperature_pos: float = 1.0
+    """pg_objective=sapo: the gate's temperature tau where A > 0 (the gradient fades as r leaves 1, faster for
+    larger tau)."""
+    sapo_temperature_neg: float = 1.05
+    """pg_objective=sapo: the gate's temperature tau where A <= 0."""
+    vespo_k_pos: float = 2.0
+    """pg_objective=vespo: the exponent k of phi(w) = e^lambda w^k e^(-lambda w) where A >= 0 (damps w < 1)."""
+    vespo_lambda_pos: float = 3.0
+    """pg_objective=vespo: the decay lambda of phi(w) where A >= 0 (damps w > 1)."""
+    vespo_k_neg: float = 3.0
+    """pg_objective=vespo: the exponent k where A < 0."""
+    vespo_lambda_neg: float = 2.0
+    """pg_objective=vespo: the decay lambda where A < 0."""
     loss_constant: float | None = None
     """Normaliser per sequence for loss_agg=constant (default: max_new_tokens)."""
     kl_coef: float = 0.0
@@ -215,8 +248,37 @@ class PGConfig:
     """KL estimator: k1, k2 or k3 (see lmpg.kl)."""
     kl_in: KlIn = "loss"
     """Where the KL penalty goes: 'loss' (GRPO) or 'reward' (subtracted per token from the rewards)."""
+    kl_ratio_weighted: bool = False
+    """Multiply each token's KL estimate in the loss by the ratio pi_theta / pi_old (DeepSeek-V3.2's unbiased KL;
+    TRL's use_bias_correction_kl, on by default there): the expected gradient of k3 becomes that of
+    KL(pi_theta || pi_ref) at each state, where the plain k3's is KL(pi_ref || pi_theta)'s (lmpg.kl)."""
     adv_eps: float = 1e-6
     """Added to the std before dividing advantages by it."""
+    mask_truncated_completions: bool = False
+    """Leave samples that hit the length limit (no EOS at the end of the policy's last turn) out of the baselines,
+    the std and the loss, as unscored ones are (DAPO's overlong filtering); counted as truncated_masked_frac."""
+    top_entropy_quantile: float = 1.0
+    """rho: only the counted tokens whose entropy is in the top rho of their micro-batch's (all processes) keep
+    their policy term ("Beyond the 80/20 rule": 0.2; lmpg.entropy); 1.0 keeps every token."""
+    off_policy_mask_threshold: float | None = None
+    """DeepSeek-V3.2's off-policy sequence mask: a sequence with A < 0 whose mean log(q / pi_theta) over its
+    tokens exceeds this (q the sampling policy) leaves the policy term (None: off; e.g. 0.5)."""
+    entropy_coef: float = 0.0
+    """c: the loss subtracts c times the mean token entropy of the tokens the policy term acts on (lmpg.entropy);
+    with adaptive_entropy, the starting coefficient."""
+    adaptive_entropy: bool = False
+    """Skywork-OR1's adaptive entropy bonus (TRL's use_adaptive_entropy): after every optimizer step c moves by
+    entropy_coef_delta towards more bonus while the step's mean entropy is at or below entropy_target and
+    less above it, within [entropy_coef_min, entropy_coef_max]; the bonus applies only at or below the
+    target."""
+    entropy_coef_min: float = 0.0
+    """adaptive_entropy: the lowest coefficient."""
+    entropy_coef_max: float = 1.0
+    """adaptive_entropy: the highest coefficient."""
+    entropy_coef_delta: float = 0.005
+    """adaptive_entropy: the coefficient's step per optimizer step."""
+    entropy_target: float = 0.2
+    """adaptive_entropy: the mean token entropy (nats) at or below which the bonus applies and grows."""
 
     # --- dynamic sampling (DAPO, lmpg.dynamic_sampling) ---
     dynamic_sampling: bool = False
@@ -309,6 +371,12 @@ class PGConfig:
     @property
     def clipping(self) -> bool:
         return self.clip_eps_low is not None or self.clip_eps_high is not None
+
+    @property
+    def entropy_bonus_on(self) -> bool:
+        """Whether the loss has the entropy bonus (a static coefficient, or the adaptive one, which may
+        return from 0)."""
+        return self.entropy_coef != 0.0 or self.adaptive_entropy
 
     @property
     def resolved_sampler_correction(self) -> str:
@@ -433,10 +501,43 @@ class PGConfig:
         if self.loss_constant is not None and self.loss_agg != "constant":
             raise ConfigError(f"loss_constant={self.loss_constant} only applies to loss_agg=constant; "
                               f"set loss_agg=constant or drop loss_constant")
-        if self.ratio_level in SEQUENCE_RATIO_LEVELS and self.loss_agg in ("sequence_sum", "constant"):
+        if (self.ratio_level in SEQUENCE_RATIO_LEVELS and self.sequence_loss_weight == "one"
+                and self.loss_agg in ("sequence_sum", "constant")):
             raise ConfigError(f"loss_agg={self.loss_agg} does not apply with ratio_level={self.ratio_level} (its policy "
                               "loss is one term per sequence, averaged over sequences; loss_agg only aggregates "
-                              "the KL term there); set loss_agg=token_mean or sequence_mean")
+                              "the KL term there); set loss_agg=token_mean or sequence_mean, or "
+                              "sequence_loss_weight=length")
+        if self.sequence_loss_weight == "length" and self.ratio_level not in SEQUENCE_RATIO_LEVELS:
+            raise ConfigError("sequence_loss_weight=length weighs a sequence ratio's loss by its length; set "
+                              "ratio_level=sequence or sequence_mean, or sequence_loss_weight=one")
+        if self.pg_objective == "vespo" and self.ratio_level != "token":
+            raise ConfigError(f"pg_objective=vespo weighs the trajectory ratio itself; set ratio_level=token "
+                              f"(not {self.ratio_level})")
+        if self.pg_objective == "vespo" and correction != "none":
+            raise ConfigError(f"pg_objective=vespo with sampler_correction={correction}: TRL folds the sampler "
+                              "correction into VESPO's sequence weight, lmpg does not yet; set sampler_correction=none")
+        if self.clip_delta is not None and self.pg_objective != "ppo_clip":
+            raise ConfigError(f"clip_delta caps pg_objective=ppo_clip's ratio; with pg_objective={self.pg_objective} "
+                              "set clip_delta=null")
+        if self.clip_delta is not None and self.clip_delta <= 1:
+            raise ConfigError(f"clip_delta={self.clip_delta} must be > 1 (it caps the ratio, which is 1 at the first step)")
+        if not 0 <= self.top_entropy_quantile <= 1:
+            raise ConfigError(f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 keeps every token)")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ConfigError(f"off_policy_mask_threshold={self.off_policy_mask_threshold} must be >= 0, or null")
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ConfigError(f"entropy_coef_min={self.entropy_coef_min} must be <= entropy_coef_max={self.entropy_coef_max}")
+        if self.entropy_coef_delta < 0 or self.entropy_target < 0:
+            raise ConfigError(f"entropy_coef_delta={self.entropy_coef_delta} and entropy_target={self.entropy_target} "
+                              "must be >= 0")
+        if self.cispo_weight_max <= 0:
+            raise ConfigError(f"cispo_weight_max={self.cispo_weight_max} must be > 0")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0 (sampling only; use greedy eval for argmax)")
         if not 0 < self.top_p <= 1:
@@ -453,6 +554,9 @@ class PGConfig:
             raise ConfigError(f"loss_constant={self.loss_constant} must be > 0")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0")
+        if self.kl_ratio_weighted and self.kl_in == "reward":
+            raise ConfigError("kl_ratio_weighted weighs the KL term of the loss by pi_theta / pi_old; with kl_in=reward "
+                              "the penalty is a fixed reward: set kl_ratio_weighted=false or kl_in=loss")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
         if self.lora_r < 0:

@@ -19,11 +19,12 @@ def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def row_logprobs(model, batch: TrajectoryBatch, rows: torch.Tensor, temperature: float, with_entropy: bool,
-                 share_prompt: bool = False, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 share_prompt: bool = False, chunk_size: int = 0,
+                 entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp (b, T), entropy (b, T) or None) of `rows`, padding trimmed: the columns of left padding
     every row shares and the completion columns past the longest row are dropped before the forward,
     and the outputs padded back with zeros to the batch's T. share_prompt: run each distinct prompt
-    once (`sequence_logprobs(group=...)`)."""
+    once (`sequence_logprobs(group=...)`). entropy_grad: the entropy keeps its gradient."""
     prompt_mask, completion_mask = batch.prompt_mask[rows], batch.completion_mask[rows]
     P, T = prompt_mask.shape[1], completion_mask.shape[1]
     p_start = P - int(prompt_mask.sum(1).max()) if P else 0
@@ -31,7 +32,8 @@ def row_logprobs(model, batch: TrajectoryBatch, rows: torch.Tensor, temperature:
     group = batch.group[rows.to(batch.group.device)].to(batch.prompt_ids.device) if share_prompt else None
     logp, ent = sequence_logprobs(model, batch.prompt_ids[rows][:, p_start:], prompt_mask[:, p_start:],
                                   batch.completion_ids[rows][:, :t_end], completion_mask[:, :t_end],
-                                  temperature, with_entropy, group=group, chunk_size=chunk_size)
+                                  temperature, with_entropy, group=group, chunk_size=chunk_size,
+                                  entropy_grad=entropy_grad)
     if t_end < T:
         pad = (0, T - t_end)
         logp = torch.nn.functional.pad(logp, pad)

@@ -10,6 +10,20 @@ With x = log pi_ref(a_t|s_t) - log pi_theta(a_t|s_t) at a sampled token a_t ~ pi
 Where the penalty goes is the trainer's choice (`kl_in`): added to the loss (GRPO; k3 there gives a
 gradient that pulls towards pi_ref), or subtracted from the per-token rewards (PPO-RLHF; k1 there is
 the usual choice and the penalty is then credited through the returns).
+
+In the loss, k3's value estimates KL(pi_theta || pi_ref) but its gradient does not: at a token drawn
+from pi_old = pi_theta,
+
+    E[grad k3] = sum_a pi_theta(a) (1 - pi_ref(a) / pi_theta(a)) grad log pi_theta(a)
+               = - sum_a pi_ref(a) grad log pi_theta(a) = grad KL(pi_ref || pi_theta),
+
+the forward KL's gradient. Weighting each token's k3 by the ratio r = pi_theta / pi_old, with its
+gradient (`kl_ratio_weighted`; DeepSeek-V3.2, arXiv 2512.02556; TRL's use_bias_correction_kl), gives
+E_{a ~ pi_old}[grad (r k3)] = grad sum_a pi_theta(a) k3(a) = grad KL(pi_theta || pi_ref) at every state
+and every theta. Over a completion it is the gradient of sum_t KL_t at each visited state s_t with the
+state distribution held fixed, as the token ratio is; weighted by the sequence ratio (ratio_level
+sequence) it is the gradient of the completions' KL(pi_theta(tau) || pi_ref(tau)) itself
+(tests/test_estimator_enumeration.py: each exactly, and how far apart they are).
 """
 
 from __future__ import annotations

@@ -48,17 +48,19 @@ def _tempered(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return z if temperature == 1.0 else z / temperature
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 4) -> torch.Tensor:
-    """H_t = - sum_v p_v log p_v of softmax(logits / temperature), (B, T), no grad."""
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 4, *,
+                  with_grad: bool = False) -> torch.Tensor:
+    """H_t = - sum_v p_v log p_v of softmax(logits / temperature), (B, T); no grad unless `with_grad`
+    (the entropy bonus differentiates it)."""
     B, T, V = logits.shape
     if B == 0:
         return logits.new_zeros(B, T, dtype=torch.float32)
     out = []
-    for z in logits.split(chunk_rows):
-        logp = torch.log_softmax(_tempered(z, temperature), dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out, 0)
+    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+        for z in logits.split(chunk_rows):
+            logp = torch.log_softmax(_tempered(z, temperature), dim=-1)
+            out.append(-(logp.exp() * logp).sum(-1))
+        return torch.cat(out, 0)
 
 
 def logit_grad_sq_norm(logp_all: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -146,12 +148,13 @@ def shared_prompt_completion_logits(model, prompt_ids: torch.Tensor, prompt_mask
 
 def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                       temperature: float = 1.0, with_entropy: bool = False, group: torch.Tensor | None = None,
-                      chunk_size: int = 0):
+                      chunk_size: int = 0, entropy_grad: bool = False):
     """(logp (B, T), entropy (B, T) or None) of the completion tokens under `model`.
 
     group: (B,) prompt ids; given, rows sharing a prompt share its forward
     (`shared_prompt_completion_logits`), else every row runs whole (`completion_logits`).
-    chunk_size: tokens per output-layer chunk (`lmpg.chunked_logprobs`); 0 computes the full logits."""
+    chunk_size: tokens per output-layer chunk (`lmpg.chunked_logprobs`); 0 computes the full logits.
+    entropy_grad: the entropy carries its gradient (the entropy bonus); else it is detached."""
     found = output_head(model) if chunk_size > 0 else None
     features = _hidden(found) if found is not None else _logits
     shareable = group is not None and prompt_ids.shape[1] > 0 and completion_ids.shape[1] > 0
@@ -162,8 +165,11 @@ def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion
     else:
         z = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, features)
     if found is not None:  # z: (B, T, H) hidden states
-        logp, stats = chunked_token_logprobs(found, z, completion_ids, temperature, with_entropy, chunk_size)
+        logp, stats = chunked_token_logprobs(found, z, completion_ids, temperature, with_entropy, chunk_size,
+                                             entropy_grad=entropy_grad)
         return logp, stats["entropy"]
     logp = selective_log_softmax(z, completion_ids, temperature)
-    entropy = token_entropy(z.detach(), temperature) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        entropy = token_entropy(z if entropy_grad else z.detach(), temperature, with_grad=entropy_grad)
     return logp, entropy

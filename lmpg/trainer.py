@@ -393,15 +393,17 @@ class PGTrainer:
         """Fills batch.adv in the three steps of `lmpg.advantages`, the baseline and the std over the
         whole batch of all processes; returns their stats."""
         c, rank = self.config, self.accelerator.process_index
+        if c.mask_truncated_completions:  # DAPO's overlong filtering: a cut sample's reward says little
+            batch.excluded = policy_turn_endings(batch, self.eos_ids, c.max_turns)[0]
         ret = returns(batch.rewards_for_returns, batch.action_mask, reward_to_go=c.reward_to_go, gamma=c.gamma,
                       turn_ids=batch.turn_ids)  # (B, T)
         adv, stats = subtract_baseline(ret, batch.action_mask, group_size=c.group_size, kind=c.baseline,
-                                       sample_mask=batch.scored, grad_sq_norm=batch.grad_sq_norm,
+                                       sample_mask=batch.sample_mask, grad_sq_norm=batch.grad_sq_norm,
                                        gather=self.gather, process_index=rank)  # (B, T)
         if c.adv_norm != "none":
-            adv = normalise(adv, group_size=c.group_size, scope=c.adv_norm, sample_mask=batch.scored,
+            adv = normalise(adv, group_size=c.group_size, scope=c.adv_norm, sample_mask=batch.sample_mask,
                             eps=c.adv_eps, gather=self.gather, process_index=rank)
-            stats.update(advantage_stats(adv, batch.loss_mask, batch.scored))  # adv_* of what the loss sees
+            stats.update(advantage_stats(adv, batch.loss_mask, batch.sample_mask))  # adv_* of what the loss sees
         batch.adv = adv
         return stats
 
@@ -459,7 +461,7 @@ class PGTrainer:
                 metrics=metric_means(logged), metric_values=logged)
             adv_stats = {**adv_stats, **advantage_stats(distributed.in_global_order(acc, batch.adv, rows),
                                                         distributed.in_global_order(acc, batch.loss_mask, rows),
-                                                        distributed.in_global_order(acc, batch.scored, rows))}
+                                                        distributed.in_global_order(acc, batch.sample_mask, rows))}
             entropy_mask = distributed.in_global_order(acc, batch.action_mask, rows)
             entropy = distributed.in_global_order(acc, entropy, rows)
         else:
@@ -475,6 +477,8 @@ class PGTrainer:
         empty = gather((action_lengths == 1).float().cpu() * (~batch.truncated).float().cpu())
         m = {"iteration": self.iteration, **mean_std("reward", seq_reward[scored]),
              "unscored_frac": float((~scored).float().mean())}
+        if batch.excluded is not None:  # mask_truncated_completions: the scored rows left out
+            m["truncated_masked_frac"] = float(gather((batch.excluded & batch.scored).float().cpu()).mean())
         if batch.kl_penalised_rewards is not None:  # kl_in=reward: the task reward minus the KL penalty
             m.update(mean_std("kl_penalised_reward", gather(batch.kl_penalised_rewards.sum(1).float().cpu())[scored]))
         for name, value in scores.means().items():
@@ -485,7 +489,8 @@ class PGTrainer:
         m.update(adv_stats)
         m.update({k: update_stats[k] for k in ("loss", "pg_loss", "kl", "ratio_min", "ratio_mean", "ratio_max",
                                                "clip_frac", "grad_norm", "optimizer_steps", "skipped_updates", "lr",
-                                               "ess_frac", "grad_snr", "grad_noise_scale")
+                                               "ess_frac", "grad_snr", "grad_noise_scale", "entropy_coef",
+                                               "off_policy_masked_frac", "high_entropy_frac")
                   if k in update_stats})
         m["entropy"] = float(masked_mean(entropy.float(), entropy_mask))
         m.update({"completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
@@ -569,6 +574,7 @@ class PGTrainer:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng": rng_state(), "consecutive_skips": self.guard.consecutive, "total_skips": self.guard.total,
                      "metrics_lines": self.iteration,  # metrics.jsonl holds one line per iteration
+                     "entropy_coefficient": self.policy_update.entropy_coefficient.state_dict(),
                      "config": self.config.to_dict()}
             path = save_checkpoint(self.output_dir, self.iteration,
                                    lambda p: save_weights(acc.unwrap_model(self.model), p), state,
@@ -598,6 +604,8 @@ class PGTrainer:
         self.iteration = state["iteration"]
         self.guard.consecutive = state["consecutive_skips"]
         self.guard.total = state["total_skips"]
+        if "entropy_coefficient" in state:  # checkpoints from before issue 22 have none
+            self.policy_update.entropy_coefficient.load_state_dict(state["entropy_coefficient"])
         set_rng_state(state["rng"])
         if self.accelerator.is_main_process:
             run_dir.truncate_logs(self.output_dir, state.get("metrics_lines", state["iteration"]), state["iteration"])

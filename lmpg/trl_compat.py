@@ -3,7 +3,7 @@
 (docs/trl_migration.md).
 
 Each GRPOConfig field maps as the table in docs/trl_migration.md says. A field set to something
-lmpg cannot do (vLLM's server mode, loss types lmpg lacks, entropy bonuses, ...) is refused in one line naming
+lmpg cannot do (vLLM's server mode, GDPO's per-reward normalisation, ...) is refused in one line naming
 every such field; fields with no effect on the training (hub, logging directories, dataloader
 workers, evaluation) are ignored.
 """
@@ -16,7 +16,12 @@ from typing import Any
 from lmpg.config import PGConfig
 from lmpg.errors import ConfigError
 
-LOSS_AGG = {"grpo": "sequence_mean", "dr_grpo": "constant", "dapo": "token_mean", "bnpo": "token_mean"}
+# TRL 1.16's loss types: the aggregation of each (at its sequence level, of the sequence losses counted
+# at every token: `sequence_loss_weight`), and the objective where it is not PPO's clipped ratio
+LOSS_AGG = {"grpo": "sequence_mean", "dr_grpo": "constant", "dapo": "token_mean", "bnpo": "token_mean",
+            "cispo": "token_mean", "sapo": "sequence_mean", "luspo": "sequence_sum", "vespo": "token_mean"}
+PG_OBJECTIVE = {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}
+SEQUENCE_LOSS_WEIGHT_ONE = ("grpo", "sapo")  # TRL's mean of each sequence's token mean: one per sequence
 ADV_NORM = {"group": "group", "batch": "batch", "none": "none", True: "group", False: "none"}
 RATIO_LEVEL = {"token": "token", "sequence": "sequence_mean"}
 SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
@@ -24,16 +29,10 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 
 # field -> (the values lmpg can do, what lmpg has instead)
 UNSUPPORTED = {
-    "loss_type": (tuple(LOSS_AGG), "lmpg's loss_agg has grpo, dr_grpo, dapo and bnpo only"),
+    "loss_type": (tuple(LOSS_AGG), "not a TRL 1.16 loss type"),
     "multi_objective_aggregation": (("sum_then_normalize",), "lmpg normalises the weighted sum of the rewards"),
     "importance_sampling_level": (tuple(RATIO_LEVEL), "ratio_level: token or sequence_mean"),
-    "mask_truncated_completions": ((False,), "no equivalent"),
-    "top_entropy_quantile": ((1.0,), "no equivalent"),
-    "delta": ((None,), "no two-sided clipping"),
     "sync_ref_model": ((False,), "the reference model stays the initial policy"),
-    "entropy_coef": ((0.0,), "no entropy bonus"),
-    "use_adaptive_entropy": ((False,), "no entropy bonus"),
-    "off_policy_mask_threshold": ((None,), "no off-policy masking"),
     "min_p": ((None,), "temperature, top_p and top_k only"),
     "repetition_penalty": ((1.0,), "temperature, top_p and top_k only"),
     "generation_kwargs": ((None, {}), "temperature, top_p and top_k only"),
@@ -67,9 +66,10 @@ def _lacking(args: Any) -> list[str]:
     if str(_value(args.optim)) not in OPTIMIZERS:
         problems.append(f"optim={_value(args.optim)!r} (AdamW only)")
     level, loss_type = getattr(args, "importance_sampling_level", "token"), _value(args.loss_type)
-    if level == "sequence" and loss_type != "grpo":  # TRL aggregates the sequence ratio's loss per token
-        problems.append(f"importance_sampling_level='sequence' with loss_type={loss_type!r} (lmpg averages "
-                        "sequence-level losses over sequences, as loss_type='grpo' does)")
+    if level == "sequence" and loss_type == "vespo" and args.beta != 0 and args.use_bias_correction_kl:
+        problems.append("importance_sampling_level='sequence' with loss_type='vespo', beta != 0 and "
+                        "use_bias_correction_kl (VESPO weighs the trajectory ratio itself; TRL's sequence level then "
+                        "only reweights the KL term, and TRL warns against it: set importance_sampling_level='token')")
     if getattr(args, "use_vllm", False) and getattr(args, "vllm_mode", "colocate") != "colocate":
         problems.append(f"vllm_mode={args.vllm_mode!r} (lmpg has no vLLM server mode yet; vllm_mode='colocate' runs "
                         "an engine in each training process)")
@@ -101,7 +101,9 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
     warmup = args.warmup_steps or 0
     if 0 < warmup < 1:  # transformers 5: a fraction of the run
         warmup = math.ceil(warmup * args.max_steps)
-    loss_agg = LOSS_AGG[args.loss_type]
+    loss_type = _value(args.loss_type)
+    loss_agg = LOSS_AGG[loss_type]
+    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     report_to = [r for r in (args.report_to or []) if r not in ("none", "all")]
     fields = dict(
         output_dir=args.output_dir, seed=args.seed, group_size=args.num_generations, batch_size=batch,
@@ -109,11 +111,12 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         epochs_per_batch=args.num_iterations, iterations=iterations, max_new_tokens=args.max_completion_length,
         max_episode_tokens=args.max_completion_length,  # TRL's cap on a multi-turn completion, tool results included
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
-        clip_eps_low=args.epsilon, clip_eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-        kl_coef=args.beta, kl_in="loss", kl_estimator="k3", loss_agg=loss_agg,
+        clip_eps_low=args.epsilon, clip_eps_high=epsilon_high,
+        kl_coef=args.beta, kl_in="loss", kl_estimator="k3", kl_ratio_weighted=bool(args.use_bias_correction_kl),
+        loss_agg=loss_agg,
         loss_constant=args.max_completion_length if loss_agg == "constant" else None,
         baseline="group_mean", adv_norm=ADV_NORM[_value(args.scale_rewards)],
-        ratio_level=RATIO_LEVEL[args.importance_sampling_level],
+        **objective_fields_from_trl(args, loss_type, epsilon_high),
         reward_weights=list(args.reward_weights) if args.reward_weights is not None else None,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_epsilon, max_grad_norm=args.max_grad_norm,
@@ -125,12 +128,41 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         if str(_value(args.save_strategy)) == "steps" and args.save_steps >= 1 else 0,
         keep_last=args.save_total_limit or 2, report_to=report_to,
     )
+    fields.update(mask_truncated_completions=bool(args.mask_truncated_completions),
+                  top_entropy_quantile=args.top_entropy_quantile, off_policy_mask_threshold=args.off_policy_mask_threshold,
+                  entropy_coef=args.entropy_coef, adaptive_entropy=bool(args.use_adaptive_entropy),
+                  entropy_coef_min=args.entropy_coef_min, entropy_coef_max=args.entropy_coef_max,
+                  entropy_coef_delta=args.entropy_coef_delta, entropy_target=args.entropy_target)
     if getattr(args, "use_vllm", False):
         fields.update(vllm_fields_from_trl(args))
     if getattr(args, "max_prompt_length", None):  # older TRL
         fields["max_prompt_length"] = args.max_prompt_length
     if getattr(args, "max_tool_calling_iterations", None) is not None:  # N rounds of tool calls, then the answer
         fields["max_turns"] = args.max_tool_calling_iterations + 1
+    return fields
+
+
+def objective_fields_from_trl(args: Any, loss_type: str, epsilon_high: float) -> dict[str, Any]:
+    """The policy objective of TRL's loss_type and importance_sampling_level: pg_objective and its numbers,
+    ratio_level, and at TRL's sequence level what a sequence's loss weighs (TRL's grpo and sapo take the
+    mean of each sequence's token mean, one per sequence; its other loss types sum the sequence loss over
+    the sequence's tokens, weighing it by length)."""
+    level = getattr(args, "importance_sampling_level", "token")
+    fields: dict[str, Any] = {"pg_objective": PG_OBJECTIVE.get(loss_type, "ppo_clip")}
+    if fields["pg_objective"] == "ppo_clip":  # TRL applies delta in its clipped branch only
+        fields["clip_delta"] = args.delta
+    if level == "sequence" and loss_type != "vespo":  # vespo: the level reaches only the KL (refused above)
+        fields.update(ratio_level="sequence_mean",
+                      sequence_loss_weight="one" if loss_type in SEQUENCE_LOSS_WEIGHT_ONE else "length")
+    else:
+        fields["ratio_level"] = "token"
+    if loss_type == "cispo":
+        fields["cispo_weight_max"] = epsilon_high  # TRL caps CISPO's weight at epsilon_high itself
+    if loss_type == "sapo":
+        fields.update(sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
+    if loss_type == "vespo":
+        fields.update(vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+                      vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg)
     return fields
 
 

@@ -168,3 +168,45 @@ def test_written_out_backward_equals_autograd_through_checkpoints(bias):
         results.append((logp, stats["entropy"], h.grad, linear.weight.grad, linear.bias.grad if bias else None))
     for fast, reference in zip(*results):
         torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_entropy_gradient_written_out_equals_autograd(bias):
+    """With entropy_grad (the entropy bonus), `LinearTokenLogprob`'s backward adds the entropy's term
+    -p (log p + H): log-probs and entropies both weighted by an upstream gradient give the hidden
+    states', weight's and bias's gradients of the autograd path (checkpointed chunks), and of the full
+    logits (`token_entropy(with_grad=True)`)."""
+    from lmpg.chunked_logprobs import OutputHead, chunked_token_logprobs
+    from lmpg.logprobs import selective_log_softmax, token_entropy
+
+    torch.manual_seed(1)
+    n, H, V = 10, 8, 50
+    linear = torch.nn.Linear(H, V, bias=bias)
+    hidden = torch.randn(2, n // 2, H, dtype=torch.float64)
+    tokens = torch.randint(V, (2, n // 2))
+    up_logp = torch.linspace(-1, 2, n).view(2, n // 2).double()
+    up_entropy = torch.linspace(3, -0.5, n).view(2, n // 2).double()
+    results = []
+    for head in (linear.double(), torch.nn.Sequential(linear).double(), None):  # written out; autograd; full
+        h = hidden.clone().requires_grad_(True)
+        linear.zero_grad(set_to_none=True)
+        if head is None:
+            z = linear(h) * 0.5
+            logp, entropy = selective_log_softmax(z, tokens, 0.7), token_entropy(z, 0.7, with_grad=True)
+            logp, entropy = logp.double(), entropy.double()
+        else:
+            found = OutputHead(decoder=torch.nn.Identity(), head=head, scale=0.5)
+            logp, stats = chunked_token_logprobs(found, h, tokens, temperature=0.7, with_entropy=True, chunk_size=3,
+                                                 entropy_grad=True)
+            entropy = stats["entropy"]
+        assert entropy.requires_grad
+        ((logp * up_logp).sum() + (entropy * up_entropy).sum()).backward()
+        results.append((entropy, h.grad, linear.weight.grad, linear.bias.grad if bias else None))
+    for fast, reference, full in zip(*results):  # fp32 logits on all three paths: fp32 rounding apart
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(full.to(fast.dtype) if full is not None else None, fast, rtol=1e-5, atol=1e-6)
+    # without entropy_grad the entropy is detached and the gradients are the log-probs' alone
+    found = OutputHead(decoder=torch.nn.Identity(), head=linear.double(), scale=0.5)
+    _, stats = chunked_token_logprobs(found, hidden.clone().requires_grad_(True), tokens, temperature=0.7,
+                                      with_entropy=True, chunk_size=3)
+    assert not stats["entropy"].requires_grad

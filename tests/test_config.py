@@ -19,6 +19,19 @@ from lmpg.errors import ConfigError
      r"baseline=optimal_token needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
     (dict(tool_timeout=-1), r"tool_timeout=-1.0 must be > 0"),
     (dict(tool_timeout=0), r"tool_timeout=0.0 must be > 0"),
+    # issue 22: the loss types and TRL's options
+    (dict(sequence_loss_weight="length"), r"sequence_loss_weight=length weighs a sequence ratio's loss.*ratio_level"),
+    (dict(pg_objective="vespo", ratio_level="sequence_mean"), r"pg_objective=vespo .*set ratio_level=token"),
+    (dict(pg_objective="vespo", sampler="vllm"), r"pg_objective=vespo with sampler_correction=token_truncate"),
+    (dict(cispo_weight_max=0), r"cispo_weight_max=0.0 must be > 0"),
+    (dict(sapo_temperature_neg=0), r"sapo_temperature_neg=0.0 must be > 0"),
+    (dict(vespo_k_pos=-1), r"vespo_k_pos=-1.0 must be >= 0"),
+    (dict(kl_ratio_weighted=True, kl_in="reward", kl_coef=0.1), r"kl_ratio_weighted weighs the KL term of the loss"),
+    (dict(clip_delta=1.0), r"clip_delta=1.0 must be > 1"),
+    (dict(clip_delta=2.0, pg_objective="sapo"), r"clip_delta caps pg_objective=ppo_clip's ratio"),
+    (dict(top_entropy_quantile=1.5), r"top_entropy_quantile=1.5 must be in \[0, 1\]"),
+    (dict(off_policy_mask_threshold=-0.1), r"off_policy_mask_threshold=-0.1 must be >= 0"),
+    (dict(entropy_coef_min=0.5, entropy_coef_max=0.1), r"entropy_coef_min=0.5 must be <= entropy_coef_max=0.1"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -41,7 +54,9 @@ def test_valid_combinations_pass():
 # ----------------------------------------------------------------------------- choices from Literals
 CHOICE_FIELDS = {"baseline", "adv_norm", "ratio_level", "loss_agg", "kl_estimator", "kl_in", "reward_on_error",
                  "sampler", "logp_old_source", "tool_format", "reward_executor", "lr_scheduler", "mixed_precision",
-                 "sampler_correction"}
+                 "sampler_correction", "pg_objective", "sequence_loss_weight"}
+# the fields a choice needs beside it to be a valid config
+CHOICE_CONTEXT = {"sampler_correction": dict(sampler="vllm"), "sequence_loss_weight": dict(ratio_level="sequence_mean")}
 
 
 def test_every_choice_field_is_a_literal_and_its_choices_are_the_literals_values():
@@ -65,6 +80,8 @@ def test_the_maths_modules_tuples_are_their_literals():
 
     assert losses.RATIO_LEVELS == get_args(losses.RatioLevel) == ("token", "sequence", "sequence_mean")
     assert losses.LOSS_AGGS == get_args(losses.LossAgg) == ("token_mean", "sequence_mean", "sequence_sum", "constant")
+    assert losses.PG_OBJECTIVES == get_args(losses.PgObjective) == ("ppo_clip", "cispo", "sapo", "vespo")
+    assert losses.SEQUENCE_LOSS_WEIGHTS == get_args(losses.SequenceLossWeight) == ("one", "length")
     assert advantages.BASELINES == get_args(advantages.Baseline)
     assert set(advantages.WEIGHTED_BASELINES) <= set(advantages.BASELINES)
     assert advantages.ADV_NORMS == get_args(advantages.AdvNorm)
@@ -92,11 +109,9 @@ def test_the_config_is_a_leaf_that_imports_neither_torch_nor_the_reward_engine()
 def test_every_choice_is_accepted_and_anything_else_refused_in_one_line():
     from lmpg.config import choices
 
-    # the settings a choice needs beside it (a sampler correction is for an inference engine's samples)
-    needs = {"sampler_correction": {"sampler": "vllm"}}
     for name, allowed in choices().items():
         for value in allowed:
-            assert getattr(PGConfig(**{name: value}, **needs.get(name, {})), name) == value
+            assert getattr(PGConfig(**{name: value, **CHOICE_CONTEXT.get(name, {})}), name) == value
         with pytest.raises(ConfigError) as err:
             PGConfig(**{name: "bogus"})
         assert str(err.value) == f"{name}='bogus' is not valid; set it to one of {', '.join(allowed)}"

@@ -154,10 +154,12 @@ def joint_batches(C: int, N: int) -> torch.Tensor:
 
 
 def estimator(policy, prompts, G, token_rewards, *, baseline="none", theta=None, theta_old=None,
-              reward_to_go=False, gamma=1.0, adv_weight=None, **loss_kw):
+              reward_to_go=False, gamma=1.0, adv_weight=None, excluded=None, **loss_kw):
     """Per-outcome gradient estimates g (K, D) = grad_theta(-loss) and outcome probabilities (K,).
 
     Samples come from pi(theta_old); the loss is evaluated at theta (default theta_old: ratio 1).
+    excluded: (C,) bool, completions left out of the baselines and the loss wherever drawn (the
+    trainer's `TrajectoryBatch.sample_mask`, e.g. mask_truncated_completions).
     Fast path: every aggregation but token_mean divides by the number of sequences only, so the K
     batches stacked into one call with `num_sequences=N` give sum_k loss_k, whose gradient with
     respect to batch k's logp is that of loss_k; it is chained with the Jacobian d logp / d theta. `test_fast_path_equals_plain_loop` checks it
@@ -175,6 +177,7 @@ def estimator(policy, prompts, G, token_rewards, *, baseline="none", theta=None,
     rewards = token_rewards[pid, batches]  # (K, N, L)
     grad_sq_norm = policy.grad_sq_norm(theta_old)[pid, batches].view(K * N, L) \
         if baseline in WEIGHTED_BASELINES else None
+    sample_mask = None if excluded is None else ~excluded[batches].view(K * N)
     ret = returns(rewards.view(K * N, L), mask.view(K * N, L), reward_to_go=reward_to_go, gamma=gamma)
     if baseline == "batch_mean":
         # The mean of one batch is the group mean of a "group" spanning that batch (checked for every
@@ -184,8 +187,10 @@ def estimator(policy, prompts, G, token_rewards, *, baseline="none", theta=None,
         torch.testing.assert_close(b, R.mean(1, keepdim=True).expand(K, N), rtol=0, atol=1e-12)
         G, baseline = N, "group_mean"
     # group baselines only see their own group, never a neighbouring batch
-    adv = subtract_baseline(ret, mask.view(K * N, L), group_size=G, kind=baseline,
+    adv = subtract_baseline(ret, mask.view(K * N, L), group_size=G, kind=baseline, sample_mask=sample_mask,
                             grad_sq_norm=grad_sq_norm)[0].view(K, N, L)
+    if sample_mask is not None:  # the loss counts the kept samples' tokens only
+        mask = mask & sample_mask.view(K, N, 1)
     if adv_weight is not None:
         adv = adv * adv_weight
     with torch.no_grad():
@@ -659,3 +664,166 @@ def test_optimal_token_baseline_minimises_the_reward_to_go_variance():
         mean, _ = moments(*estimator(pol, prompts, G, r, baseline="optimal_token", reward_to_go=True,
                                      loss_agg="sequence_sum"))
         torch.testing.assert_close(mean, true_gradient(pol, r, prompts), **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. TRL 1.16's loss types and options (issue 22), at ratio 1
+# ---------------------------------------------------------------------------------------------
+
+OBJECTIVES = {"ppo_clip": dict(clip_eps_low=0.2, clip_eps_high=0.28), "ppo_clip+delta": dict(clip_delta=1.5),
+              "cispo": dict(pg_objective="cispo", cispo_weight_max=5.0), "sapo": dict(pg_objective="sapo"),
+              "vespo": dict(pg_objective="vespo")}
+
+
+def ratio_one_case():
+    policy, prompts, G = LONG, [0, 0], 2  # 225 batches of 15 completions of 1-3 tokens
+    rewards = sequence_rewards(policy, 17)
+    return policy, prompts, G, rewards, true_gradient(policy, rewards, prompts)
+
+
+def gap_to_best_multiple(m, grad_J):
+    """(relative distance of m from its best multiple c grad J, c)."""
+    c = float(m @ grad_J / (grad_J @ grad_J))
+    return rel_err(m, c * grad_J), c
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_every_objective_is_unbiased_at_ratio_one_and_trls_aggregations_set_the_bias(objective):
+    """At theta = theta_old every objective's gradient is A grad log pi (cispo's weight min(1, w_max) = 1,
+    sapo's gate slope 4 s (1 - s) = 1, vespo's phi(1) = 1): with sequence_sum and a leave-one-out
+    baseline E[g] = grad J exactly. Under the aggregation TRL gives the loss type, E[g] is that of PPO's
+    clipped objective with the same aggregation exactly, so the bias is the aggregation's:
+    token_mean (dapo, bnpo, cispo, vespo) 0.138 from any multiple of grad J, sequence_mean (grpo, sapo)
+    0.398, constant (dr_grpo) grad J / C."""
+    policy, prompts, G, rewards, grad_J = ratio_one_case()
+
+    def mean(**kw):
+        return moments(*estimator(policy, prompts, G, rewards, baseline="leave_one_out", **kw))[0]
+
+    kw = OBJECTIVES[objective]
+    torch.testing.assert_close(mean(loss_agg="sequence_sum", **kw), grad_J, **EXACT)
+    for agg, gap in (("token_mean", 0.138), ("sequence_mean", 0.398)):
+        m = mean(loss_agg=agg, **kw)
+        torch.testing.assert_close(m, mean(loss_agg=agg), **EXACT)
+        assert gap_to_best_multiple(m, grad_J)[0] == pytest.approx(gap, abs=5e-4)
+    torch.testing.assert_close(mean(loss_agg="constant", loss_constant=3.0, **kw), grad_J / 3.0, **EXACT)
+
+
+def test_luspo_is_unbiased_at_ratio_one_and_trls_sequence_level_keeps_each_aggregations_bias():
+    """LUSPO (GSPO's ratio, each sequence's loss weighed by its length, sequence_sum): E[g] = grad J
+    exactly, where GSPO (the same ratio averaged over sequences) is 0.398 off. At ratio 1 TRL's
+    sequence level with length weighting equals its token level: dapo's token_mean keeps its 0.138,
+    dr_grpo's constant its exact grad J / C."""
+    policy, prompts, G, rewards, grad_J = ratio_one_case()
+
+    def mean(**kw):
+        return moments(*estimator(policy, prompts, G, rewards, baseline="leave_one_out", ratio_level="sequence_mean",
+                                  **kw))[0]
+
+    torch.testing.assert_close(mean(sequence_loss_weight="length", loss_agg="sequence_sum"), grad_J, **EXACT)
+    assert gap_to_best_multiple(mean(loss_agg="sequence_mean"), grad_J)[0] == pytest.approx(0.398, abs=5e-4)
+    dapo = mean(sequence_loss_weight="length", loss_agg="token_mean")
+    assert gap_to_best_multiple(dapo, grad_J)[0] == pytest.approx(0.138, abs=5e-4)
+    torch.testing.assert_close(mean(sequence_loss_weight="length", loss_agg="constant", loss_constant=3.0),
+                               grad_J / 3.0, **EXACT)
+
+
+def tabular_entropy(policy, theta):
+    """H(pi(. | p, prefix)) at every token, (P, C, L), 0 on padding."""
+    logits = theta[:, policy.prefix]  # (P, C, L, V)
+    logp = logits - logits.exp().sum(-1, keepdim=True).log()
+    return torch.where(policy.mask, -(logp.exp() * logp).sum(-1), torch.zeros((), dtype=DT))
+
+
+def test_top_entropy_quantile_drops_gradient_terms_and_is_biased():
+    """The high-entropy mask (each batch's quantile, as lmpg.entropy takes it per micro-batch) keeps
+    the policy term of the top rho of the batch's tokens. rho = 1 keeps every token: E[g] = grad J.
+    rho = 0.5: E[g] is 0.455 from any multiple of grad J (cosine 0.910); rho = 0.2: 0.864 (cosine
+    0.757), here. The estimator is biased towards the high-entropy tokens' share of the gradient, by design."""
+    from lmpg.entropy import high_entropy_threshold
+
+    policy, prompts, G, rewards, grad_J = ratio_one_case()
+    N, L = len(prompts), policy.L
+    batches = joint_batches(policy.C, N)
+    K = batches.shape[0]
+    entropy = tabular_entropy(policy, policy.theta)[torch.tensor(prompts).expand(K, N), batches]  # (K, N, L)
+    mask = policy.mask[batches]
+    figures = {}
+    for rho in (1.0, 0.5, 0.2):
+        keep = torch.zeros_like(mask)
+        for k in range(K):
+            threshold, _ = high_entropy_threshold(entropy[k][mask[k]], rho)
+            keep[k] = (entropy[k] >= threshold) & mask[k]
+        m = moments(*estimator(policy, prompts, G, rewards, baseline="leave_one_out", loss_agg="sequence_sum",
+                               policy_token_mask=keep.view(K * N, L)))[0]
+        figures[rho] = (gap_to_best_multiple(m, grad_J)[0], float(m @ grad_J / (m.norm() * grad_J.norm())))
+    assert figures[1.0][0] < 1e-12
+    assert figures[0.5] == pytest.approx((0.455, 0.910), abs=1e-3)
+    assert figures[0.2] == pytest.approx((0.864, 0.757), abs=1e-3)
+
+
+def test_mask_truncated_completions_estimates_the_objective_that_scores_a_cut_completion_zero():
+    """Completions cut at L = 3 tokens without EOS (8 of 15 here, probability 0.34) left out of the
+    baselines and the loss. With no baseline E[g] = grad J' exactly, J' the objective in which a cut
+    completion's reward is 0 (1.12 from grad J); with a leave-one-out baseline over the kept samples
+    it is neither (0.65 from any multiple of grad J)."""
+    policy, prompts, G, rewards, grad_J = ratio_one_case()
+    cut = torch.tensor([len(c) == policy.L and c[-1] != policy.V - 1 for c in policy.completions])
+    assert int(cut.sum()) == 8
+    zeroed = torch.where(cut.view(1, -1, 1), torch.zeros_like(rewards), rewards)
+    grad_J0 = true_gradient(policy, zeroed, prompts)
+    plain = moments(*estimator(policy, prompts, G, rewards, excluded=cut, loss_agg="sequence_sum"))[0]
+    torch.testing.assert_close(plain, grad_J0, **EXACT)
+    assert rel_err(plain, grad_J) == pytest.approx(1.125, abs=1e-3)
+    loo = moments(*estimator(policy, prompts, G, rewards, baseline="leave_one_out", excluded=cut,
+                             loss_agg="sequence_sum"))[0]
+    assert gap_to_best_multiple(loo, grad_J)[0] == pytest.approx(0.650, abs=1e-3)
+    assert gap_to_best_multiple(loo, grad_J0)[0] > 0.1
+
+
+def test_kl_gradients_the_ratio_weighting_makes():
+    """The KL term alone (A = 0, kl_coef 1, sequence_sum), one sample of one prompt, theta = theta_old,
+    pi_ref elsewhere; exact expectations over the 15 completions (lmpg.kl's docstring):
+    - plain k3: E[g] = sum_t E_{s_t}[grad KL(pi_ref || pi_theta)(s_t)], the forward KL's gradient per
+      visited state;
+    - kl_ratio_weighted at token level (TRL's use_bias_correction_kl): the reverse KL's per state,
+      state distribution held fixed; 0.19 from grad KL(pi_theta(tau) || pi_ref(tau)) here (plain: 0.22);
+    - weighted by the sequence ratio (ratio_level sequence): grad KL(pi_theta(tau) || pi_ref(tau))
+      exactly; by the sequence_mean ratio, 0.17 from it."""
+    from lmpg.update import surrogate_loss
+
+    policy, p = LONG, 0
+    C, L = policy.C, policy.L
+    theta_ref = perturbed(policy, 0.7, seed=5)
+    prob = policy.seq_logp(policy.theta)[p].exp()  # (C,)
+    jac = jacobian(policy.token_logp, policy.theta).reshape(policy.P, C, L, -1)[p]  # (C, L, D)
+
+    def expected_kl_gradient(**kw):
+        logp_old = policy.token_logp(policy.theta)[p]
+        logp = logp_old.clone().requires_grad_(True)
+        loss, _ = surrogate_loss(logp, logp_old, torch.zeros(C, L, dtype=DT), policy.mask,
+                                 logp_ref=policy.token_logp(theta_ref)[p], kl_coef=1.0, loss_agg="sequence_sum",
+                                 num_sequences=1.0, **kw)  # one sample per row: sum_k loss_k
+        (w,) = torch.autograd.grad(loss, logp)
+        return prob @ torch.einsum("ct,ctd->cd", w, jac)
+
+    def per_state(reverse):
+        theta = policy.theta.clone().requires_grad_(True)
+        z, z_ref = theta[p][policy.prefix], theta_ref[p][policy.prefix]  # (C, L, V)
+        logp, logp_ref = z.log_softmax(-1), z_ref.log_softmax(-1)
+        kl = (logp.exp() * (logp - logp_ref)).sum(-1) if reverse else (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+        (grad,) = torch.autograd.grad(prob @ torch.where(policy.mask, kl, 0.0).sum(1), theta)
+        return grad.flatten()
+
+    theta = policy.theta.clone().requires_grad_(True)
+    seq_logp, seq_logp_ref = policy.seq_logp(theta)[p], policy.seq_logp(theta_ref)[p]
+    (sequence_kl,) = torch.autograd.grad((seq_logp.exp() * (seq_logp - seq_logp_ref)).sum(), theta)
+    sequence_kl = sequence_kl.flatten()
+    plain, weighted = expected_kl_gradient(), expected_kl_gradient(kl_ratio_weighted=True)
+    torch.testing.assert_close(plain, per_state(reverse=False), **EXACT)
+    torch.testing.assert_close(weighted, per_state(reverse=True), **EXACT)
+    assert (rel_err(weighted, sequence_kl), rel_err(plain, sequence_kl)) == pytest.approx((0.190, 0.221), abs=1e-3)
+    torch.testing.assert_close(expected_kl_gradient(kl_ratio_weighted=True, ratio_level="sequence"), sequence_kl,
+                               **EXACT)
+    gspo = expected_kl_gradient(kl_ratio_weighted=True, ratio_level="sequence_mean")
+    assert rel_err(gspo, sequence_kl) == pytest.approx(0.174, abs=1e-3)

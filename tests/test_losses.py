@@ -15,11 +15,17 @@ from lmpg.kl import kl_estimate
 from lmpg.logprobs import selective_log_softmax, token_entropy
 from lmpg.losses import (
     LOSS_AGGS,
+    PG_OBJECTIVES,
     RATIO_LEVELS,
     aggregate,
+    cispo_loss,
     clipped_objective,
     importance_ratio,
+    luspo_loss,
     policy_gradient_loss,
+    sapo_loss,
+    vespo_loss,
+    vespo_weight,
 )
 
 DT = torch.float64
@@ -77,6 +83,94 @@ def test_first_step_gradient_is_reinforce():
     _, grad, _ = loss_and_grad(logp, logp.detach(), adv, mask, ratio_level="sequence")
     first = torch.stack([adv[i, mask[i]][0] if mask[i].any() else adv.new_zeros(()) for i in range(B)])
     torch.testing.assert_close(-grad, torch.where(mask, first.unsqueeze(1), 0.0) / B, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("pg_objective", PG_OBJECTIVES)
+def test_every_objective_at_ratio_one_is_the_policy_gradient(pg_objective):
+    """theta == theta_old, sequence_sum: d(-L)/d logp_{i,t} = A_{i,t} / B on counted tokens for every
+    objective (cispo's weight min(1, w_max) = 1, sapo's gate slope 4 s (1 - s) = 1 at r = 1, vespo's
+    phi(1) = 1)."""
+    logp, _, adv, mask = batch(1)
+    B = logp.shape[0]
+    _, grad, stats = loss_and_grad(logp, logp.detach(), adv, mask, pg_objective=pg_objective, loss_agg="sequence_sum",
+                                   cispo_weight_max=1.5, **CLIP)
+    torch.testing.assert_close(-grad, torch.where(mask, adv, 0.0) / B, rtol=0, atol=1e-15)
+    assert stats["clip_frac"] == 0.0
+
+
+def test_luspo_at_ratio_one_is_the_textbook_estimator_and_gspo_is_not():
+    """LUSPO weighs GSPO's sequence loss by the sequence's length: its first-step gradient is
+    A_i / B on every counted token; GSPO's is A_i / (B |y_i|)."""
+    logp, _, adv, mask = batch(1)
+    B = logp.shape[0]
+    adv = adv[:, :1].expand_as(adv)  # one advantage per sequence
+    loss, stats = luspo_loss(logp, logp.detach(), adv, mask)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(-grad, torch.where(mask, adv, 0.0) / B, rtol=0, atol=1e-15)
+    _, grad, _ = loss_and_grad(logp, logp.detach(), adv, mask, ratio_level="sequence_mean")
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(-grad, torch.where(mask, adv / lengths, 0.0) / B, rtol=0, atol=1e-15)
+
+
+def test_cispo_sapo_vespo_by_hand():
+    """One token, sequence_sum, L = -f: CISPO's weight capped and detached; SAPO's gate and its slope;
+    VESPO's Gamma kernel with the sign's (k, lambda)."""
+    one = torch.ones(1, 1, dtype=torch.bool)
+    for r, A in ((2.0, 1.5), (0.5, -1.0)):
+        lp = math.log(0.3)
+        logp = torch.tensor([[lp]], dtype=DT, requires_grad=True)
+        old = torch.tensor([[lp - math.log(r)]], dtype=DT)
+        adv = torch.tensor([[A]], dtype=DT)
+        # cispo: -min(r, 1.5) A log pi; gradient -min(r, 1.5) A
+        loss, stats = cispo_loss(logp, old, adv, one, weight_max=1.5, loss_agg="sequence_sum")
+        (grad,) = torch.autograd.grad(loss, logp)
+        w = min(r, 1.5)
+        assert float(loss) == pytest.approx(-w * A * lp, abs=1e-12)
+        assert float(grad) == pytest.approx(-w * A, abs=1e-12)
+        assert stats["clip_frac"] == float(r > 1.5)
+        # sapo: -(4/tau) s A, s = sigmoid(tau (r - 1)); d/d logp = -4 s (1 - s) r A
+        tau = 1.0 if A > 0 else 1.05
+        s = 1 / (1 + math.exp(-tau * (r - 1)))
+        loss, _ = sapo_loss(logp, old, adv, one, loss_agg="sequence_sum")
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert float(loss) == pytest.approx(-4 / tau * s * A, abs=1e-12)
+        assert float(grad) == pytest.approx(-4 * s * (1 - s) * r * A, abs=1e-12)
+        # vespo: -phi(r) A log pi, phi(w) = e^lam w^k e^(-lam w), (k, lam) = (2, 3) for A >= 0, (3, 2) else
+        k, lam = (2.0, 3.0) if A >= 0 else (3.0, 2.0)
+        phi = math.exp(lam) * r ** k * math.exp(-lam * r)
+        assert float(vespo_weight(logp, old, adv, one, k_pos=2.0, lambda_pos=3.0, k_neg=3.0,
+                                  lambda_neg=2.0)) == pytest.approx(phi, rel=1e-12)
+        loss, stats = vespo_loss(logp, old, adv, one, loss_agg="sequence_sum")
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert float(loss) == pytest.approx(-phi * A * lp, rel=1e-12)
+        assert float(grad) == pytest.approx(-phi * A, rel=1e-12)
+        assert stats["vespo_weight_mean"] == pytest.approx(phi, rel=1e-12)
+
+
+def test_vespo_weight_is_of_the_trajectory_ratio_and_clamped():
+    """w_i = prod_t r_{i,t} over the counted tokens; log w clamped to [log 1e-8, 20]."""
+    logp = torch.tensor([[0.3, -0.1, 5.0], [-30.0, 0.0, 0.0]], dtype=DT)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    adv = torch.ones(2, 3, dtype=DT)
+    phi = vespo_weight(logp, torch.zeros_like(logp), adv, mask, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0)
+    w = math.exp(0.2)
+    assert float(phi[0, 0]) == pytest.approx(math.exp(3 + 2 * 0.2 - 3 * w), rel=1e-12)
+    lo = math.log(1e-8)  # -30 clamped to -20 per token, then to log 1e-8 for the sequence
+    assert float(phi[1, 0]) == pytest.approx(math.exp(3 + 2 * lo - 3 * 1e-8), rel=1e-9)
+    with pytest.raises(ValueError, match="ratio_level='token'"):
+        vespo_loss(logp, logp, adv, mask, ratio_level="sequence")
+
+
+def test_sequence_loss_weight_length_counts_the_sequence_loss_at_each_token():
+    """ratio 1, r_i A_i = A_i per sequence: `one` gives (A_1 + A_2) / 2 whatever loss_agg; `length`
+    gives loss_agg over the tokens: token_mean (2 A_1 + 3 A_2) / 5, sequence_sum (2 A_1 + 3 A_2) / 2."""
+    logp = torch.zeros(2, 3, dtype=DT)
+    kw = dict(ratio_level="sequence_mean")
+    assert float(policy_gradient_loss(logp, logp, ADV, MASK, loss_agg="token_mean", **kw)[0]) == -(1 + 4) / 2
+    length = dict(sequence_loss_weight="length", **kw)
+    assert float(policy_gradient_loss(logp, logp, ADV, MASK, loss_agg="token_mean", **length)[0]) == -(2 + 12) / 5
+    assert float(policy_gradient_loss(logp, logp, ADV, MASK, loss_agg="sequence_sum", **length)[0]) == -(2 + 12) / 2
+    assert float(policy_gradient_loss(logp, logp, ADV, MASK, loss_agg="sequence_mean", **length)[0]) == -(1 + 4) / 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,13 +273,22 @@ def test_aggregate_with_whole_batch_totals():
 # masked positions never contribute
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ratio_level", RATIO_LEVELS)
+OBJECTIVE_CASES = [dict(), dict(pg_objective="cispo", cispo_weight_max=1.2), dict(pg_objective="sapo"),
+                   dict(pg_objective="vespo"), dict(clip_delta=1.4), dict(sequence_loss_weight="length")]
+# (ratio_level, objective keywords) where the objective applies: vespo at token level only, the length
+# weighting at sequence levels only (PGConfig refuses the others)
+LEVEL_OBJECTIVES = [(level, kw) for level in RATIO_LEVELS for kw in OBJECTIVE_CASES
+                    if not (kw.get("pg_objective") == "vespo" and level != "token")
+                    and not ("sequence_loss_weight" in kw and level == "token")]
+
+
+@pytest.mark.parametrize("ratio_level,objective", LEVEL_OBJECTIVES)
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
-def test_masked_positions_never_contribute(ratio_level, loss_agg):
+def test_masked_positions_never_contribute(ratio_level, loss_agg, objective):
     """Prompt and padding positions may hold anything, NaN and inf included (masked_sum selects with
-    torch.where, so nothing leaks into the loss or through the backward pass)."""
+    torch.where, so nothing leaks into the loss or through the backward pass), for every objective."""
     logp, logp_old, adv, mask = batch(2)
-    kw = dict(ratio_level=ratio_level, loss_agg=loss_agg, loss_constant=8.0, **CLIP)
+    kw = dict(ratio_level=ratio_level, loss_agg=loss_agg, loss_constant=8.0, **CLIP, **objective)
     clean = [torch.where(mask, x.detach(), 0.0) for x in (logp, logp_old, adv)]
     leaf = clean[0].clone().requires_grad_(True)
     loss0, grad0, _ = loss_and_grad(leaf, clean[1], clean[2], mask, **kw)
@@ -204,15 +307,17 @@ def test_masked_positions_never_contribute(ratio_level, loss_agg):
 # micro-batches
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ratio_level", RATIO_LEVELS)
+@pytest.mark.parametrize("ratio_level,objective", LEVEL_OBJECTIVES)
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
-def test_micro_batches_sum_to_whole_batch(ratio_level, loss_agg):
+def test_micro_batches_sum_to_whole_batch(ratio_level, loss_agg, objective):
     """With the whole batch's num_tokens / num_sequences each micro-batch returns its share: losses
-    and gradients add up to the whole batch's (ratios off 1, clipping active on some tokens)."""
+    and gradients add up to the whole batch's (ratios off 1, clipping active on some tokens), for
+    every objective."""
     logp, logp_old, adv, mask = batch(3)
-    kw = dict(ratio_level=ratio_level, loss_agg=loss_agg, loss_constant=8.0, **CLIP)
+    kw = dict(ratio_level=ratio_level, loss_agg=loss_agg, loss_constant=8.0, **CLIP, **objective)
     whole, grad_whole, stats = loss_and_grad(logp, logp_old, adv, mask, **kw)
-    assert 0 < stats["clip_frac"] < 1  # the case exercises clipping
+    if kw.get("pg_objective", "ppo_clip") == "ppo_clip":
+        assert 0 < stats["clip_frac"] < 1  # the case exercises clipping
     totals = dict(num_tokens=float(mask.sum()), num_sequences=float(mask.shape[0]))
     parts_loss, parts_grad = 0.0, torch.zeros_like(grad_whole)
     for part in (slice(0, 2), slice(2, 3), slice(3, 6)):  # the last holds the empty row

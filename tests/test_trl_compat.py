@@ -1,6 +1,7 @@
 """config_from_trl on real TRL GRPOConfig objects, and a TRL GRPO script ported by its imports."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 # trl is a test dependency (pyproject [test], TRL 1.16): missing, this module fails, never skips
 import trl
 import yaml
@@ -33,7 +35,8 @@ def test_the_migration_guides_side_by_side_run_converts_to_its_pgconfig(tmp_path
                         micro_batch_size=8, epochs_per_batch=1, max_new_tokens=256, learning_rate=1e-6,
                         kl_coef=0.0, clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token_mean",
                         baseline="group_mean", adv_norm="group", temperature=1.0, iterations=500, seed=42,
-                        log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0, max_episode_tokens=256)
+                        log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0, max_episode_tokens=256,
+                        kl_ratio_weighted=True)  # TRL's use_bias_correction_kl (default on), no effect at beta 0
     assert config == expected
 
 
@@ -49,26 +52,28 @@ def test_fields_map_one_by_one(tmp_path):
     assert (config.epochs_per_batch, config.iterations, config.warmup_steps) == (2, 10, 4)
     assert (config.loss_agg, config.loss_constant, config.adv_norm, config.ratio_level) == \
         ("constant", 32, "none", "token")
-    assert (config.kl_coef, config.kl_in, config.kl_estimator) == (0.04, "loss", "k3")
+    assert (config.kl_coef, config.kl_in, config.kl_estimator, config.kl_ratio_weighted) == (0.04, "loss", "k3", True)
+    assert not config_from_trl(grpo_config(tmp_path, max_steps=4, use_bias_correction_kl=False)).kl_ratio_weighted
     assert (config.top_p, config.top_k, config.lr_scheduler, config.seed) == (0.9, 20, "cosine", 3)
     assert (config.reward_weights, config.adam_eps, config.keep_last, config.log_every) == ([1.0, 0.5], 1e-6, 5, 1)
     assert config.gradient_checkpointing  # TRL's default is on
-    # GSPO: lmpg averages one loss per sequence over sequences, which is TRL's sequence level with grpo only
+    # GSPO: one loss per sequence averaged over sequences (grpo); TRL's other loss types weigh it by length
     gspo = config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="grpo", importance_sampling_level="sequence"))
-    assert (gspo.ratio_level, gspo.loss_agg) == ("sequence_mean", "sequence_mean")
-    with pytest.raises(ConfigError, match="importance_sampling_level='sequence' with loss_type='dr_grpo'"):
-        config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
+    assert (gspo.ratio_level, gspo.loss_agg, gspo.sequence_loss_weight) == ("sequence_mean", "sequence_mean", "one")
+    dr_gspo = config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
+    assert (dr_gspo.ratio_level, dr_gspo.loss_agg, dr_gspo.sequence_loss_weight) == ("sequence_mean", "constant", "length")
+    with pytest.raises(ConfigError, match="importance_sampling_level='sequence' with loss_type='vespo', beta"):
+        config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="vespo", importance_sampling_level="sequence",
+                                    beta=0.04))
 
 
 def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
-    args = grpo_config(tmp_path, max_steps=10, loss_type="vespo", multi_objective_aggregation="normalize_then_sum",
-                       entropy_coef=0.1, mask_truncated_completions=True)
+    args = grpo_config(tmp_path, max_steps=10, multi_objective_aggregation="normalize_then_sum", torch_compile=True)
     with pytest.raises(ConfigError) as error:
         config_from_trl(args)
     message = str(error.value)
     assert "\n" not in message
-    for fragment in ("loss_type='vespo'", "multi_objective_aggregation='normalize_then_sum'", "entropy_coef=0.1",
-                     "mask_truncated_completions=True"):
+    for fragment in ("multi_objective_aggregation='normalize_then_sum'", "torch_compile=True"):
         assert fragment in message
     args = grpo_config(tmp_path, max_steps=10, chat_template_kwargs={"enable_thinking": False},
                        model_init_kwargs={"dtype": "bfloat16"}, shuffle_dataset=False)
@@ -241,17 +246,66 @@ def test_environment_factory_must_be_importable_by_name():
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
-def test_every_trl_loss_type_maps_or_is_refused_in_one_line(tmp_path, loss_type):
-    """The loss types TRL 1.16's GRPOTrainer._compute_loss knows; the guide's defaults checked on GRPOConfig."""
-    args = grpo_config(tmp_path, max_steps=4, loss_type=loss_type)
+def test_every_trl_loss_type_maps(tmp_path, loss_type):
+    """The loss types TRL 1.16's GRPOTrainer._compute_loss knows, each as lmpg's objective and aggregation
+    (tests/test_losses_trl.py: the same value and gradient as TRL's code); the guide's defaults checked
+    on GRPOConfig."""
+    args = grpo_config(tmp_path, max_steps=4, loss_type=loss_type, epsilon_high=3.0, sapo_temperature_neg=2.0,
+                       vespo_k_neg=4.0)
     assert (args.multi_objective_aggregation, grpo_config(tmp_path).loss_type) == ("sum_then_normalize", "dapo")
-    if loss_type in ("cispo", "sapo", "luspo", "vespo"):
-        with pytest.raises(ConfigError, match=f"loss_type='{loss_type}'") as error:
-            config_from_trl(args)
-        assert "\n" not in str(error.value)
-    else:
-        assert config_from_trl(args).loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean",
-                                                    "dr_grpo": "constant", "dapo": "token_mean"}[loss_type]
+    config = config_from_trl(args)
+    assert config.loss_agg == {"grpo": "sequence_mean", "bnpo": "token_mean", "dr_grpo": "constant", "dapo": "token_mean",
+                               "cispo": "token_mean", "sapo": "sequence_mean", "luspo": "sequence_sum",
+                               "vespo": "token_mean"}[loss_type]
+    assert config.pg_objective == {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}.get(loss_type, "ppo_clip")
+    assert (config.cispo_weight_max, config.sapo_temperature_neg, config.vespo_k_neg) == (
+        3.0 if loss_type == "cispo" else 5.0, 2.0 if loss_type == "sapo" else 1.05, 4.0 if loss_type == "vespo" else 3.0)
+
+
+# each TRL 1.16 option lmpg implemented in issue 22, set on its own, then all together; and the metric
+# the run logs for it
+PORTED_OPTIONS = {
+    "cispo": (dict(loss_type="cispo", epsilon_high=2.0), None),
+    "sapo": (dict(loss_type="sapo", sapo_temperature_neg=2.0), None),
+    "luspo": (dict(loss_type="luspo", importance_sampling_level="sequence"), None),
+    "vespo": (dict(loss_type="vespo", vespo_k_neg=2.0), None),
+    "dr_grpo-sequence": (dict(loss_type="dr_grpo", importance_sampling_level="sequence"), None),
+    "bias-corrected-kl": (dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True), "kl"),
+    "delta": (dict(delta=1.5), None),
+    "mask_truncated_completions": (dict(mask_truncated_completions=True), "truncated_masked_frac"),
+    "top_entropy_quantile": (dict(top_entropy_quantile=0.2), "high_entropy_frac"),
+    "entropy_coef": (dict(entropy_coef=0.01), "entropy_coef"),
+    "use_adaptive_entropy": (dict(use_adaptive_entropy=True, entropy_target=10.0), "entropy_coef"),
+    "off_policy_mask_threshold": (dict(off_policy_mask_threshold=0.01), "off_policy_masked_frac"),
+    "all": (dict(loss_type="dapo", beta=0.04, delta=1.5, mask_truncated_completions=True, top_entropy_quantile=0.5,
+                 use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=10.0, off_policy_mask_threshold=0.01),
+            "off_policy_masked_frac"),
+}
+
+
+@pytest.mark.parametrize("name", list(PORTED_OPTIONS))
+def test_each_trl_loss_option_ports_and_trains_two_iterations(tmp_path, name, tiny_model, tokenizer, prompts_dataset):
+    """A GRPOConfig with the option set, through lmpg.trl_compat.GRPOTrainer (config_from_trl): two
+    iterations of two epochs each (so the second epoch is off-policy), finite losses, the policy moves,
+    and the option's own metric is logged."""
+    from lmpg.trl_compat import GRPOTrainer
+
+    def distinct_characters(completions, **kwargs):  # spread within every group, so advantages are not 0
+        return [len(set(c)) / 5 for c in completions]
+
+    options, metric = PORTED_OPTIONS[name]
+    args = grpo_config(tmp_path, num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                       num_iterations=2, max_completion_length=5, max_steps=4, learning_rate=1e-2, logging_steps=1,
+                       save_strategy="no", **options)
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    trainer = GRPOTrainer(tiny_model, reward_funcs=[distinct_characters], args=args, train_dataset=prompts_dataset,
+                          processing_class=tokenizer)
+    metrics = trainer.train()
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert all(m["optimizer_steps"] == 2 and math.isfinite(m["loss"]) for m in metrics)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, tiny_model.parameters()))
+    if metric is not None:
+        assert all(metric in m for m in metrics), metric
 
 
 # --- TRL 1.16's own tool-calling loop, beside lmpg's episodes -------------------------------------
@@ -337,7 +391,7 @@ def lmpg_episodes(tmp_path, tok, turn_ids, **config):
     from lmpg.episodes import EpisodeSampler
     from lmpg.tiny import make_tiny_causal_lm
 
-    pg = dataclasses.replace(PGConfig.from_trl(grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=2,
+    pg = dataclasses.replace(config_from_trl(grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=2,
                                                            max_completion_length=1024, max_steps=1, **config)),
                              environment="test_environments:IncrementEnv")
     model = make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, max_position_embeddings=4096)

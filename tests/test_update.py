@@ -129,7 +129,16 @@ def test_surrogate_loss_settings_are_the_numbers_of_the_config():
                clip_eps_low=0.1, clip_eps_high=0.3)
     assert surrogate_loss_settings(c) == dict(ratio_level="token", clip_eps_low=0.1, clip_eps_high=0.3,
                                               loss_agg="constant", loss_constant=5.0, kl_coef=0.1,
-                                              kl_estimator="k2", kl_in="reward")
+                                              kl_estimator="k2", kl_in="reward", kl_ratio_weighted=False,
+                                              pg_objective="ppo_clip", clip_delta=None, off_policy_mask_threshold=None,
+                                              sequence_loss_weight="one", cispo_weight_max=5.0,
+                                              sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
+                                              vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
+    c = config(pg_objective="sapo", sapo_temperature_neg=2.0, ratio_level="sequence_mean",
+               sequence_loss_weight="length", loss_agg="sequence_sum")
+    settings = surrogate_loss_settings(c)
+    assert (settings["pg_objective"], settings["sapo_temperature_neg"], settings["sequence_loss_weight"]) == \
+        ("sapo", 2.0, "length")
     c = config(ratio_level="sequence_mean", loss_agg="sequence_mean")  # loss_constant: max_new_tokens
     assert surrogate_loss_settings(c)["ratio_level"] == "sequence_mean"
     assert surrogate_loss_settings(c)["loss_constant"] == float(c.max_new_tokens) == 6.0
