@@ -52,7 +52,8 @@ class TrajectoryBatch:
     completions: list[str]
     """(B,) the text after the prompt, decoded from the ids (special tokens skipped)."""
     sampler_logp: torch.Tensor | None = None
-    """(B, T) fp32 or None: log pi_old(a_t | s_t) as the sampler computed it, 0 off the actions."""
+    """(B, T) fp32 or None: log q(a_t | s_t) of the distribution the sampler drew each action from, 0 off
+    the actions (`lmpg.sampler.sampling_logits`): pi_old's own where no truncation or penalty is on."""
     grad_sq_norm: torch.Tensor | None = None
     """(B, T) fp32 or None: ||grad_z log pi_old(a_t | s_t)||^2 = (1 - 2 pi(a_t) + sum_v pi(v)^2) / tau^2
     at each action, 0 off the actions (`lmpg.logprobs.logit_grad_sq_norm`); summed over a row, the

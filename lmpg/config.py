@@ -98,6 +98,14 @@ class PGConfig:
     """Nucleus sampling threshold (1.0 = off). Truncation makes sampling slightly off-policy."""
     top_k: int = 0
     """Top-k sampling (0 = off). Truncation makes sampling slightly off-policy."""
+    min_p: float = 0.0
+    """Min-p sampling: drop tokens less likely than min_p times the most likely one (0 = off; TRL's min_p,
+    vLLM's order: after the temperature, before top-k / top-p). Makes sampling off-policy, as truncation
+    does."""
+    repetition_penalty: float = 1.0
+    """Repetition penalty r on every token already in the row (prompt included, as transformers and vLLM
+    count it): a logit z becomes z / r where z > 0, z * r elsewhere, before the temperature (1.0 = off).
+    Makes sampling off-policy: the sampled tokens' q is not pi_old."""
     sampler: Sampler = "lmpg"
     """'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number of processes and
     after a resume); 'generate': transformers' generate; 'vllm': a vLLM engine in each training process,
@@ -121,8 +129,9 @@ class PGConfig:
     it back before the next sync and sampling."""
     sampler_correction: SamplerCorrectionChoice = "auto"
     """Importance weight correcting the sampler-trainer mismatch pi_old / q (lmpg.mismatch): none,
-    token_truncate, token_mask, sequence_truncate or sequence_mask. auto: token_truncate with
-    sampler=vllm, none with lmpg's sampler (its log-probs are pi_old's)."""
+    token_truncate, token_mask, sequence_truncate or sequence_mask. auto: token_truncate wherever q is not
+    pi_old (sampler=vllm; lmpg's sampler with top_k, top_p, min_p or repetition_penalty on), none where it
+    is (lmpg's sampler without them: its log-probs are pi_old's)."""
     sampler_correction_max: float | None = 3.0
     """C: truncate modes clamp the ratio at C, mask modes zero the weight above C (None: no bound)."""
     sampler_correction_min: float | None = None
@@ -163,7 +172,8 @@ class PGConfig:
     """Completions per optimizer step (default: batch_size, one step per epoch). Must divide batch_size."""
     logp_old_source: LogpOldSource = "forward"
     """Where log pi_old comes from for rows after the first minibatch: 'forward' (a no-grad forward pass,
-    exact) or 'sampler' (the sampler's own log-probs: no extra pass, equal up to float rounding)."""
+    exact) or 'sampler' (the sampler's own log-probs: no extra pass, equal up to float rounding; lmpg's
+    sampler without top_k, top_p, min_p or repetition_penalty only, where they are pi_old's)."""
     micro_batch_size: int | None = None
     """Completions per forward/backward on one process (gradient accumulation); default: the whole minibatch
     share."""
@@ -288,11 +298,29 @@ class PGConfig:
         return self.clip_eps_low is not None or self.clip_eps_high is not None
 
     @property
+    def processes_sampling(self) -> bool:
+        """Whether top_k, top_p, min_p or repetition_penalty make the sampling distribution q differ
+        from the tempered policy pi_old = softmax(z / temperature)."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0 or self.repetition_penalty != 1.0
+
+    @property
     def resolved_sampler_correction(self) -> str:
-        """The sampler correction in force: `sampler_correction`, with auto resolved."""
+        """The sampler correction in force: `sampler_correction`, with auto resolved.
+
+        auto is token_truncate wherever the sampler's q is not pi_old, lmpg's own sampler with
+        truncation or a penalty included, and none elsewhere. For pure truncation (top-k / top-p /
+        min_p, exact q) the token ratio is rho_t = pi_old(a_t) / q(a_t) = Z_t, the policy mass the
+        kept set holds, <= 1, so the clamp at C never acts: each kept token's term is weighed by its
+        own probability under pi_old, its exact share of grad J, where the unweighted estimator
+        over-weighs every state by 1 / Z_t (the most where truncation cut the most). What no weight
+        can recover is the dropped tail, which q never samples. With a repetition penalty rho_t may
+        exceed 1, and the clamp bounds the variance as it does for an engine's mismatch. It is also
+        what sampler=vllm does for the same settings (its q is the same distribution), so switching
+        samplers keeps the estimator. TRL's transformers path (use_vllm=False) applies no correction:
+        `lmpg.trl_compat.config_from_trl` sets none there to keep TRL's numbers."""
         if self.sampler_correction != "auto":
             return self.sampler_correction
-        return "token_truncate" if self.sampler == "vllm" else "none"
+        return "token_truncate" if self.measures_sampler_mismatch else "none"
 
     @property
     def sampler_correction_bounds(self) -> tuple[float | None, float | None]:
@@ -305,8 +333,9 @@ class PGConfig:
     @property
     def measures_sampler_mismatch(self) -> bool:
         """Whether the sampler's log-probs are another distribution q than the trainer's pi_old (an
-        inference engine), so every iteration measures and may correct the mismatch."""
-        return self.sampler == "vllm"
+        inference engine; lmpg's sampler with truncation or a penalty, `processes_sampling`), so every
+        iteration measures and may correct the mismatch. transformers' generate reports no q."""
+        return self.sampler == "vllm" or (self.sampler == "lmpg" and self.processes_sampling)
 
     @property
     def resolved_loss_constant(self) -> float:
@@ -371,10 +400,14 @@ class PGConfig:
         if self.logp_old_source == "sampler" and self.sampler == "vllm":
             raise ConfigError("logp_old_source=sampler does not apply to sampler=vllm (vLLM's log-probs are the sampling "
                               "distribution q, corrected against the trainer's own pi_old); set logp_old_source=forward")
+        if self.logp_old_source == "sampler" and self.processes_sampling:
+            raise ConfigError("logp_old_source=sampler needs the sampler's q to be pi_old, which top_k, top_p, min_p or "
+                              "repetition_penalty change; set logp_old_source=forward or turn them off")
         correction = self.resolved_sampler_correction
         if correction != "none" and not self.measures_sampler_mismatch:
-            raise ConfigError(f"sampler_correction={correction} needs sampler=vllm (lmpg's sampler's log-probs are pi_old's "
-                              "own); set sampler_correction=auto or none")
+            raise ConfigError(f"sampler_correction={correction} needs sampler=vllm, or lmpg's sampler with top_k, top_p, "
+                              "min_p or repetition_penalty on (without them its log-probs are pi_old's own); set "
+                              "sampler_correction=auto or none")
         if correction.startswith("token") and self.ratio_level in SEQUENCE_RATIO_LEVELS:
             raise ConfigError(f"sampler_correction={correction} weighs tokens, but ratio_level={self.ratio_level} gives one "
                               "loss per sequence; set sampler_correction=sequence_truncate or sequence_mask")
@@ -404,6 +437,10 @@ class PGConfig:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"min_p={self.min_p} must be in [0, 1) (0 = off)")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off)")
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"gamma={self.gamma} must be in [0, 1]")
         if self.clip_eps_low is not None and not 0 < self.clip_eps_low < 1:

@@ -554,10 +554,13 @@ class EpisodeSampler:
         return EpisodeEnv(self.factory(), self.config.tool_format, self.config.tool_timeout)
 
     def turn_sampler(self, policy, greedy: bool = False) -> LmpgTurnSampler:
-        """lmpg's own turn sampler on `policy` with the config's sampling settings (top_k=1: greedy)."""
+        """lmpg's own turn sampler on `policy` with the config's sampling settings (greedy: top_k=1 on
+        the policy's own logits, no min_p or repetition penalty)."""
         c = self.config
         return LmpgTurnSampler(policy, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
                                temperature=c.temperature, top_k=1 if greedy else c.top_k, top_p=c.top_p,
+                               min_p=0.0 if greedy else c.min_p,
+                               repetition_penalty=1.0 if greedy else c.repetition_penalty,
                                carry_cache=c.cache_across_turns)
 
     def sample(self, policy, prompts, rows, positions, iteration, seeds, greedy: bool = False,

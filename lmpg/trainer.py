@@ -318,7 +318,8 @@ class PGTrainer:
                                         turn_sampler=self.turn_sampler or self.episodes.turn_sampler(policy))
         return sample_completions(policy, self.tokenizer, prompts.texts, c.group_size,
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, max_prompt_length=c.max_prompt_length,
+                                  top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty,
+                                  max_prompt_length=c.max_prompt_length,
                                   add_special_tokens=prompts.add_special_tokens, eos_ids=self.eos_ids, seeds=seeds,
                                   sampler=c.sampler, policy_version=self.iteration,
                                   with_grad_sq_norm=c.baseline in WEIGHTED_BASELINES, turn_sampler=self.turn_sampler)
@@ -386,8 +387,9 @@ class PGTrainer:
         return stats
 
     def correct_sampler_mismatch(self, batch: TrajectoryBatch) -> dict:
-        """With an inference engine's samples (q != pi_old, `lmpg.mismatch`): the mismatch figures over
-        the whole batch, and batch.adv times the correction weight w(pi_old / q) of `sampler_correction`."""
+        """With samples from q != pi_old (an inference engine, or lmpg's sampler with truncation or a
+        penalty, `lmpg.mismatch`): the mismatch figures over the whole batch, and batch.adv times the
+        correction weight w(pi_old / q) of `sampler_correction`."""
         c = self.config
         if not c.measures_sampler_mismatch:
             return {}

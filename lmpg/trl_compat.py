@@ -21,6 +21,7 @@ ADV_NORM = {"group": "group", "batch": "batch", "none": "none", True: "group", F
 RATIO_LEVEL = {"token": "token", "sequence": "sequence_mean"}
 SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 # field -> (the values lmpg can do, what lmpg has instead)
 UNSUPPORTED = {
@@ -34,8 +35,6 @@ UNSUPPORTED = {
     "entropy_coef": ((0.0,), "no entropy bonus"),
     "use_adaptive_entropy": ((False,), "no entropy bonus"),
     "off_policy_mask_threshold": ((None,), "no off-policy masking"),
-    "min_p": ((None,), "temperature, top_p and top_k only"),
-    "repetition_penalty": ((1.0,), "temperature, top_p and top_k only"),
     "generation_kwargs": ((None, {}), "temperature, top_p and top_k only"),
     "chat_template_kwargs": ((None, {}), "lmpg renders the chat template with its defaults"),
     "model_init_kwargs": ((None, {}), "load the model yourself and pass it to PGTrainer"),
@@ -108,7 +107,8 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         minibatch_size=minibatch, micro_batch_size=args.per_device_train_batch_size,
         epochs_per_batch=args.num_iterations, iterations=iterations, max_new_tokens=args.max_completion_length,
         max_episode_tokens=args.max_completion_length,  # TRL's cap on a multi-turn completion, tool results included
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0, min_p=args.min_p or 0.0,
+        repetition_penalty=args.repetition_penalty,
         clip_eps_low=args.epsilon, clip_eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
         kl_coef=args.beta, kl_in="loss", kl_estimator="k3", loss_agg=loss_agg,
         loss_constant=args.max_completion_length if loss_agg == "constant" else None,
@@ -127,6 +127,8 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
     )
     if getattr(args, "use_vllm", False):
         fields.update(vllm_fields_from_trl(args))
+    elif PGConfig(**{k: fields[k] for k in SAMPLING_FIELDS}).processes_sampling:
+        fields["sampler_correction"] = "none"  # TRL's transformers path trains on q's samples uncorrected
     if getattr(args, "max_prompt_length", None):  # older TRL
         fields["max_prompt_length"] = args.max_prompt_length
     if getattr(args, "max_tool_calling_iterations", None) is not None:  # N rounds of tool calls, then the answer

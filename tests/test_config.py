@@ -19,6 +19,13 @@ from lmpg.errors import ConfigError
      r"baseline=optimal_token needs single-turn sampling .*use baseline=leave_one_out or group_mean"),
     (dict(tool_timeout=-1), r"tool_timeout=-1.0 must be > 0"),
     (dict(tool_timeout=0), r"tool_timeout=0.0 must be > 0"),
+    # issue 22: lmpg's sampler's log-probs are q, not pi_old, once truncation or a penalty is on
+    (dict(logp_old_source="sampler", min_p=0.1), "logp_old_source=sampler needs the sampler's q to be pi_old"),
+    (dict(logp_old_source="sampler", repetition_penalty=1.2), "logp_old_source=sampler needs the sampler's q"),
+    (dict(logp_old_source="sampler", top_k=5), "logp_old_source=sampler needs the sampler's q"),
+    (dict(sampler_correction="token_mask"), "needs sampler=vllm, or lmpg's sampler with top_k"),
+    (dict(min_p=1.0), r"min_p=1.0 must be in \[0, 1\)"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty=0.0 must be > 0"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -36,6 +43,20 @@ def test_valid_combinations_pass():
     config = PGConfig(loss_agg="constant", loss_constant=8.0, max_new_tokens=32)
     assert (config.loss_agg, config.resolved_loss_constant) == ("constant", 8.0)
     assert PGConfig(loss_agg="constant", max_new_tokens=32).resolved_loss_constant == 32.0
+
+
+@pytest.mark.parametrize("sampling", [dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(repetition_penalty=1.1)])
+def test_lmpg_sampler_with_truncation_or_penalty_measures_and_corrects_the_mismatch(sampling):
+    """Issue 22: q != pi_old for lmpg's own sampler with any of these on: the mismatch is measured,
+    auto corrects it (token_truncate, the argument in resolved_sampler_correction), any mode may be set."""
+    config = PGConfig(**sampling)
+    assert config.processes_sampling and config.measures_sampler_mismatch
+    assert config.resolved_sampler_correction == "token_truncate"
+    assert PGConfig(sampler_correction="sequence_mask", **sampling).resolved_sampler_correction == "sequence_mask"
+    assert not PGConfig(sampler="generate", **sampling).measures_sampler_mismatch  # generate reports no q
+    plain = PGConfig()
+    assert not plain.processes_sampling and not plain.measures_sampler_mismatch
+    assert plain.resolved_sampler_correction == "none"
 
 
 # ----------------------------------------------------------------------------- choices from Literals

@@ -342,3 +342,27 @@ def test_config_yaml_of_a_python_run_reruns_with_lmpg_train(tmp_path, tiny_model
     notes = [line.split(":")[0] for line in text.splitlines() if line.startswith("# ")]
     assert notes == ["# model", "# dataset", "# rewards"], text
     assert yaml.safe_load(text)["model"] is None and yaml.safe_load(text)["rewards"] == []
+
+
+def test_lmpg_sampler_with_min_p_logs_and_corrects_the_mismatch(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    """Issue 22: with min_p (truncation only) lmpg's sampler reports q, the trainer logs the mismatch and
+    rho_t = pi_old / q = Z_t, the policy mass of the kept set, is <= 1 (the clamp never acts); the batch's
+    advantages are the uncorrected ones times exp(logp_old - sampler_logp)."""
+    with torch.no_grad():
+        tiny_model.get_output_embeddings().weight.mul_(3.0)  # a peaked policy, where min_p drops tokens
+    config = small_config(tmp_path, min_p=0.2, iterations=1)
+    trainer = PGTrainer(tiny_model, [lambda completions, **kw: [len(set(c)) / 6 for c in completions]], prompts_dataset,
+                        config, tokenizer=tokenizer)
+    trainer.prepare_run_dir()
+    result = trainer.step()
+    m = result.metrics
+    assert m["mismatch_ratio_max"] <= 1 + 1e-6 and m["mismatch_ratio_min"] < 0.999
+    assert m["correction_truncated_frac"] == 0.0 and m["mismatch_kl"] > 0
+    batch = result.batch
+    rho = torch.exp(batch.logp_old - batch.sampler_logp)[batch.action_mask]
+    assert float(rho.max()) <= 1 + 1e-5
+    corrected = batch.adv.clone()
+    trainer.compute_advantages(batch)  # the same rewards: the advantages before the correction
+    weights = torch.where(batch.action_mask, torch.exp(batch.logp_old - batch.sampler_logp), torch.ones_like(batch.adv))
+    torch.testing.assert_close(corrected, batch.adv * weights, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(corrected, batch.adv)

@@ -60,6 +60,19 @@ def test_fields_map_one_by_one(tmp_path):
         config_from_trl(grpo_config(tmp_path, max_steps=10, loss_type="dr_grpo", importance_sampling_level="sequence"))
 
 
+def test_min_p_and_repetition_penalty_map_and_trls_transformers_path_stays_uncorrected(tmp_path):
+    """Issue 22: min_p and repetition_penalty map to lmpg's own; TRL's transformers generation trains
+    on their samples without an importance weight, so the port sets sampler_correction none there
+    (lmpg's auto would correct); with vLLM the port keeps TRL's vLLM correction."""
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4, min_p=0.05, repetition_penalty=1.2))
+    assert (config.min_p, config.repetition_penalty) == (0.05, 1.2)
+    assert config.measures_sampler_mismatch and config.resolved_sampler_correction == "none"
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4))
+    assert (config.min_p, config.repetition_penalty, config.sampler_correction) == (0.0, 1.0, "auto")
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4, min_p=0.05, use_vllm=True, vllm_mode="colocate"))
+    assert config.resolved_sampler_correction == grpo_config(tmp_path).vllm_importance_sampling_mode
+
+
 def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
     args = grpo_config(tmp_path, max_steps=10, loss_type="vespo", multi_objective_aggregation="normalize_then_sum",
                        entropy_coef=0.1, mask_truncated_completions=True)
@@ -337,8 +350,8 @@ def lmpg_episodes(tmp_path, tok, turn_ids, **config):
     from lmpg.episodes import EpisodeSampler
     from lmpg.tiny import make_tiny_causal_lm
 
-    pg = dataclasses.replace(PGConfig.from_trl(grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=2,
-                                                           max_completion_length=1024, max_steps=1, **config)),
+    pg = dataclasses.replace(config_from_trl(grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=2,
+                                                         max_completion_length=1024, max_steps=1, **config)),
                              environment="test_environments:IncrementEnv")
     model = make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, max_position_embeddings=4096)
     sampler = EpisodeSampler(pg, tok, [tok.eos_token_id])
