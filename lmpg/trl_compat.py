@@ -22,6 +22,10 @@ RATIO_LEVEL = {"token": "token", "sequence": "sequence_mean"}
 SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# generation_kwargs keys (vLLM's SamplingParams or transformers' GenerationConfig, which TRL passes them to)
+# that lmpg implements, and the PGConfig field each sets; TRL lets them override its own fields, so here too
+GENERATION_KWARGS = {**{name: name for name in SAMPLING_FIELDS}, "max_tokens": "max_new_tokens",
+                     "max_new_tokens": "max_new_tokens"}
 
 # field -> (the values lmpg can do, what lmpg has instead)
 UNSUPPORTED = {
@@ -35,7 +39,6 @@ UNSUPPORTED = {
     "entropy_coef": ((0.0,), "no entropy bonus"),
     "use_adaptive_entropy": ((False,), "no entropy bonus"),
     "off_policy_mask_threshold": ((None,), "no off-policy masking"),
-    "generation_kwargs": ((None, {}), "temperature, top_p and top_k only"),
     "chat_template_kwargs": ((None, {}), "lmpg renders the chat template with its defaults"),
     "model_init_kwargs": ((None, {}), "load the model yourself and pass it to PGTrainer"),
     "trust_remote_code": ((False,), "load the model yourself and pass it to PGTrainer"),
@@ -60,6 +63,10 @@ def _lacking(args: Any) -> list[str]:
     for name, (allowed, instead) in UNSUPPORTED.items():
         if hasattr(args, name) and _value(getattr(args, name)) not in allowed:
             problems.append(f"{name}={_value(getattr(args, name))!r} ({instead})")
+    unknown = sorted(set(getattr(args, "generation_kwargs", None) or {}) - set(GENERATION_KWARGS))
+    if unknown:
+        problems.append(f"generation_kwargs key(s) {', '.join(map(repr, unknown))} (lmpg's samplers take "
+                        f"{', '.join(GENERATION_KWARGS)}; set the others aside)")
     scheduler = str(_value(args.lr_scheduler_type))
     if scheduler not in SCHEDULERS:
         problems.append(f"lr_scheduler_type={scheduler!r} (lr_scheduler: constant, linear or cosine)")
@@ -125,6 +132,7 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         if str(_value(args.save_strategy)) == "steps" and args.save_steps >= 1 else 0,
         keep_last=args.save_total_limit or 2, report_to=report_to,
     )
+    fields.update(generation_fields_from_trl(getattr(args, "generation_kwargs", None) or {}))
     if getattr(args, "use_vllm", False):
         fields.update(vllm_fields_from_trl(args))
     elif PGConfig(**{k: fields[k] for k in SAMPLING_FIELDS}).processes_sampling:
@@ -133,6 +141,17 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         fields["max_prompt_length"] = args.max_prompt_length
     if getattr(args, "max_tool_calling_iterations", None) is not None:  # N rounds of tool calls, then the answer
         fields["max_turns"] = args.max_tool_calling_iterations + 1
+    return fields
+
+
+def generation_fields_from_trl(generation_kwargs: dict) -> dict[str, Any]:
+    """The PGConfig fields that GRPOConfig.generation_kwargs sets (the keys of `GENERATION_KWARGS`;
+    `_lacking` refuses the others); vLLM's top_k=-1 and transformers' None are lmpg's 0 (off)."""
+    fields = {GENERATION_KWARGS[k]: v for k, v in generation_kwargs.items() if k in GENERATION_KWARGS}
+    if "top_k" in fields and (fields["top_k"] is None or fields["top_k"] < 0):
+        fields["top_k"] = 0
+    if "min_p" in fields and fields["min_p"] is None:
+        fields["min_p"] = 0.0
     return fields
 
 

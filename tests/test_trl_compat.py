@@ -73,6 +73,21 @@ def test_min_p_and_repetition_penalty_map_and_trls_transformers_path_stays_uncor
     assert config.resolved_sampler_correction == grpo_config(tmp_path).vllm_importance_sampling_mode
 
 
+def test_generation_kwargs_set_the_fields_lmpg_has_and_name_the_others(tmp_path):
+    """Issue 22: generation_kwargs (TRL passes them to SamplingParams / GenerationConfig, overriding its
+    own fields) set lmpg's sampling fields; keys lmpg's samplers lack are refused in one line naming them."""
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4, top_p=0.9, generation_kwargs=dict(
+        top_p=0.8, top_k=-1, min_p=0.02, repetition_penalty=1.1, temperature=0.7, max_tokens=12)))
+    assert (config.top_p, config.top_k, config.min_p, config.repetition_penalty, config.temperature,
+            config.max_new_tokens) == (0.8, 0, 0.02, 1.1, 0.7, 12)
+    assert config_from_trl(grpo_config(tmp_path, max_steps=4, generation_kwargs={"max_new_tokens": 9})).max_new_tokens == 9
+    with pytest.raises(ConfigError) as error:
+        config_from_trl(grpo_config(tmp_path, max_steps=4, generation_kwargs=dict(
+            top_p=0.8, suppress_tokens=[1], presence_penalty=0.5)))
+    message = str(error.value)
+    assert "\n" not in message and "'presence_penalty', 'suppress_tokens'" in message and "'top_p'" not in message
+
+
 def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
     args = grpo_config(tmp_path, max_steps=10, loss_type="vespo", multi_objective_aggregation="normalize_then_sum",
                        entropy_coef=0.1, mask_truncated_completions=True)
