@@ -61,6 +61,12 @@ class PGConfig:
     """Split to read when `dataset` is a hub name or a DatasetDict."""
     prompt_column: str = "prompt"
     """Column holding the prompt: a string, or a list of chat messages rendered with the chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments to the tokenizer's apply_chat_template for chat prompts and episodes (e.g.
+    {enable_thinking: false}; TRL's chat_template_kwargs)."""
+    shuffle_dataset: bool = True
+    """Draw prompts in a fresh seeded permutation each pass over the dataset; false: in dataset order
+    (resumable either way)."""
     rewards: list = field(default_factory=list)
     """Reward functions for the CLI: 'package.module:function', 'path/file.py:function' or a built-in name."""
     reward_weights: list | None = None
@@ -228,6 +234,17 @@ class PGConfig:
     """Added to the std before dividing advantages by it."""
 
     # --- model ---
+    model_init_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments to from_pretrained when the model is loaded by name or path (e.g. {dtype: bfloat16,
+    revision: main, attn_implementation: sdpa}; the revision also loads the tokenizer). TRL's
+    model_init_kwargs."""
+    trust_remote_code: bool = False
+    """Allow a model and tokenizer loaded by name to run code shipped with them (from_pretrained's and the
+    vLLM engine's trust_remote_code)."""
+    cast_lm_head_to_fp32: bool = False
+    """Compute the output layer in fp32 (its weights cast to fp32, its matmul outside autocast on fp32 hidden
+    states), for the policy and the reference model: fp32 logits under bf16 weights or mixed precision
+    (ScaleRL; TRL's cast_lm_head_to_fp32). Not with LoRA on the output layer."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     shared_prompt_forward: bool = True

@@ -188,7 +188,7 @@ def engine_sampler(config, policy, tokenizer, eos_ids: list[int], *, max_sequenc
 
     return VllmSampler(policy, tokenizer, eos_ids=eos_ids, temperature=config.temperature, top_p=config.top_p,
                        top_k=config.top_k, min_p=config.min_p, repetition_penalty=config.repetition_penalty,
-                       max_model_len=config.vllm_max_model_len or max_model_len,
+                       trust_remote_code=config.trust_remote_code, max_model_len=config.vllm_max_model_len or max_model_len,
                        max_sequences=max_sequences, workdir=workdir, seed=config.seed,
                        memory_utilization=config.vllm_gpu_memory_utilization, dtype=config.vllm_dtype,
                        enforce_eager=config.vllm_enforce_eager, sleep_mode=config.vllm_enable_sleep_mode)

@@ -49,7 +49,8 @@ from lmpg.kl import kl_penalised_rewards
 from lmpg.masked import masked_mean
 from lmpg.mismatch import correction_weights, mismatch_stats
 from lmpg.metrics import JsonlWriter, clean, format_metrics_line
-from lmpg.modeling import apply_lora, disable_dropout, frozen_copy, is_peft_model, load_model_and_tokenizer
+from lmpg.modeling import apply_lora, cast_lm_head_to_fp32, disable_dropout, frozen_copy, is_peft_model, \
+    load_model_and_tokenizer
 from lmpg.optim import make_adamw, make_scheduler
 from lmpg.rewards import RewardScorer
 from lmpg.rewards.scorer import metric_means, pool_metric_values
@@ -164,10 +165,13 @@ class PGTrainer:
         seed_everything(c.seed)
 
         self.train_dataset = load_prompt_dataset(train_dataset, c.dataset_split, c.prompt_column)
-        model, tokenizer = load_model_and_tokenizer(model, tokenizer)
+        model, tokenizer = load_model_and_tokenizer(model, tokenizer, model_init_kwargs=c.model_init_kwargs,
+                                                    trust_remote_code=c.trust_remote_code)
         self.tokenizer = tokenizer
         disable_dropout(model)
         model = apply_lora(model, c, peft_config)
+        if c.cast_lm_head_to_fp32:
+            cast_lm_head_to_fp32(model)
         if c.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -206,7 +210,7 @@ class PGTrainer:
                                            max_model_len=self.sequence_limit(), workdir=tempfile.mkdtemp(prefix="lmpg-engine-"))
         # multi-turn episodes (lmpg.episodes) instead of single completions
         self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
-        self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
+        self.prompt_order = PromptOrder(len(self.train_dataset), c.seed, shuffle=c.shuffle_dataset)
         self.iteration = 0
         self.output_dir = Path(c.output_dir)
         self.guard = NonFiniteGuard(c.max_consecutive_skips, self.output_dir / "checkpoints")
@@ -304,7 +308,7 @@ class PGTrainer:
         indices = self.prompt_order.next_indices(c.prompts_per_iteration)
         rows = self.train_dataset[[indices[p] for p in positions]]  # dict of columns
         prompts = rows[c.prompt_column]
-        rendered = [render_prompt(self.tokenizer, p) for p in prompts]
+        rendered = [render_prompt(self.tokenizer, p, c.chat_template_kwargs) for p in prompts]
         return Prompts(positions, rows, prompts, [t for t, _ in rendered], rendered[0][1])
 
     def sample(self, prompts: Prompts) -> TrajectoryBatch:

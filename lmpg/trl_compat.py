@@ -39,11 +39,6 @@ UNSUPPORTED = {
     "entropy_coef": ((0.0,), "no entropy bonus"),
     "use_adaptive_entropy": ((False,), "no entropy bonus"),
     "off_policy_mask_threshold": ((None,), "no off-policy masking"),
-    "chat_template_kwargs": ((None, {}), "lmpg renders the chat template with its defaults"),
-    "model_init_kwargs": ((None, {}), "load the model yourself and pass it to PGTrainer"),
-    "trust_remote_code": ((False,), "load the model yourself and pass it to PGTrainer"),
-    "cast_lm_head_to_fp32": ((False,), "no equivalent"),
-    "shuffle_dataset": ((True,), "lmpg always draws prompts in a seeded shuffled order"),
     "use_transformers_paged": ((False,), "lmpg's own KV-cache sampler"),
     "use_transformers_continuous_batching": ((False,), "lmpg's own KV-cache sampler"),
     "torch_compile": ((False,), "no equivalent"),
@@ -131,6 +126,12 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         save_every=max(1, round(args.save_steps / steps_per_iteration))
         if str(_value(args.save_strategy)) == "steps" and args.save_steps >= 1 else 0,
         keep_last=args.save_total_limit or 2, report_to=report_to,
+        chat_template_kwargs=dict(getattr(args, "chat_template_kwargs", None) or {}),
+        # TRL loads a model given by name in float32 unless model_init_kwargs say otherwise
+        model_init_kwargs={"dtype": "float32", **(getattr(args, "model_init_kwargs", None) or {})},
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+        cast_lm_head_to_fp32=bool(getattr(args, "cast_lm_head_to_fp32", False)),
+        shuffle_dataset=getattr(args, "shuffle_dataset", True) is not False,
     )
     fields.update(generation_fields_from_trl(getattr(args, "generation_kwargs", None) or {}))
     if getattr(args, "use_vllm", False):

@@ -299,7 +299,7 @@ def test_turn_sampler_logp_is_q_over_the_whole_history(peaked_model, tokenizer):
 
 
 def test_the_engine_sampler_gets_the_configs_sampling_settings(monkeypatch):
-    """engine_sampler hands min_p and repetition_penalty to the vLLM sampler, which
+    """engine_sampler hands min_p, repetition_penalty and trust_remote_code to the vLLM sampler, which
     passes them to SamplingParams (tests/test_vllm_sampler.py checks what the engine does with them)."""
     import lmpg.vllm_sampler
     from lmpg import PGConfig
@@ -307,7 +307,9 @@ def test_the_engine_sampler_gets_the_configs_sampling_settings(monkeypatch):
 
     got = {}
     monkeypatch.setattr(lmpg.vllm_sampler, "VllmSampler", lambda policy, tokenizer, **kw: got.update(kw) or "engine")
-    config = PGConfig(sampler="vllm", min_p=0.05, repetition_penalty=1.3, top_k=7, top_p=0.9, temperature=0.7)
+    config = PGConfig(sampler="vllm", min_p=0.05, repetition_penalty=1.3, top_k=7, top_p=0.9, temperature=0.7,
+                      trust_remote_code=True)
     assert engine_sampler(config, None, None, [0], max_sequences=4, max_model_len=32, workdir="w") == "engine"
     assert {k: got[k] for k in ("min_p", "repetition_penalty", "top_k", "top_p", "temperature")} == \
         dict(min_p=0.05, repetition_penalty=1.3, top_k=7, top_p=0.9, temperature=0.7)
+    assert got["trust_remote_code"] is True

@@ -366,3 +366,89 @@ def test_lmpg_sampler_with_min_p_logs_and_corrects_the_mismatch(tmp_path, tiny_m
     weights = torch.where(batch.action_mask, torch.exp(batch.logp_old - batch.sampler_logp), torch.ones_like(batch.adv))
     torch.testing.assert_close(corrected, batch.adv * weights, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(corrected, batch.adv)
+
+
+# ---- issue 22: TRL's model, template and data options
+
+
+def test_chat_template_kwargs_reach_the_prompts(tmp_path, tiny_model, tokenizer):
+    import datasets
+
+    tokenizer.chat_template = "{%- for m in messages -%}{{- m['content'] -}}{%- endfor -%}{%- if tag %}+{% endif %}"
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1="}]}] * 4)
+    for kwargs, text in (({"tag": True}, "1+1=+"), ({}, "1+1=")):
+        config = small_config(tmp_path / str(len(kwargs)), chat_template_kwargs=kwargs)
+        trainer = PGTrainer(tiny_model, [count_a], ds, config, tokenizer=tokenizer)
+        assert trainer.next_prompts().texts == [text] * 2
+
+
+def test_model_init_kwargs_and_trust_remote_code_load_a_model_by_path(tmp_path, tiny_model, tokenizer, monkeypatch):
+    """model_init_kwargs go to from_pretrained (a string dtype too), trust_remote_code to the model's and
+    the tokenizer's from_pretrained, the revision to the tokenizer's."""
+    import transformers
+
+    from lmpg.modeling import load_model_and_tokenizer
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    config = small_config(tmp_path, model_init_kwargs={"dtype": "bfloat16", "attn_implementation": "eager"})
+    trainer = PGTrainer(str(tmp_path / "m"), [count_a], [{"prompt": "1+1="}] * 4, config)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    assert next(policy.parameters()).dtype == torch.bfloat16 and policy.config._attn_implementation == "eager"
+    calls = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = auto.from_pretrained.__func__
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(
+            lambda cls, name, _original=original, **kw: calls.append((cls.__name__, kw)) or _original(cls, name, **kw)))
+    load_model_and_tokenizer(str(tmp_path / "m"), model_init_kwargs={"revision": "main"}, trust_remote_code=True)
+    assert calls == [("AutoModelForCausalLM", {"revision": "main", "trust_remote_code": True}),
+                     ("AutoTokenizer", {"trust_remote_code": True, "revision": "main"})]
+
+
+def test_cast_lm_head_to_fp32_gives_fp32_logits_under_bf16(tiny_model, tokenizer):
+    """The output layer in fp32 (TRL's cast_lm_head_to_fp32): a bf16 model's logits come out fp32 and
+    equal the fp32 matmul of its hidden states, under autocast too; the tied input embedding still
+    feeds bf16 to the layers after it; LoRA on the output layer is refused in one line."""
+    from lmpg.modeling import cast_lm_head_to_fp32
+
+    model = tiny_model.to(torch.bfloat16)
+    assert model.config.tie_word_embeddings
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+    before = model(input_ids=ids, output_hidden_states=True)
+    assert before.logits.dtype == torch.bfloat16
+    cast_lm_head_to_fp32(model)
+    head = model.get_output_embeddings()
+    assert head.weight.dtype == torch.float32 and head.weight is model.get_input_embeddings().weight
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, output_hidden_states=True)
+        assert out.logits.dtype == torch.float32 and out.hidden_states[0].dtype == torch.bfloat16
+        want = out.hidden_states[-1].float() @ head.weight.T
+        torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-5)
+    assert (out.logits - before.logits.float()).abs().max() > 0  # bf16 logits were rounded
+    from peft import LoraConfig, get_peft_model
+
+    from lmpg.errors import ConfigError
+    from lmpg.tiny import make_tiny_causal_lm
+
+    lora = get_peft_model(make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2),
+                          LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    with pytest.raises(ConfigError, match="cast_lm_head_to_fp32 needs a plain nn.Linear") as err:
+        cast_lm_head_to_fp32(lora)
+    assert "\n" not in str(err.value)
+
+
+def test_dataset_order_without_shuffle_survives_a_resume(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    """shuffle_dataset=False: iterations take the rows in dataset order, and a run resumed from its
+    checkpoint takes the same rows next as the uninterrupted one."""
+    config = small_config(tmp_path, shuffle_dataset=False, iterations=3, save_every=1, keep_last=5)
+    trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer)
+    trainer.train()
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    by_iteration = [[s["prompt"] for s in samples if s["iteration"] == i][::4] for i in (1, 2, 3)]
+    assert by_iteration == [["0+0=", "1+1="], ["2+2=", "3+3="], ["4+4=", "5+5="]]
+    resumed = PGTrainer(tiny_model, [count_a], prompts_dataset,
+                        dataclasses.replace(config, resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-000001")),
+                        tokenizer=tokenizer)
+    resumed.prepare_run_dir()
+    assert resumed.next_prompts().prompts == ["2+2=", "3+3="]

@@ -33,7 +33,8 @@ def test_the_migration_guides_side_by_side_run_converts_to_its_pgconfig(tmp_path
                         micro_batch_size=8, epochs_per_batch=1, max_new_tokens=256, learning_rate=1e-6,
                         kl_coef=0.0, clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token_mean",
                         baseline="group_mean", adv_norm="group", temperature=1.0, iterations=500, seed=42,
-                        log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0, max_episode_tokens=256)
+                        log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0, max_episode_tokens=256,
+                        model_init_kwargs={"dtype": "float32"})
     assert config == expected
 
 
@@ -98,17 +99,22 @@ def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
     for fragment in ("loss_type='vespo'", "multi_objective_aggregation='normalize_then_sum'", "entropy_coef=0.1",
                      "mask_truncated_completions=True"):
         assert fragment in message
-    args = grpo_config(tmp_path, max_steps=10, chat_template_kwargs={"enable_thinking": False},
-                       model_init_kwargs={"dtype": "bfloat16"}, shuffle_dataset=False)
-    with pytest.raises(ConfigError) as error:
-        config_from_trl(args)
-    message = str(error.value)
-    assert "\n" not in message
-    for fragment in ("chat_template_kwargs={'enable_thinking': False}", "model_init_kwargs={'dtype': 'bfloat16'}",
-                     "shuffle_dataset=False"):
-        assert fragment in message
     with pytest.raises(ConfigError, match="max_steps unset"):
         config_from_trl(grpo_config(tmp_path))
+
+
+def test_model_template_and_data_options_map(tmp_path):
+    """Issue 22: chat_template_kwargs, model_init_kwargs (TRL loads in float32 unless they give a dtype),
+    trust_remote_code, cast_lm_head_to_fp32 and shuffle_dataset map to lmpg's fields of the same names."""
+    config = config_from_trl(grpo_config(tmp_path, max_steps=10, chat_template_kwargs={"enable_thinking": False},
+                                         model_init_kwargs={"dtype": "bfloat16", "revision": "r1"},
+                                         shuffle_dataset=False, trust_remote_code=True, cast_lm_head_to_fp32=True))
+    assert config.chat_template_kwargs == {"enable_thinking": False}
+    assert config.model_init_kwargs == {"dtype": "bfloat16", "revision": "r1"}
+    assert (config.shuffle_dataset, config.trust_remote_code, config.cast_lm_head_to_fp32) == (False, True, True)
+    default = config_from_trl(grpo_config(tmp_path, max_steps=10))
+    assert default.model_init_kwargs == {"dtype": "float32"} and default.chat_template_kwargs == {}
+    assert (default.shuffle_dataset, default.trust_remote_code, default.cast_lm_head_to_fp32) == (True, False, False)
 
 
 def test_tool_calling_iterations_become_turns(tmp_path):
