@@ -226,6 +226,15 @@ class PGConfig:
     """Normaliser per sequence for loss_agg=constant (default: max_new_tokens)."""
     kl_coef: float = 0.0
     """beta: weight of the KL penalty to the reference policy (0 = off, no reference model kept)."""
+    sync_ref_model: bool = False
+    """Move pi_ref towards the policy: every ref_model_sync_steps optimizer steps, pi_ref = alpha * policy +
+    (1 - alpha) * pi_ref, parameter by parameter (TR-DPO; TRL's sync_ref_model). Needs kl_coef > 0 and full
+    fine-tuning (under LoRA pi_ref is the adapter disabled, the frozen base, which has nothing to mix
+    into)."""
+    ref_model_mixup_alpha: float = 0.6
+    """alpha of sync_ref_model: the policy's share of the new pi_ref."""
+    ref_model_sync_steps: int = 512
+    """tau of sync_ref_model: optimizer steps between two syncs (counted over the whole run)."""
     kl_estimator: KlEstimator = "k3"
     """KL estimator: k1, k2 or k3 (see lmpg.kl)."""
     kl_in: KlIn = "loss"
@@ -355,6 +364,11 @@ class PGConfig:
         return self.sampler == "vllm" or (self.sampler == "lmpg" and self.processes_sampling)
 
     @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """Optimizer steps of one iteration: epochs_per_batch passes of batch_size / minibatch_size minibatches."""
+        return self.epochs_per_batch * (self.batch_size // self.resolved_minibatch_size)
+
+    @property
     def resolved_loss_constant(self) -> float:
         return float(self.loss_constant or self.max_new_tokens)
 
@@ -468,6 +482,16 @@ class PGConfig:
             raise ConfigError(f"loss_constant={self.loss_constant} must be > 0")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0")
+        if self.sync_ref_model and self.kl_coef == 0:
+            raise ConfigError("sync_ref_model=true with kl_coef=0: no reference model is kept, so there is nothing to "
+                              "sync; set kl_coef > 0 or sync_ref_model=false")
+        if self.sync_ref_model and self.lora_r > 0:
+            raise ConfigError("sync_ref_model=true with LoRA: pi_ref is the base model with the adapter disabled, which "
+                              "no step may change; set sync_ref_model=false or lora_r=0")
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            raise ConfigError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in [0, 1]")
+        if self.ref_model_sync_steps < 1:
+            raise ConfigError(f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
         if self.lora_r < 0:

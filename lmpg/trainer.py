@@ -42,7 +42,7 @@ from lmpg.config import PGConfig
 from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
 from lmpg.environments import require_reward_source
 from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
-from lmpg.errors import ConfigError
+from lmpg.errors import ConfigError, TrainingError
 from lmpg.forward import batch_logprobs
 from lmpg.generation import engine_sampler
 from lmpg.kl import kl_penalised_rewards
@@ -52,6 +52,7 @@ from lmpg.metrics import JsonlWriter, clean, format_metrics_line
 from lmpg.modeling import apply_lora, cast_lm_head_to_fp32, disable_dropout, frozen_copy, is_peft_model, \
     load_model_and_tokenizer
 from lmpg.optim import make_adamw, make_scheduler
+from lmpg.reference import ReferenceSync
 from lmpg.rewards import RewardScorer
 from lmpg.rewards.scorer import metric_means, pool_metric_values
 from lmpg.rollout import eos_token_ids, reward_inputs, sample_completions
@@ -60,6 +61,9 @@ from lmpg.samples import logged_records, print_samples, sample_records
 from lmpg.update import NonFiniteGuard, PolicyUpdate, logp_old_rows_before_update
 
 logger = logging.getLogger("lmpg")
+
+REF_MODEL_DIR = "ref_model"
+"""A checkpoint's directory of pi_ref's weights (sync_ref_model only)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -180,6 +184,9 @@ class PGTrainer:
         self.ref_model = None
         if c.kl_coef > 0 and not is_peft_model(model):
             self.ref_model = frozen_copy(model).to(acc.device)  # with LoRA: the adapter disabled is pi_ref
+        if c.sync_ref_model and self.ref_model is None:
+            raise ConfigError("sync_ref_model=true with a peft model: pi_ref is its base with the adapter disabled, "
+                              "which no step may change; set sync_ref_model=false or train without LoRA")
 
         weights = reward_weights if reward_weights is not None else c.reward_weights
         fns = reward_fns if reward_fns is not None else c.rewards
@@ -217,6 +224,11 @@ class PGTrainer:
         self.policy_update = PolicyUpdate(self.model, self.optimizer, self.scheduler, acc, c, local_mb,
                                           self.micro_batch_size, self.share_prompt_forward, self.guard, self.gather,
                                           chunk_size=self.logits_chunk_size)
+        # TR-DPO's reference sync (lmpg.reference), after the optimizer steps it falls on
+        self.ref_sync = ReferenceSync(self.ref_model, acc.unwrap_model(self.model), alpha=c.ref_model_mixup_alpha,
+                                      every=c.ref_model_sync_steps) if c.sync_ref_model else None
+        if self.ref_sync is not None:
+            self.policy_update.step_observers.append(self.ref_sync)
         self.metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
         self.timings_log = JsonlWriter(self.output_dir / "timings.jsonl")
         self.samples_log = JsonlWriter(self.output_dir / "samples.jsonl")
@@ -424,6 +436,8 @@ class PGTrainer:
 
     def update(self, batch: TrajectoryBatch) -> tuple[dict, torch.Tensor]:
         """`lmpg.update.PolicyUpdate` on the batch: (stats, first-epoch entropy (B, T))."""
+        if self.ref_sync is not None:  # the run's optimizer steps before this iteration's
+            self.ref_sync.step = self.iteration * self.config.optimizer_steps_per_iteration
         return self.policy_update(batch, self.iteration)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -556,12 +570,17 @@ class PGTrainer:
                      "rng": rng_state(), "consecutive_skips": self.guard.consecutive, "total_skips": self.guard.total,
                      "metrics_lines": self.iteration,  # metrics.jsonl holds one line per iteration
                      "config": self.config.to_dict()}
-            path = save_checkpoint(self.output_dir, self.iteration,
-                                   lambda p: save_weights(acc.unwrap_model(self.model), p), state,
-                                   self.config.keep_last)
+            path = save_checkpoint(self.output_dir, self.iteration, self._save_weights, state, self.config.keep_last)
             self._write_plot()
         acc.wait_for_everyone()
         return path
+
+    def _save_weights(self, path: Path) -> None:
+        """The policy's weights in `path`; with sync_ref_model pi_ref's beside it (`REF_MODEL_DIR`): its
+        mixed weights are the run's state, no longer a copy of the initial policy."""
+        save_weights(self.accelerator.unwrap_model(self.model), path)
+        if self.ref_sync is not None:
+            save_weights(self.ref_model, path.parent / REF_MODEL_DIR)
 
     def _write_plot(self) -> None:
         """metrics.png in the run directory; a plotting failure is logged, never fatal to training."""
@@ -577,6 +596,14 @@ class PGTrainer:
         path = Path(path)
         state = load_state(path)
         load_weights(self.accelerator.unwrap_model(self.model), path / "model")
+        if self.ref_sync is not None:
+            if not (path / REF_MODEL_DIR).is_dir():
+                raise TrainingError(f"checkpoint {path} holds no reference model, but sync_ref_model=true; resume with "
+                                    "the run's own setting (sync_ref_model=false)")
+            load_weights(self.ref_model, path / REF_MODEL_DIR)
+        elif (path / REF_MODEL_DIR).is_dir():
+            raise TrainingError(f"checkpoint {path} holds a synced reference model, but sync_ref_model=false; resume "
+                                "with the run's own setting (sync_ref_model=true)")
         self.sync_sampler()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

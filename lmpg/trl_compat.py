@@ -35,7 +35,6 @@ UNSUPPORTED = {
     "mask_truncated_completions": ((False,), "no equivalent"),
     "top_entropy_quantile": ((1.0,), "no equivalent"),
     "delta": ((None,), "no two-sided clipping"),
-    "sync_ref_model": ((False,), "the reference model stays the initial policy"),
     "entropy_coef": ((0.0,), "no entropy bonus"),
     "use_adaptive_entropy": ((False,), "no entropy bonus"),
     "off_policy_mask_threshold": ((None,), "no off-policy masking"),
@@ -132,6 +131,9 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
         cast_lm_head_to_fp32=bool(getattr(args, "cast_lm_head_to_fp32", False)),
         shuffle_dataset=getattr(args, "shuffle_dataset", True) is not False,
+        sync_ref_model=bool(getattr(args, "sync_ref_model", False)),
+        ref_model_mixup_alpha=getattr(args, "ref_model_mixup_alpha", 0.6),
+        ref_model_sync_steps=getattr(args, "ref_model_sync_steps", 512),
     )
     fields.update(generation_fields_from_trl(getattr(args, "generation_kwargs", None) or {}))
     if getattr(args, "use_vllm", False):

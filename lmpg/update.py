@@ -182,6 +182,7 @@ class PolicyUpdate:
         self.chunk_size = config.logits_chunk_size if chunk_size is None else chunk_size
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_settings = surrogate_loss_settings(config)
+        self.step_observers: list[UpdateObserver] = []  # the trainer's own (lmpg.reference.ReferenceSync)
 
     def observers(self, batch: TrajectoryBatch) -> list[UpdateObserver]:
         c = self.config
@@ -192,7 +193,7 @@ class PolicyUpdate:
         first_epoch_micro = n_minibatches * -(-self.minibatch_size // self.micro_batch_size)
         if c.grad_snr_on(self.accelerator.num_processes) and first_epoch_micro >= 2:
             observers.append(GradientSNR(self.params))
-        return observers
+        return observers + self.step_observers
 
     def __call__(self, batch: TrajectoryBatch, iteration: int) -> tuple[dict, torch.Tensor]:
         """Returns (stats, entropy (B, T) of the first epoch's forwards)."""

@@ -409,3 +409,11 @@ def test_max_tool_calling_iterations_stops_where_trls_own_loop_stops(tmp_path, s
             {"type": "function", "function": {"name": "increment", "arguments": {"step": 1}}}]
     # the environment's own reward, logged under its class name
     assert "rewards/IncrementEnv/mean" in metrics
+
+
+def test_sync_ref_model_maps(tmp_path):
+    config = config_from_trl(grpo_config(tmp_path, max_steps=10, beta=0.04, sync_ref_model=True,
+                                         ref_model_mixup_alpha=0.9, ref_model_sync_steps=64))
+    assert (config.sync_ref_model, config.ref_model_mixup_alpha, config.ref_model_sync_steps) == (True, 0.9, 64)
+    with pytest.raises(ConfigError, match="sync_ref_model=true with kl_coef=0"):
+        config_from_trl(grpo_config(tmp_path, max_steps=10, beta=0.0, sync_ref_model=True))
