@@ -73,6 +73,10 @@ class TrajectoryBatch:
     kl_penalised_rewards: torch.Tensor | None = None
     """(B, T) fp32 with kl_in=reward: r_t - kl_coef * KL_t on the actions (`lmpg.kl.kl_penalised_rewards`),
     what the returns sum instead of token_rewards; None without a KL penalty in the reward."""
+    normalised_rewards: torch.Tensor | None = None
+    """(B, T) fp32 with reward_aggregation=normalize_then_sum: the weighted sum of each reward function's
+    group-normalised reward (GDPO, `lmpg.advantages.group_normalised_rewards`) on the last token, what the
+    returns sum instead of token_rewards; None otherwise."""
     scored: torch.Tensor | None = None
     """(B,) bool: the row has a reward (a row every function left unscored is left out of the loss)."""
     logp_old: torch.Tensor | None = None
@@ -100,8 +104,11 @@ class TrajectoryBatch:
 
     @property
     def rewards_for_returns(self) -> torch.Tensor:
-        """(B, T): the per-token rewards the returns sum, kl_penalised_rewards when set, else token_rewards."""
-        return self.token_rewards if self.kl_penalised_rewards is None else self.kl_penalised_rewards
+        """(B, T): the per-token rewards the returns sum: kl_penalised_rewards or normalised_rewards when
+        set (the config allows one at most), else token_rewards."""
+        if self.kl_penalised_rewards is not None:
+            return self.kl_penalised_rewards
+        return self.token_rewards if self.normalised_rewards is None else self.normalised_rewards
 
     @property
     def prompt_index(self) -> list[int]:

@@ -31,6 +31,7 @@ from lmpg.choices import (
     LossAgg,
     OnError,
     RatioLevel,
+    RewardAggregation,
     RewardExecutor,
     SamplerCorrection,
     ToolFormat,
@@ -71,6 +72,10 @@ class PGConfig:
     """Reward functions for the CLI: 'package.module:function', 'path/file.py:function' or a built-in name."""
     reward_weights: list | None = None
     """One weight per reward function (default 1.0 each); the return is the weighted sum."""
+    reward_aggregation: RewardAggregation = "sum"
+    """How the reward functions make the reward: 'sum' (the weighted sum) or 'normalize_then_sum' (GDPO:
+    each function's rewards normalised within the group, mean and std, before the weighted sum; TRL's
+    multi_objective_aggregation). Scalar rewards, single-turn, kl_in=loss."""
     reward_on_error: OnError = "raise"
     """What a reward function that raises or returns NaN/inf/wrong length does: 'raise' stops the run, 'none'
     treats the sample as unscored (counted in the metrics). The same for an environment's code (reset, step,
@@ -482,6 +487,15 @@ class PGConfig:
             raise ConfigError(f"loss_constant={self.loss_constant} must be > 0")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0")
+        if self.reward_aggregation == "normalize_then_sum":
+            if self.group_size < 2:
+                raise ConfigError("reward_aggregation=normalize_then_sum normalises within groups; set group_size >= 2")
+            if self.kl_in == "reward":
+                raise ConfigError("reward_aggregation=normalize_then_sum with kl_in=reward: the KL penalty would join "
+                                  "rewards already normalised; set kl_in=loss or reward_aggregation=sum")
+            if self.environment is not None:
+                raise ConfigError("reward_aggregation=normalize_then_sum needs single-turn sampling (an environment's "
+                                  "per-turn rewards are not one reward per function); set reward_aggregation=sum")
         if self.sync_ref_model and self.kl_coef == 0:
             raise ConfigError("sync_ref_model=true with kl_coef=0: no reference model is kept, so there is nothing to "
                               "sync; set kl_coef > 0 or sync_ref_model=false")

@@ -354,6 +354,9 @@ class PGTrainer:
         token_rewards, scored = scores.to_token_rewards(batch.completion_mask.cpu())
         device = batch.completion_mask.device
         batch.token_rewards, batch.scored = token_rewards.to(device), scored.to(device)
+        if c.reward_aggregation == "normalize_then_sum":  # GDPO: each function normalised in its group, then summed
+            normalised, _ = scores.group_normalised(c.group_size, c.adv_eps).to_token_rewards(batch.completion_mask.cpu())
+            batch.normalised_rewards = normalised.to(device)
         return scores
 
     def fill_logp_old(self, batch: TrajectoryBatch) -> None:

@@ -30,7 +30,6 @@ GENERATION_KWARGS = {**{name: name for name in SAMPLING_FIELDS}, "max_tokens": "
 # field -> (the values lmpg can do, what lmpg has instead)
 UNSUPPORTED = {
     "loss_type": (tuple(LOSS_AGG), "lmpg's loss_agg has grpo, dr_grpo, dapo and bnpo only"),
-    "multi_objective_aggregation": (("sum_then_normalize",), "lmpg normalises the weighted sum of the rewards"),
     "importance_sampling_level": (tuple(RATIO_LEVEL), "ratio_level: token or sequence_mean"),
     "mask_truncated_completions": ((False,), "no equivalent"),
     "top_entropy_quantile": ((1.0,), "no equivalent"),
@@ -61,6 +60,9 @@ def _lacking(args: Any) -> list[str]:
     if unknown:
         problems.append(f"generation_kwargs key(s) {', '.join(map(repr, unknown))} (lmpg's samplers take "
                         f"{', '.join(GENERATION_KWARGS)}; set the others aside)")
+    aggregation = getattr(args, "multi_objective_aggregation", "sum_then_normalize")
+    if aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+        problems.append(f"multi_objective_aggregation={aggregation!r} (sum_then_normalize or normalize_then_sum)")
     scheduler = str(_value(args.lr_scheduler_type))
     if scheduler not in SCHEDULERS:
         problems.append(f"lr_scheduler_type={scheduler!r} (lr_scheduler: constant, linear or cosine)")
@@ -135,6 +137,10 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         ref_model_mixup_alpha=getattr(args, "ref_model_mixup_alpha", 0.6),
         ref_model_sync_steps=getattr(args, "ref_model_sync_steps", 512),
     )
+    if getattr(args, "multi_objective_aggregation", "sum_then_normalize") == "normalize_then_sum":
+        # GDPO in TRL: each reward normalised in its group, summed, then the sum normalised over the whole
+        # batch (its mean and std), whatever scale_rewards says
+        fields.update(reward_aggregation="normalize_then_sum", baseline="batch_mean", adv_norm="batch")
     fields.update(generation_fields_from_trl(getattr(args, "generation_kwargs", None) or {}))
     if getattr(args, "use_vllm", False):
         fields.update(vllm_fields_from_trl(args))

@@ -26,6 +26,11 @@ from lmpg.errors import ConfigError
     (dict(sampler_correction="token_mask"), "needs sampler=vllm, or lmpg's sampler with top_k"),
     (dict(min_p=1.0), r"min_p=1.0 must be in \[0, 1\)"),
     (dict(repetition_penalty=0.0), r"repetition_penalty=0.0 must be > 0"),
+    (dict(reward_aggregation="normalize_then_sum", group_size=1, batch_size=4, baseline="batch_mean"),
+     "normalize_then_sum normalises within groups; set group_size >= 2"),
+    (dict(reward_aggregation="normalize_then_sum", kl_coef=0.1, kl_in="reward"), "normalize_then_sum with kl_in=reward"),
+    (dict(reward_aggregation="normalize_then_sum", environment="tasks:Calculator"),
+     "normalize_then_sum needs single-turn sampling"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -62,7 +67,7 @@ def test_lmpg_sampler_with_truncation_or_penalty_measures_and_corrects_the_misma
 # ----------------------------------------------------------------------------- choices from Literals
 CHOICE_FIELDS = {"baseline", "adv_norm", "ratio_level", "loss_agg", "kl_estimator", "kl_in", "reward_on_error",
                  "sampler", "logp_old_source", "tool_format", "reward_executor", "lr_scheduler", "mixed_precision",
-                 "sampler_correction"}
+                 "sampler_correction", "reward_aggregation"}
 
 
 def test_every_choice_field_is_a_literal_and_its_choices_are_the_literals_values():

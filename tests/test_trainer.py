@@ -452,3 +452,27 @@ def test_dataset_order_without_shuffle_survives_a_resume(tmp_path, tiny_model, t
                         tokenizer=tokenizer)
     resumed.prepare_run_dir()
     assert resumed.next_prompts().prompts == ["2+2=", "3+3="]
+
+
+def test_normalize_then_sum_trains_on_each_rewards_group_normalised_sum(tmp_path, tiny_model, tokenizer,
+                                                                        prompts_dataset):
+    """reward_aggregation=normalize_then_sum (GDPO): the returns sum each function's group-normalised
+    reward, weighted; reward_mean still logs the task's raw weighted sum."""
+    from lmpg.advantages import group_normalised_rewards
+
+    def digits(completions, **kw):
+        return [sum(ch.isdigit() for ch in c) * 10.0 for c in completions]
+
+    config = small_config(tmp_path, iterations=1, reward_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5])
+    trainer = PGTrainer(tiny_model, [count_a, digits], prompts_dataset, config, tokenizer=tokenizer)
+    trainer.prepare_run_dir()
+    result = trainer.step()
+    batch = result.batch
+    raw = torch.tensor([count_a(None, batch.completions), digits(batch.completions)], dtype=torch.float64).T
+    z, _ = group_normalised_rewards(raw, 4, eps=config.adv_eps)
+    want = (z * torch.tensor([1.0, 0.5], dtype=torch.float64)).sum(1)
+    torch.testing.assert_close(batch.normalised_rewards.sum(1).double(), want, atol=1e-5, rtol=1e-5)
+    assert result.metrics["reward_mean"] == pytest.approx(float((raw * torch.tensor([1.0, 0.5])).sum(1).mean()), rel=1e-5)
+    assert float(want.abs().max()) > 0
+    # what the returns summed: each group's z sum to 0, so the group-mean baseline leaves them as they are
+    torch.testing.assert_close(batch.adv[:, 0].double(), want, atol=1e-5, rtol=1e-5)

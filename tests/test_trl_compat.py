@@ -90,14 +90,12 @@ def test_generation_kwargs_set_the_fields_lmpg_has_and_name_the_others(tmp_path)
 
 
 def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
-    args = grpo_config(tmp_path, max_steps=10, loss_type="vespo", multi_objective_aggregation="normalize_then_sum",
-                       entropy_coef=0.1, mask_truncated_completions=True)
+    args = grpo_config(tmp_path, max_steps=10, loss_type="vespo", entropy_coef=0.1, mask_truncated_completions=True)
     with pytest.raises(ConfigError) as error:
         config_from_trl(args)
     message = str(error.value)
     assert "\n" not in message
-    for fragment in ("loss_type='vespo'", "multi_objective_aggregation='normalize_then_sum'", "entropy_coef=0.1",
-                     "mask_truncated_completions=True"):
+    for fragment in ("loss_type='vespo'", "entropy_coef=0.1", "mask_truncated_completions=True"):
         assert fragment in message
     with pytest.raises(ConfigError, match="max_steps unset"):
         config_from_trl(grpo_config(tmp_path))
@@ -417,3 +415,53 @@ def test_sync_ref_model_maps(tmp_path):
     assert (config.sync_ref_model, config.ref_model_mixup_alpha, config.ref_model_sync_steps) == (True, 0.9, 64)
     with pytest.raises(ConfigError, match="sync_ref_model=true with kl_coef=0"):
         config_from_trl(grpo_config(tmp_path, max_steps=10, beta=0.0, sync_ref_model=True))
+
+
+def test_gdpo_normalize_then_sum_equals_trls_own_code(tmp_path):
+    """TRL 1.16's multi_objective_aggregation="normalize_then_sum" (its `_generate_and_score_completions`,
+    installed and unchanged, on a tiny model) against lmpg's port of the same GRPOConfig on the same rewards:
+    reward_aggregation normalize_then_sum (each function normalised in its group, weighted sum), then the
+    batch mean and std. lmpg's population stds make every z sqrt(G / (G - 1)) times TRL's and the final
+    division sqrt(N / (N - 1)), so lmpg's advantages are sqrt(N / (N - 1)) times TRL's (the eps differ:
+    1e-4 in TRL, adv_eps in lmpg)."""
+    import datasets
+    import torch
+
+    from lmpg.advantages import normalise, returns, subtract_baseline
+    from lmpg.rewards.scorer import RewardScores
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    correct = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]  # two groups of G = 4
+    length = [3.0, 9.0, 4.0, 0.0, 7.0, 2.0, 2.0, 10.0]  # a wide range beside a narrow one
+
+    def by_position(values):
+        return lambda completions, **kwargs: list(values)
+
+    tok = make_char_tokenizer("0123456789+=ab ")
+    args = grpo_config(tmp_path, num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+                       max_steps=1, beta=0.0, use_cpu=True, save_strategy="no", scale_rewards="group",
+                       multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.GRPOTrainer(model=make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, seed=0),
+                                  reward_funcs=[by_position(correct), by_position(length)], args=args,
+                                  processing_class=tok,
+                                  train_dataset=datasets.Dataset.from_list([{"prompt": "1+1="}, {"prompt": "2+2="}]))
+        out = trainer._generate_and_score_completions([{"prompt": "1+1="}] * 4 + [{"prompt": "2+2="}] * 4)
+    trl_adv = out["advantages"]
+
+    config = config_from_trl(args)
+    assert (config.reward_aggregation, config.baseline, config.adv_norm) == ("normalize_then_sum", "batch_mean", "batch")
+    scores = RewardScores(names=["correct", "length"], values=[correct, length], weights=config.reward_weights)
+    actions = torch.ones(8, 1, dtype=torch.bool)
+
+    def lmpg_advantages(scores):
+        rewards, scored = scores.to_token_rewards(actions)
+        adv, _ = subtract_baseline(returns(rewards, actions), actions, group_size=4, kind=config.baseline,
+                                   sample_mask=scored)
+        return normalise(adv, group_size=4, scope=config.adv_norm, sample_mask=scored, eps=config.adv_eps)[:, 0]
+
+    lmpg_adv = lmpg_advantages(scores.group_normalised(config.group_size, config.adv_eps))
+    torch.testing.assert_close(lmpg_adv * (7 / 8) ** 0.5, trl_adv, rtol=1e-3, atol=1e-4)
+    summed_first = lmpg_advantages(scores)  # the default aggregation: no longer TRL's GDPO numbers
+    assert (summed_first * (7 / 8) ** 0.5 - trl_adv).abs().max() > 0.1
