@@ -465,3 +465,69 @@ def test_gdpo_normalize_then_sum_equals_trls_own_code(tmp_path):
     torch.testing.assert_close(lmpg_adv * (7 / 8) ** 0.5, trl_adv, rtol=1e-3, atol=1e-4)
     summed_first = lmpg_advantages(scores)  # the default aggregation: no longer TRL's GDPO numbers
     assert (summed_first * (7 / 8) ** 0.5 - trl_adv).abs().max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory):
+    """A tiny model and its tokenizer saved to a directory, loaded by path as TRL scripts do."""
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = make_char_tokenizer("0123456789+=ab ")
+    make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _lm_head_class(trainer):
+    return type(trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()).__name__
+
+
+# Issue 22: each option this issue implemented, as a GRPOConfig sets it, and what its port must show
+TRL_OPTIONS = {
+    "min_p": (dict(min_p=0.1), lambda t: t.config.min_p == 0.1 and t.config.measures_sampler_mismatch),
+    "repetition_penalty": (dict(repetition_penalty=1.3), lambda t: t.config.repetition_penalty == 1.3),
+    "generation_kwargs": (dict(generation_kwargs={"top_k": 5, "max_tokens": 4}),
+                          lambda t: (t.config.top_k, t.config.max_new_tokens) == (5, 4)),
+    "chat_template_kwargs": (dict(chat_template_kwargs={"enable_thinking": False}),
+                             lambda t: t.config.chat_template_kwargs == {"enable_thinking": False}),
+    "model_init_kwargs": (dict(model_init_kwargs={"attn_implementation": "eager"}),
+                          lambda t: t.accelerator.unwrap_model(t.model).config._attn_implementation == "eager"),
+    "trust_remote_code": (dict(trust_remote_code=True), lambda t: t.config.trust_remote_code),
+    "cast_lm_head_to_fp32": (dict(cast_lm_head_to_fp32=True), lambda t: _lm_head_class(t) == "Float32Linear"),
+    "shuffle_dataset": (dict(shuffle_dataset=False), lambda t: t.prompt_order.state_dict()["shuffle"] is False),
+    "sync_ref_model": (dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+                       lambda t: t.ref_sync is not None and t.ref_sync.step == 2),
+    "multi_objective_aggregation": (dict(multi_objective_aggregation="normalize_then_sum"),
+                                    lambda t: t.config.reward_aggregation == "normalize_then_sum"),
+}
+
+
+@pytest.mark.parametrize("option", list(TRL_OPTIONS))
+def test_each_option_issue_22_implemented_ports_and_trains_two_iterations(tmp_path, saved_tiny_model, option):
+    """A GRPOConfig with the option set goes through lmpg's GRPOTrainer (config_from_trl) and trains two
+    iterations on the tiny model loaded by path, with what the option asks in force."""
+    import math
+
+    import datasets
+
+    from lmpg.trl_compat import GRPOTrainer
+
+    settings, holds = TRL_OPTIONS[option]
+
+    def digits(completions, **kwargs):
+        return [sum(ch.isdigit() for ch in c[0]["content"]) / 6 for c in completions]
+
+    def a_count(completions, **kwargs):
+        return [c[0]["content"].count("a") / 6 for c in completions]
+
+    args = grpo_config(tmp_path, num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+                       max_steps=2, learning_rate=1e-3, use_cpu=True, save_strategy="no", gradient_checkpointing=False,
+                       **settings)
+    dataset = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": f"{i}+{i}="}]} for i in range(6)])
+    trainer = GRPOTrainer(model=str(saved_tiny_model), reward_funcs=[digits, a_count], args=args,
+                          train_dataset=dataset)
+    history = trainer.train()
+    assert [m["iteration"] for m in history] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in history)
+    assert holds(trainer)
