@@ -128,8 +128,7 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         if str(_value(args.save_strategy)) == "steps" and args.save_steps >= 1 else 0,
         keep_last=args.save_total_limit or 2, report_to=report_to,
         chat_template_kwargs=dict(getattr(args, "chat_template_kwargs", None) or {}),
-        # TRL loads a model given by name in float32 unless model_init_kwargs say otherwise
-        model_init_kwargs={"dtype": "float32", **(getattr(args, "model_init_kwargs", None) or {})},
+        model_init_kwargs=model_init_kwargs_from_trl(getattr(args, "model_init_kwargs", None) or {}),
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
         cast_lm_head_to_fp32=bool(getattr(args, "cast_lm_head_to_fp32", False)),
         shuffle_dataset=getattr(args, "shuffle_dataset", True) is not False,
@@ -151,6 +150,15 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
     if getattr(args, "max_tool_calling_iterations", None) is not None:  # N rounds of tool calls, then the answer
         fields["max_turns"] = args.max_tool_calling_iterations + 1
     return fields
+
+
+def model_init_kwargs_from_trl(model_init_kwargs: dict) -> dict[str, Any]:
+    """TRL's model_init_kwargs as lmpg's: TRL loads in float32 unless they give a dtype; a torch dtype
+    becomes its name, so that config.yaml stays plain text."""
+    kwargs = {"dtype": "float32", **model_init_kwargs}
+    if not isinstance(kwargs["dtype"], str) and kwargs["dtype"] is not None:
+        kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
+    return kwargs
 
 
 def generation_fields_from_trl(generation_kwargs: dict) -> dict[str, Any]:

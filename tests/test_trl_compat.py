@@ -110,6 +110,10 @@ def test_model_template_and_data_options_map(tmp_path):
     assert config.chat_template_kwargs == {"enable_thinking": False}
     assert config.model_init_kwargs == {"dtype": "bfloat16", "revision": "r1"}
     assert (config.shuffle_dataset, config.trust_remote_code, config.cast_lm_head_to_fp32) == (False, True, True)
+    import torch
+
+    with_dtype = config_from_trl(grpo_config(tmp_path, max_steps=10, model_init_kwargs={"dtype": torch.bfloat16}))
+    assert with_dtype.model_init_kwargs == {"dtype": "bfloat16"}  # plain text, for config.yaml
     default = config_from_trl(grpo_config(tmp_path, max_steps=10))
     assert default.model_init_kwargs == {"dtype": "float32"} and default.chat_template_kwargs == {}
     assert (default.shuffle_dataset, default.trust_remote_code, default.cast_lm_head_to_fp32) == (True, False, False)
