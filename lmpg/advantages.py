@@ -17,6 +17,10 @@ makes (`PGTrainer.compute_advantages`):
    and `optimal_token` are the lecture's variance-minimising baseline (see `optimal_baseline`).
 3. `normalise`: division by the group or batch standard deviation (GRPO), when the config asks.
 
+With several reward functions and `reward_aggregation: normalize_then_sum` (GDPO) a step comes
+before the three: `group_normalised_rewards` normalises each function's rewards within each group
+before their weighted sum becomes the reward the returns add up (`PGTrainer.score`).
+
 Shapes: B sequences (B = number of prompts * G, the G samples of a prompt contiguous), G samples per
 prompt, T completion tokens. `action_mask` (B, T) is True on the policy's own tokens, the actions
 that receive rewards and returns (`TrajectoryBatch.action_mask`); `sample_mask` (B,) is True on the
@@ -244,6 +248,42 @@ def optimal_token_baseline(ret: torch.Tensor, weight: torch.Tensor, group_size: 
     x = torch.where(m, ret, zero).view(-1, group_size, T)
     n = m.to(ret.dtype).view(-1, group_size, T)
     return mean_within_groups(x, n, weight=w, leave_one_out=True).reshape(B, T)
+
+
+def group_normalised_rewards(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6) -> tuple[torch.Tensor, dict]:
+    """Step 0 of GDPO (Group reward-Decoupled normalisation, arXiv 2601.05242; TRL's
+    multi_objective_aggregation="normalize_then_sum"): each reward function's rewards normalised
+    within each group, before the weighted sum r_i = sum_k w_k z_{k,i} makes the return:
+
+        z_{k,i} = (r_{k,i} - mean_{j in g(i)} r_{k,j}) / (std_{j in g(i)} r_{k,j} + eps)   where the std > 0,
+        z_{k,i} = 0                                                                   where it is 0,
+
+    the mean and population std (divide by the count, as `normalise`) over the samples j of i's group
+    that function k scored. A function with a wide range then no longer drowns one with a narrow
+    range in the sum (GDPO's argument: after GRPO's normalisation of the sum, distinct reward
+    combinations collapse to the same advantage). TRL 1.16 divides by the std with Bessel's
+    correction plus 1e-4 instead, so its z are sqrt((n - 1) / n) times these, n the group's scored
+    count (docs/trl_migration.md).
+
+    rewards: (B, K) one column per reward function, NaN where the function gave the sample no value
+    (it stays NaN in z: no term in the sum); the G samples of a group contiguous.
+    Returns z (B, K) and stats: zero_spread_reward_frac, the share of (group, function) pairs whose
+    scored rewards are all equal (z = 0 there)."""
+    B, K = rewards.shape  # sequences, reward functions
+    if B % group_size:
+        raise ValueError(f"batch of {B} rewards is not a whole number of groups of {group_size}")
+    r = rewards.view(-1, group_size, K)  # (B/G, G, K)
+    scored = ~torch.isnan(r)
+    x = torch.where(scored, r, torch.zeros_like(r))
+    n = scored.sum(1, keepdim=True).clamp(min=1).to(r.dtype)
+    mean = x.sum(1, keepdim=True) / n
+    std = (torch.where(scored, (x - mean) ** 2, torch.zeros_like(x)).sum(1, keepdim=True) / n).sqrt()
+    z = torch.where(std > 0, (x - mean) / (std + eps), torch.zeros_like(x))
+    z = torch.where(scored, z, torch.full_like(z, float("nan"))).view(B, K)
+    has_values = scored.any(1)
+    flat = (std.squeeze(1) == 0) & has_values
+    stats = {"zero_spread_reward_frac": float(flat.sum() / has_values.sum().clamp(min=1))}
+    return z, stats
 
 
 def advantage_std(adv: torch.Tensor, group_size: int, scope: AdvNorm, *,

@@ -53,7 +53,8 @@ class TrajectoryBatch:
     completions: list[str]
     """(B,) the text after the prompt, decoded from the ids (special tokens skipped)."""
     sampler_logp: torch.Tensor | None = None
-    """(B, T) fp32 or None: log pi_old(a_t | s_t) as the sampler computed it, 0 off the actions."""
+    """(B, T) fp32 or None: log q(a_t | s_t) of the distribution the sampler drew each action from, 0 off
+    the actions (`lmpg.sampler.sampling_logits`): pi_old's own where no truncation or penalty is on."""
     grad_sq_norm: torch.Tensor | None = None
     """(B, T) fp32 or None: ||grad_z log pi_old(a_t | s_t)||^2 = (1 - 2 pi(a_t) + sum_v pi(v)^2) / tau^2
     at each action, 0 off the actions (`lmpg.logprobs.logit_grad_sq_norm`); summed over a row, the
@@ -73,6 +74,10 @@ class TrajectoryBatch:
     kl_penalised_rewards: torch.Tensor | None = None
     """(B, T) fp32 with kl_in=reward: r_t - kl_coef * KL_t on the actions (`lmpg.kl.kl_penalised_rewards`),
     what the returns sum instead of token_rewards; None without a KL penalty in the reward."""
+    normalised_rewards: torch.Tensor | None = None
+    """(B, T) fp32 with reward_aggregation=normalize_then_sum: the weighted sum of each reward function's
+    group-normalised reward (GDPO, `lmpg.advantages.group_normalised_rewards`) on the last token, what the
+    returns sum instead of token_rewards; None otherwise."""
     scored: torch.Tensor | None = None
     """(B,) bool: the row has a reward (a row every function left unscored is left out of the loss)."""
     logp_old: torch.Tensor | None = None
@@ -111,8 +116,11 @@ class TrajectoryBatch:
 
     @property
     def rewards_for_returns(self) -> torch.Tensor:
-        """(B, T): the per-token rewards the returns sum, kl_penalised_rewards when set, else token_rewards."""
-        return self.token_rewards if self.kl_penalised_rewards is None else self.kl_penalised_rewards
+        """(B, T): the per-token rewards the returns sum: kl_penalised_rewards or normalised_rewards when
+        set (the config allows one at most), else token_rewards."""
+        if self.kl_penalised_rewards is not None:
+            return self.kl_penalised_rewards
+        return self.token_rewards if self.normalised_rewards is None else self.normalised_rewards
 
     @property
     def prompt_index(self) -> list[int]:

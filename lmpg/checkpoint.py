@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `checkpoint-{iteration:06d}` under `{output_dir}/checkpoints` holding
 the policy (or its adapter), optimizer and scheduler state, RNG states (python, numpy, torch, CUDA),
-the prompt order's position, the iteration counter and the number of metrics lines written. It is
+the prompt order's position, the iteration counter and the number of metrics lines written (and, with
+`sync_ref_model`, the reference model's mixed weights, `lmpg.reference`). It is
 written to a temporary directory first and renamed into place: rename is atomic on POSIX, so a kill
 during a save leaves the previous checkpoints intact and no half-written one visible.
 """

@@ -13,6 +13,7 @@ from typing import Literal, get_args
 # lmpg.advantages
 Baseline = Literal["none", "batch_mean", "group_mean", "leave_one_out", "optimal", "optimal_token"]
 AdvNorm = Literal["none", "group", "batch"]
+RewardAggregation = Literal["sum", "normalize_then_sum"]  # of the reward functions (GDPO: normalize_then_sum)
 WEIGHTED_BASELINES = ("optimal", "optimal_token")  # need each token's grad_sq_norm from the sampler
 # compare a sample with its own group's: a group whose returns tie gets A = 0 (lmpg.dynamic_sampling)
 GROUP_BASELINES = ("group_mean", "leave_one_out", *WEIGHTED_BASELINES)

@@ -33,6 +33,7 @@ from lmpg.choices import (
     OnError,
     PgObjective,
     RatioLevel,
+    RewardAggregation,
     RewardExecutor,
     SamplerCorrection,
     SequenceLossWeight,
@@ -64,10 +65,20 @@ class PGConfig:
     """Split to read when `dataset` is a hub name or a DatasetDict."""
     prompt_column: str = "prompt"
     """Column holding the prompt: a string, or a list of chat messages rendered with the chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments to the tokenizer's apply_chat_template for chat prompts and episodes (e.g.
+    {enable_thinking: false}; TRL's chat_template_kwargs)."""
+    shuffle_dataset: bool = True
+    """Draw prompts in a fresh seeded permutation each pass over the dataset; false: in dataset order
+    (resumable either way)."""
     rewards: list = field(default_factory=list)
     """Reward functions for the CLI: 'package.module:function', 'path/file.py:function' or a built-in name."""
     reward_weights: list | None = None
     """One weight per reward function (default 1.0 each); the return is the weighted sum."""
+    reward_aggregation: RewardAggregation = "sum"
+    """How the reward functions make the reward: 'sum' (the weighted sum) or 'normalize_then_sum' (GDPO:
+    each function's rewards normalised within the group, mean and std, before the weighted sum; TRL's
+    multi_objective_aggregation). Scalar rewards, single-turn, kl_in=loss."""
     reward_on_error: OnError = "raise"
     """What a reward function that raises or returns NaN/inf/wrong length does: 'raise' stops the run, 'none'
     treats the sample as unscored (counted in the metrics). The same for an environment's code (reset, step,
@@ -101,6 +112,14 @@ class PGConfig:
     """Nucleus sampling threshold (1.0 = off). Truncation makes sampling slightly off-policy."""
     top_k: int = 0
     """Top-k sampling (0 = off). Truncation makes sampling slightly off-policy."""
+    min_p: float = 0.0
+    """Min-p sampling: drop tokens less likely than min_p times the most likely one (0 = off; TRL's min_p,
+    vLLM's order: after the temperature, before top-k / top-p). Makes sampling off-policy, as truncation
+    does."""
+    repetition_penalty: float = 1.0
+    """Repetition penalty r on every token already in the row (prompt included, as transformers and vLLM
+    count it): a logit z becomes z / r where z > 0, z * r elsewhere, before the temperature (1.0 = off).
+    Makes sampling off-policy: the sampled tokens' q is not pi_old."""
     sampler: Sampler = "lmpg"
     """'lmpg': lmpg's sampler (per-sample random streams: the same samples on any number of processes and
     after a resume); 'generate': transformers' generate; 'vllm': a vLLM engine in each training process,
@@ -124,8 +143,9 @@ class PGConfig:
     it back before the next sync and sampling."""
     sampler_correction: SamplerCorrectionChoice = "auto"
     """Importance weight correcting the sampler-trainer mismatch pi_old / q (lmpg.mismatch): none,
-    token_truncate, token_mask, sequence_truncate or sequence_mask. auto: token_truncate with
-    sampler=vllm, none with lmpg's sampler (its log-probs are pi_old's)."""
+    token_truncate, token_mask, sequence_truncate or sequence_mask. auto: token_truncate wherever q is not
+    pi_old (sampler=vllm; lmpg's sampler with top_k, top_p, min_p or repetition_penalty on), none where it
+    is (lmpg's sampler without them: its log-probs are pi_old's)."""
     sampler_correction_max: float | None = 3.0
     """C: truncate modes clamp the ratio at C, mask modes zero the weight above C (None: no bound)."""
     sampler_correction_min: float | None = None
@@ -166,7 +186,8 @@ class PGConfig:
     """Completions per optimizer step (default: batch_size, one step per epoch). Must divide batch_size."""
     logp_old_source: LogpOldSource = "forward"
     """Where log pi_old comes from for rows after the first minibatch: 'forward' (a no-grad forward pass,
-    exact) or 'sampler' (the sampler's own log-probs: no extra pass, equal up to float rounding)."""
+    exact) or 'sampler' (the sampler's own log-probs: no extra pass, equal up to float rounding; lmpg's
+    sampler without top_k, top_p, min_p or repetition_penalty only, where they are pi_old's)."""
     micro_batch_size: int | None = None
     """Completions per forward/backward on one process (gradient accumulation); default: the whole minibatch
     share."""
@@ -244,6 +265,15 @@ class PGConfig:
     """Normaliser per sequence for loss_agg=constant (default: max_new_tokens)."""
     kl_coef: float = 0.0
     """beta: weight of the KL penalty to the reference policy (0 = off, no reference model kept)."""
+    sync_ref_model: bool = False
+    """Move pi_ref towards the policy: every ref_model_sync_steps optimizer steps, pi_ref = alpha * policy +
+    (1 - alpha) * pi_ref, parameter by parameter (TR-DPO; TRL's sync_ref_model). Needs kl_coef > 0 and full
+    fine-tuning (under LoRA pi_ref is the adapter disabled, the frozen base, which has nothing to mix
+    into)."""
+    ref_model_mixup_alpha: float = 0.6
+    """alpha of sync_ref_model: the policy's share of the new pi_ref."""
+    ref_model_sync_steps: int = 512
+    """tau of sync_ref_model: optimizer steps between two syncs (counted over the whole run)."""
     kl_estimator: KlEstimator = "k3"
     """KL estimator: k1, k2 or k3 (see lmpg.kl)."""
     kl_in: KlIn = "loss"
@@ -294,6 +324,17 @@ class PGConfig:
     the number of processes."""
 
     # --- model ---
+    model_init_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments to from_pretrained when the model is loaded by name or path (e.g. {dtype: bfloat16,
+    revision: main, attn_implementation: sdpa}; the revision also loads the tokenizer). TRL's
+    model_init_kwargs."""
+    trust_remote_code: bool = False
+    """Allow a model and tokenizer loaded by name to run code shipped with them (from_pretrained's and the
+    vLLM engine's trust_remote_code)."""
+    cast_lm_head_to_fp32: bool = False
+    """Compute the output layer in fp32 (its weights cast to fp32, its matmul outside autocast on fp32 hidden
+    states), for the policy and the reference model: fp32 logits under bf16 weights or mixed precision
+    (ScaleRL; TRL's cast_lm_head_to_fp32). Not with LoRA on the output layer."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     shared_prompt_forward: bool = True
@@ -379,11 +420,29 @@ class PGConfig:
         return self.entropy_coef != 0.0 or self.adaptive_entropy
 
     @property
+    def processes_sampling(self) -> bool:
+        """Whether top_k, top_p, min_p or repetition_penalty make the sampling distribution q differ
+        from the tempered policy pi_old = softmax(z / temperature)."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0 or self.repetition_penalty != 1.0
+
+    @property
     def resolved_sampler_correction(self) -> str:
-        """The sampler correction in force: `sampler_correction`, with auto resolved."""
+        """The sampler correction in force: `sampler_correction`, with auto resolved.
+
+        auto is token_truncate wherever the sampler's q is not pi_old, lmpg's own sampler with
+        truncation or a penalty included, and none elsewhere. For pure truncation (top-k / top-p /
+        min_p, exact q) the token ratio is rho_t = pi_old(a_t) / q(a_t) = Z_t, the policy mass the
+        kept set holds, <= 1, so the clamp at C never acts: each kept token's term is weighed by its
+        own probability under pi_old, its exact share of grad J, where the unweighted estimator
+        over-weighs every state by 1 / Z_t (the most where truncation cut the most). What no weight
+        can recover is the dropped tail, which q never samples. With a repetition penalty rho_t may
+        exceed 1, and the clamp bounds the variance as it does for an engine's mismatch. It is also
+        what sampler=vllm does for the same settings (its q is the same distribution), so switching
+        samplers keeps the estimator. TRL's transformers path (use_vllm=False) applies no correction:
+        `lmpg.trl_compat.config_from_trl` sets none there to keep TRL's numbers."""
         if self.sampler_correction != "auto":
             return self.sampler_correction
-        return "token_truncate" if self.sampler == "vllm" else "none"
+        return "token_truncate" if self.measures_sampler_mismatch else "none"
 
     @property
     def sampler_correction_bounds(self) -> tuple[float | None, float | None]:
@@ -396,8 +455,14 @@ class PGConfig:
     @property
     def measures_sampler_mismatch(self) -> bool:
         """Whether the sampler's log-probs are another distribution q than the trainer's pi_old (an
-        inference engine), so every iteration measures and may correct the mismatch."""
-        return self.sampler == "vllm"
+        inference engine; lmpg's sampler with truncation or a penalty, `processes_sampling`), so every
+        iteration measures and may correct the mismatch. transformers' generate reports no q."""
+        return self.sampler == "vllm" or (self.sampler == "lmpg" and self.processes_sampling)
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """Optimizer steps of one iteration: epochs_per_batch passes of batch_size / minibatch_size minibatches."""
+        return self.epochs_per_batch * (self.batch_size // self.resolved_minibatch_size)
 
     @property
     def resolved_loss_constant(self) -> float:
@@ -478,10 +543,14 @@ class PGConfig:
         if self.logp_old_source == "sampler" and self.sampler == "vllm":
             raise ConfigError("logp_old_source=sampler does not apply to sampler=vllm (vLLM's log-probs are the sampling "
                               "distribution q, corrected against the trainer's own pi_old); set logp_old_source=forward")
+        if self.logp_old_source == "sampler" and self.processes_sampling:
+            raise ConfigError("logp_old_source=sampler needs the sampler's q to be pi_old, which top_k, top_p, min_p or "
+                              "repetition_penalty change; set logp_old_source=forward or turn them off")
         correction = self.resolved_sampler_correction
         if correction != "none" and not self.measures_sampler_mismatch:
-            raise ConfigError(f"sampler_correction={correction} needs sampler=vllm (lmpg's sampler's log-probs are pi_old's "
-                              "own); set sampler_correction=auto or none")
+            raise ConfigError(f"sampler_correction={correction} needs sampler=vllm, or lmpg's sampler with top_k, top_p, "
+                              "min_p or repetition_penalty on (without them its log-probs are pi_old's own); set "
+                              "sampler_correction=auto or none")
         if correction.startswith("token") and self.ratio_level in SEQUENCE_RATIO_LEVELS:
             raise ConfigError(f"sampler_correction={correction} weighs tokens, but ratio_level={self.ratio_level} gives one "
                               "loss per sequence; set sampler_correction=sequence_truncate or sequence_mask")
@@ -544,6 +613,10 @@ class PGConfig:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"min_p={self.min_p} must be in [0, 1) (0 = off)")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off)")
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"gamma={self.gamma} must be in [0, 1]")
         if self.clip_eps_low is not None and not 0 < self.clip_eps_low < 1:
@@ -557,6 +630,25 @@ class PGConfig:
         if self.kl_ratio_weighted and self.kl_in == "reward":
             raise ConfigError("kl_ratio_weighted weighs the KL term of the loss by pi_theta / pi_old; with kl_in=reward "
                               "the penalty is a fixed reward: set kl_ratio_weighted=false or kl_in=loss")
+        if self.reward_aggregation == "normalize_then_sum":
+            if self.group_size < 2:
+                raise ConfigError("reward_aggregation=normalize_then_sum normalises within groups; set group_size >= 2")
+            if self.kl_in == "reward":
+                raise ConfigError("reward_aggregation=normalize_then_sum with kl_in=reward: the KL penalty would join "
+                                  "rewards already normalised; set kl_in=loss or reward_aggregation=sum")
+            if self.environment is not None:
+                raise ConfigError("reward_aggregation=normalize_then_sum needs single-turn sampling (an environment's "
+                                  "per-turn rewards are not one reward per function); set reward_aggregation=sum")
+        if self.sync_ref_model and self.kl_coef == 0:
+            raise ConfigError("sync_ref_model=true with kl_coef=0: no reference model is kept, so there is nothing to "
+                              "sync; set kl_coef > 0 or sync_ref_model=false")
+        if self.sync_ref_model and self.lora_r > 0:
+            raise ConfigError("sync_ref_model=true with LoRA: pi_ref is the base model with the adapter disabled, which "
+                              "no step may change; set sync_ref_model=false or lora_r=0")
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            raise ConfigError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in [0, 1]")
+        if self.ref_model_sync_steps < 1:
+            raise ConfigError(f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
         if self.lora_r < 0:

@@ -144,21 +144,24 @@ def is_conversational(prompt) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
-def render_prompt(tokenizer, prompt) -> tuple[str, bool]:
+def render_prompt(tokenizer, prompt, chat_template_kwargs: dict | None = None) -> tuple[str, bool]:
     """(text, add_special_tokens): chat messages go through the chat template (which already holds
-    any BOS), plain strings are tokenized with the tokenizer's special tokens."""
+    any BOS) with `chat_template_kwargs` (e.g. enable_thinking), plain strings are tokenized with the
+    tokenizer's special tokens."""
     if is_conversational(prompt):
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("prompts are chat messages but the tokenizer has no chat_template; "
                             "set tokenizer.chat_template or give string prompts")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), False
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                             **(chat_template_kwargs or {})), False
     if not isinstance(prompt, str):
         raise DataError(f"a prompt must be a string or a list of chat messages, not {type(prompt).__name__}")
     return prompt, True
 
 
 class PromptOrder:
-    """Endless, reproducible order over dataset rows: a fresh permutation each epoch.
+    """Endless, reproducible order over dataset rows: a fresh permutation each epoch (shuffle), or
+    the dataset's own order every epoch (shuffle=False, TRL's shuffle_dataset=False).
 
     The permutation of epoch e is a function of (seed, e) alone, so the position (epoch, index) is
     all a checkpoint needs to resume the same order.
@@ -186,10 +189,14 @@ class PromptOrder:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "num_rows": self.num_rows, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "num_rows": self.num_rows, "seed": self.seed,
+                "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_rows"] != self.num_rows:
             raise DataError(f"checkpoint was made with a dataset of {state['num_rows']} rows, this one has "
                             f"{self.num_rows}; resume with the same dataset")
+        if state.get("shuffle", True) != self.shuffle:
+            raise DataError(f"checkpoint was made with shuffle_dataset={state.get('shuffle', True)}, this run has "
+                            f"shuffle_dataset={self.shuffle}; resume with the same setting")
         self.epoch, self.position = state["epoch"], state["position"]

@@ -150,8 +150,8 @@ class ChatBridge:
     never re-tokenised. With no chat template (plain-text prompts) head and tail are empty.
     """
 
-    def __init__(self, tokenizer, role: str, tools: list | None = None):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, role: str, tools: list | None = None, chat_template_kwargs: dict | None = None):
+        self.tokenizer, self.chat_template_kwargs = tokenizer, dict(chat_template_kwargs or {})
         head = tail = ""
         if getattr(tokenizer, "chat_template", None):
             head, tail = self._derive(role, tools)
@@ -163,7 +163,7 @@ class ChatBridge:
 
         def render(messages, generation):
             return tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                           add_generation_prompt=generation)
+                                           add_generation_prompt=generation, **self.chat_template_kwargs)
 
         turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
         base = render(turns, False)
@@ -187,16 +187,19 @@ class ChatBridge:
         return self.head_ids + body + self.tail_ids
 
 
-def render_episode_prompt(tokenizer, prompt, first_observation: str | None, tools: list | None) -> tuple[str, bool]:
+def render_episode_prompt(tokenizer, prompt, first_observation: str | None, tools: list | None,
+                          chat_template_kwargs: dict | None = None) -> tuple[str, bool]:
     """(text, add_special_tokens) of an episode's prompt: the first observation appended to the last
-    user message (TRL) or to the text; chat prompts rendered with the tools' schemas."""
+    user message (TRL) or to the text; chat prompts rendered with the tools' schemas and
+    `chat_template_kwargs`."""
     if is_conversational(prompt):
         messages = [dict(m) for m in prompt]
         if first_observation:
             messages[-1]["content"] = messages[-1]["content"] + first_observation
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("prompts are chat messages but the tokenizer has no chat_template; set one")
-        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
+                                             **(chat_template_kwargs or {}))
         return text, False
     return prompt + (first_observation or ""), True
 
@@ -290,7 +293,7 @@ class EpisodeBatch:
 
 def start_episodes(tokenizer, prompts: list, rows: list[dict], make_env: Callable[[], EpisodeEnv], group_size: int, *,
                    env_seeds: list[int], max_prompt_length: int, device, runner: EnvironmentCalls,
-                   on_error: str) -> EpisodeBatch:
+                   on_error: str, chat_template_kwargs: dict | None = None) -> EpisodeBatch:
     """One environment per episode, reset from its group's row and seed; the prompts rendered with
     reset's text (the G episodes of a group must agree on it) and the tools' schemas. An episode
     whose reset failed never takes a turn."""
@@ -308,7 +311,8 @@ def start_episodes(tokenizer, prompts: list, rows: list[dict], make_env: Callabl
                             "seed; make reset deterministic given its seed (or Python's random)")
         observations.append(group[0] if group else None)
     tools = states[0].env.schemas
-    rendered = [render_episode_prompt(tokenizer, p, observations[g], tools) for g, p in enumerate(prompts)]
+    rendered = [render_episode_prompt(tokenizer, p, observations[g], tools, chat_template_kwargs)
+                for g, p in enumerate(prompts)]
     if len({add for _, add in rendered}) > 1:
         raise DataError("mix of chat and plain-text prompts in one batch; use one kind")
     prompt_ids, prompt_mask, n_trunc = encode_prompts(tokenizer, [t for t, _ in rendered], max_prompt_length,
@@ -317,7 +321,7 @@ def start_episodes(tokenizer, prompts: list, rows: list[dict], make_env: Callabl
     for i, s in enumerate(states):
         s.prompt_ids = prompt_ids[i][prompt_mask[i]].tolist()
         s.episode.first_observation = first.get(i)
-    bridge = ChatBridge(tokenizer, states[0].env.observation_role, tools)
+    bridge = ChatBridge(tokenizer, states[0].env.observation_role, tools, chat_template_kwargs)
     return EpisodeBatch(states, prompt_ids, prompt_mask, n_trunc, bridge)
 
 
@@ -443,7 +447,8 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
                     eos_ids: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     max_prompt_length: int = 512, carry_cache: bool = True, policy_version: int = 0,
                     turn_sampler: TurnSampler | None = None, env_timeout: float | None = 60.0,
-                    env_workers: int | None = None, on_error: str = "raise") -> TrajectoryBatch:
+                    env_workers: int | None = None, on_error: str = "raise",
+                    chat_template_kwargs: dict | None = None) -> TrajectoryBatch:
     """G episodes per prompt, all live episodes taking their turn together.
 
     prompts / rows: one per group (the dataset rows go to `reset(**row)`); seeds: (B,) one random
@@ -455,6 +460,7 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
     env_timeout, env_workers: how long one call into the environments' code may run, and how many
     run at once (`lmpg.environments.EnvironmentCalls`); on_error: what a failing one does
     ('raise': one line; 'none': its episode ends as 'error' / 'timeout', unscored).
+    chat_template_kwargs: extra arguments to the chat template for the prompts and the bridge tokens.
     """
     device = next(model.parameters()).device
     if turn_sampler is None:
@@ -464,7 +470,8 @@ def sample_episodes(model, tokenizer, prompts: list, rows: list[dict], make_env:
     try:
         # 1. one environment per episode, reset; the prompts rendered with reset's text
         started = start_episodes(tokenizer, prompts, rows, make_env, group_size, env_seeds=env_seeds,
-                                 max_prompt_length=max_prompt_length, device=device, runner=runner, on_error=on_error)
+                                 max_prompt_length=max_prompt_length, device=device, runner=runner, on_error=on_error,
+                                 chat_template_kwargs=chat_template_kwargs)
         states = started.states
         markers = call_marker_ids(tokenizer, states[0].env.tool_format) if states[0].env.kind == "tools" else set()
         turn_sampler.start(seeds)
@@ -554,10 +561,13 @@ class EpisodeSampler:
         return EpisodeEnv(self.factory(), self.config.tool_format, self.config.tool_timeout)
 
     def turn_sampler(self, policy, greedy: bool = False) -> LmpgTurnSampler:
-        """lmpg's own turn sampler on `policy` with the config's sampling settings (top_k=1: greedy)."""
+        """lmpg's own turn sampler on `policy` with the config's sampling settings (greedy: top_k=1 on
+        the policy's own logits, no min_p or repetition penalty)."""
         c = self.config
         return LmpgTurnSampler(policy, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
                                temperature=c.temperature, top_k=1 if greedy else c.top_k, top_p=c.top_p,
+                               min_p=0.0 if greedy else c.min_p,
+                               repetition_penalty=1.0 if greedy else c.repetition_penalty,
                                carry_cache=c.cache_across_turns)
 
     def sample(self, policy, prompts, rows, positions, iteration, seeds, greedy: bool = False,
@@ -573,7 +583,8 @@ class EpisodeSampler:
                                env_seeds=env_seeds, limits=self.limits, eos_ids=self.eos_ids,
                                max_prompt_length=c.max_prompt_length, policy_version=iteration,
                                turn_sampler=turn_sampler or self.turn_sampler(policy, greedy),
-                               env_timeout=c.env_timeout, env_workers=c.env_workers, on_error=c.reward_on_error)
+                               env_timeout=c.env_timeout, env_workers=c.env_workers, on_error=c.reward_on_error,
+                               chat_template_kwargs=c.chat_template_kwargs)
 
 
 def environment_name(batch: TrajectoryBatch, taken: list[str]) -> str:

@@ -150,6 +150,7 @@ def _episode_records(model, tokenizer, prompts, scorer, n, columns, seed, enviro
     config = SimpleNamespace(environment=environment, max_turns=max_turns, max_new_tokens=gen["max_new_tokens"],
                              max_episode_tokens=None, tool_format=tool_format, tool_timeout=tool_timeout, seed=seed,
                              group_size=n, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
+                             min_p=0.0, repetition_penalty=1.0, chat_template_kwargs={},
                              max_prompt_length=gen["max_prompt_length"], cache_across_turns=True, env_timeout=60.0,
                              env_workers=None, reward_on_error=scorer.on_error if scorer is not None else "raise")
     sampler = EpisodeSampler(config, tokenizer, eos_token_ids(tokenizer, model))

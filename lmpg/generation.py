@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from lmpg.kvcache import cache_kwarg, returned_cache
-from lmpg.sampler import filter_logits, gumbel_noise
+from lmpg.sampler import gumbel_noise, sampling_logits, seen_tokens
 
 
 @dataclass
@@ -33,9 +33,11 @@ class SampledTurn:
     token_ids: list[int]
     """Sampled tokens; ends with an EOS id unless the budget ran out."""
     logp: list[float]
-    """log q(a_t | s_t) of each token under the distribution the sampler drew it from: lmpg's sampler
-    gives pi_old's own, softmax(z / temperature) untruncated; an inference engine (`lmpg.vllm_sampler`)
-    its q, after top-k / top-p, which the trainer compares with pi_old (`lmpg.mismatch`)."""
+    """log q(a_t | s_t) of each token under the distribution the sampler drew it from, after the
+    repetition penalty, temperature, min_p, top-k and top-p (`lmpg.sampler.sampling_logits`; vLLM's
+    processed log-probs, `lmpg.vllm_sampler`). With none of them on but the temperature, lmpg's
+    sampler's q is pi_old's own softmax(z / temperature); otherwise the trainer compares q with pi_old
+    (`lmpg.mismatch`)."""
 
 
 class TurnSampler(Protocol):
@@ -66,9 +68,10 @@ class LmpgTurnSampler:
     """
 
     def __init__(self, model, *, pad_id: int, eos_ids: list[int], temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, carry_cache: bool = True):
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, carry_cache: bool = True):
         self.model, self.pad_id, self.eos_ids = model, pad_id, list(eos_ids)
-        self.temperature, self.top_k, self.top_p, self.carry_cache = temperature, top_k, top_p, carry_cache
+        self.temperature, self.carry_cache = temperature, carry_cache
+        self.processing = dict(top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
         self.device = next(model.parameters()).device
         self.cache_arg = cache_kwarg(model)
         self.generators: list[torch.Generator] = []
@@ -112,16 +115,18 @@ class LmpgTurnSampler:
         else:
             self.past, self.past_mask = None, None
             blocks = histories
-        tokens, logps = self._generate(blocks, [self.generators[r] for r in rows], max_new_tokens)
+        tokens, logps = self._generate(blocks, [self.generators[r] for r in rows], max_new_tokens, histories)
         # a row's last sampled token is never fed: the cache holds its history and the rest of its turn
         self.cached_rows = list(rows)
         self.cached_ids = {r: h + t[:-1] if t else list(h) for r, h, t in zip(rows, histories, tokens)}
         return [SampledTurn(t, lp) for t, lp in zip(tokens, logps)]
 
-    def _generate(self, blocks: list[list[int]], generators: list[torch.Generator], budget: list[int]):
+    def _generate(self, blocks: list[list[int]], generators: list[torch.Generator], budget: list[int],
+                  histories: list[list[int]]):
         """One turn for the given rows: feed each row's new tokens (left padded) on the cache, then
         sample until every row has its EOS or its token budget. Returns per row the sampled tokens
-        and their log-probs under softmax(z / tau); leaves the cache and its attention mask (pads
+        and their log-probs under q (`lmpg.sampler.sampling_logits`; the repetition penalty counts
+        every token of the row's whole history, as vLLM counts a request's prompt); leaves the cache and its attention mask (pads
         and finished rows' columns masked out) in self.past / self.past_mask for the next turn."""
         device, pad, model, past, past_mask = self.device, self.pad_id, self.model, self.past, self.past_mask
         eos = torch.tensor(self.eos_ids, device=device)
@@ -145,18 +150,20 @@ class LmpgTurnSampler:
         budget_t = torch.tensor(budget, device=device)
         finished = budget_t <= 0
         tokens, logps = [[] for _ in range(n)], [[] for _ in range(n)]
+        seen = seen_tokens(histories, logits.shape[-1], device) if self.processing["repetition_penalty"] != 1.0 else None
         step = 0
         while not bool(finished.all()):
-            z = logits.float() / self.temperature
-            logp_all = torch.log_softmax(z, dim=-1)
-            noise = gumbel_noise(generators, z.shape[-1], device)
-            token = torch.argmax(filter_logits(z, self.top_k, self.top_p) + noise, dim=-1)
-            logp = logp_all.gather(1, token.unsqueeze(1)).squeeze(1)
+            y = sampling_logits(logits, temperature=self.temperature, seen=seen, **self.processing)  # (n, V)
+            noise = gumbel_noise(generators, y.shape[-1], device)
+            token = torch.argmax(y + noise, dim=-1)
+            logp = torch.log_softmax(y, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1)
             for j in (~finished).nonzero().flatten().tolist():
                 tokens[j].append(int(token[j]))
                 logps[j].append(float(logp[j]))
             step += 1
             was_live = ~finished
+            if seen is not None:
+                seen[torch.arange(n, device=device), token] |= was_live
             finished = finished | torch.isin(token, eos) | (step >= budget_t)
             feed = was_live & ~finished  # a row's last token (its EOS) is not fed: the next turn feeds it
             if bool(finished.all()):
@@ -180,7 +187,8 @@ def engine_sampler(config, policy, tokenizer, eos_ids: list[int], *, max_sequenc
     from lmpg.vllm_sampler import VllmSampler
 
     return VllmSampler(policy, tokenizer, eos_ids=eos_ids, temperature=config.temperature, top_p=config.top_p,
-                       top_k=config.top_k, max_model_len=config.vllm_max_model_len or max_model_len,
+                       top_k=config.top_k, min_p=config.min_p, repetition_penalty=config.repetition_penalty,
+                       trust_remote_code=config.trust_remote_code, max_model_len=config.vllm_max_model_len or max_model_len,
                        max_sequences=max_sequences, workdir=workdir, seed=config.seed,
                        memory_utilization=config.vllm_gpu_memory_utilization, dtype=config.vllm_dtype,
                        enforce_eager=config.vllm_enforce_eager, sleep_mode=config.vllm_enable_sleep_mode)

@@ -1,8 +1,10 @@
 """The sampler-trainer mismatch: weights that correct it, figures that measure it.
 
 An inference engine samples a_t ~ q(. | s_t) while the trainer's pi_old is its own forward of the
-same weights. q != pi_old: other kernels, bf16, batch shapes, and top-k / top-p truncation (q is the
-distribution actually sampled from, `lmpg.vllm_sampler`). The batch is then slightly off-policy, and
+same weights. q != pi_old: other kernels, bf16, batch shapes, and top-k / top-p / min_p truncation
+and the repetition penalty (q is the distribution actually sampled from, `lmpg.vllm_sampler`; lmpg's
+own sampler with those settings reports the same q, `lmpg.sampler.sampling_logits`, exact but for
+float rounding). The batch is then off-policy, and
 the policy gradient at theta_old,
 
     grad J = E_{tau ~ pi_old}[ sum_t grad log pi(a_t | s_t) A(tau) ],
@@ -13,7 +15,8 @@ is estimated from samples of q with an importance weight (CS224R lecture 3, impo
 
 Modes (`sampler_correction`, TRL's `vllm_importance_sampling_mode`, verl's rollout correction):
 - sequence_truncate: w(tau) = min(rho(tau), C) on every token of tau. With C = inf,
-  E_q[w g] = E_pi_old[g] exactly (g = sum_t grad log pi(a_t|s_t) A). Truncating at C trades that for
+  E_q[w g] = E_pi_old[g] exactly (g = sum_t grad log pi(a_t|s_t) A) where q > 0 wherever pi_old > 0
+  (truncation breaks that: what q never samples, no weight recovers). Truncating at C trades that for
   bounded variance, with bias  E_q[w g] - grad J = -E_q[(rho(tau) - C)_+ g(tau)]  (zero when no
   trajectory's ratio exceeds C). A lower bound C_min adds +E_q[(C_min - rho(tau))_+ g(tau)].
 - sequence_mask: w(tau) = rho(tau) when C_min <= rho(tau) <= C, else 0: bias

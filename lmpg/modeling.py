@@ -13,10 +13,23 @@ from lmpg.errors import ConfigError
 logger = logging.getLogger("lmpg")
 
 
-def load_model_and_tokenizer(model, tokenizer=None):
-    """(model, tokenizer) from objects or a hub name / local path; a missing path is a ConfigError."""
+def load_model_and_tokenizer(model, tokenizer=None, *, model_init_kwargs: dict | None = None,
+                             trust_remote_code: bool = False):
+    """(model, tokenizer) from objects or a hub name / local path; a missing path is a ConfigError.
+
+    model_init_kwargs: keyword arguments to from_pretrained for a model given by name (a dtype may be
+    a string, 'bfloat16'); its revision also loads the tokenizer. trust_remote_code: passed to both
+    from_pretrained calls (as TRL does; model_init_kwargs' own value wins). A model given as an object
+    is used as it is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    init_kwargs = dict(model_init_kwargs or {})
+    init_kwargs.setdefault("trust_remote_code", trust_remote_code)
+    if isinstance(init_kwargs.get("dtype"), str) and init_kwargs["dtype"] != "auto":
+        init_kwargs["dtype"] = _torch_dtype(init_kwargs["dtype"])
+    tokenizer_kwargs = {"trust_remote_code": init_kwargs["trust_remote_code"]}
+    if init_kwargs.get("revision") is not None:
+        tokenizer_kwargs["revision"] = init_kwargs["revision"]
     name = None
     if isinstance(model, (str, Path)):
         name = str(model)
@@ -24,23 +37,32 @@ def load_model_and_tokenizer(model, tokenizer=None):
         if looks_local and not Path(name).expanduser().exists():
             raise ConfigError(f"model path {name} does not exist; give an existing directory or a hub model name")
         try:
-            model = AutoModelForCausalLM.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, **init_kwargs)
         except OSError as e:
             first = str(e).strip().splitlines()[0]
             raise ConfigError(f"cannot load model {name!r}: {first}") from None
+    elif model_init_kwargs:
+        logger.info("model_init_kwargs apply to a model loaded by name; the model given is used as it is")
     if tokenizer is None:
         source = name or getattr(model, "name_or_path", None)
         if not source:
             raise ConfigError("no tokenizer given and the model has no name_or_path; pass tokenizer=...")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
         except OSError as e:
             first = str(e).strip().splitlines()[0]
             raise ConfigError(f"cannot load tokenizer {source!r}: {first}; pass tokenizer=...") from None
     elif isinstance(tokenizer, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), **tokenizer_kwargs)
     ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"model_init_kwargs dtype={name!r} is not a torch dtype; use bfloat16, float16, float32 or auto")
+    return dtype
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -91,3 +113,36 @@ def frozen_copy(model):
     ref.requires_grad_(False)
     ref.eval()
     return ref
+
+
+class Float32Linear(torch.nn.Linear):
+    """An output layer computed in fp32: fp32 weights, fp32 hidden states, outside autocast, so the
+    logits (and every log-prob and KL from them) are fp32 whatever the model's dtype or mixed precision.
+    A class of its own, so that `lmpg.chunked_logprobs` takes its general path (its hand-written
+    backward assumes one dtype)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+
+def cast_lm_head_to_fp32(model) -> None:
+    """The model's output layer as `Float32Linear`, in place (TRL's cast_lm_head_to_fp32, ScaleRL
+    arXiv 2510.13786): its weights cast to fp32 and its matmul run in fp32. With tied word embeddings the
+    shared weight becomes fp32 too, so the input embedding's output is cast back to the model's dtype
+    (as TRL does) for the layers after it. An output layer carrying a LoRA adapter is refused."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    head = base.get_output_embeddings()
+    if type(head) is Float32Linear:
+        return
+    if type(head) is not torch.nn.Linear:
+        raise ConfigError(f"cast_lm_head_to_fp32 needs a plain nn.Linear output layer, not {type(head).__name__} "
+                          "(LoRA on lm_head? leave it out of lora_target_modules), or set cast_lm_head_to_fp32=false")
+    dtype = head.weight.dtype
+    head.float()
+    head.__class__ = Float32Linear
+    embedding = base.get_input_embeddings()
+    if dtype != torch.float32 and embedding is not None and embedding.weight is head.weight:
+        embedding.register_forward_hook(lambda module, args, output: output.to(dtype))
+

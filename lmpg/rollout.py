@@ -4,9 +4,11 @@ A prompt is the initial state s_0, each generated token a_t an action, and the c
 including the first EOS, or `max_new_tokens` tokens) the trajectory. Sampling uses the model's KV
 cache through `generate`, under no_grad.
 
-The policy is softmax(logits / temperature). top_k / top_p truncate the sampler's distribution;
-the log-probabilities used in the loss are of the untruncated tempered policy, as in TRL, so with
-truncation on the sampler is slightly off-policy (leave both off for the exact estimator).
+The policy is softmax(logits / temperature). top_k / top_p / min_p truncate the sampler's
+distribution and repetition_penalty reshapes it (`lmpg.sampler.sampling_logits`); the log-probabilities
+used in the loss are of the untruncated tempered policy, as in TRL, so with any of them on the sampler
+is off-policy: the batch carries the sampler's own q (`sampler_logp`) and the trainer measures and
+may correct the mismatch (`lmpg.mismatch`). Leave them off for the exact estimator.
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ def encode_prompts(tokenizer, prompt_texts: list[str], max_prompt_length: int, a
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: int, *, max_new_tokens: int,
-                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                       max_prompt_length: int = 512, add_special_tokens: bool = True,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                       repetition_penalty: float = 1.0, max_prompt_length: int = 512, add_special_tokens: bool = True,
                        eos_ids: list[int] | None = None, seeds: list[int] | None = None,
                        sampler: str = "lmpg", policy_version: int = 0,
                        with_grad_sq_norm: bool = False, turn_sampler=None) -> TrajectoryBatch:
@@ -96,7 +98,7 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
 
     sampler="lmpg" (default): `lmpg.sampler.sample_tokens`, one random stream per sample from
     `seeds` (B = len(prompt_texts) * group_size of them; default: drawn from the global torch RNG);
-    the batch then carries the sampler's log-probs in `sampler_logp` and, with `with_grad_sq_norm`,
+    the batch then carries the sampler's log q in `sampler_logp` and, with `with_grad_sq_norm`,
     each token's ||grad_z log pi(a_t | s_t)||^2 in `grad_sq_norm`.
     sampler="generate": transformers' `model.generate` on the global torch RNG.
     turn_sampler: a `lmpg.generation.TurnSampler` (an inference engine) that samples instead, one
@@ -129,14 +131,15 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                 raise ValueError(f"got {len(seeds)} seeds for {B} samples")
             completion_ids, sampler_logp, *grad_sq_norm = sample_tokens(
                 model, prompt_ids, prompt_mask, seeds, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                with_grad_sq_norm=with_grad_sq_norm)
+                pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, with_grad_sq_norm=with_grad_sq_norm)
         elif sampler == "generate":
             if with_grad_sq_norm:
                 raise ValueError("grad_sq_norm comes from lmpg's sampler; use sampler='lmpg'")
             out = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
                 temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None,
+                min_p=min_p if min_p > 0 else None, repetition_penalty=repetition_penalty,
                 max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                 use_cache=True, return_dict_in_generate=False,
             )

@@ -45,15 +45,17 @@ from lmpg.data import PromptOrder, load_prompt_dataset, render_prompt
 from lmpg.dynamic_sampling import DynamicSampling, SampledGroups
 from lmpg.environments import require_reward_source
 from lmpg.episodes import EpisodeSampler, episode_counts, episode_metrics, score_episodes
-from lmpg.errors import ConfigError
+from lmpg.errors import ConfigError, TrainingError
 from lmpg.forward import batch_logprobs
 from lmpg.generation import engine_sampler
 from lmpg.kl import kl_penalised_rewards
 from lmpg.masked import masked_mean
 from lmpg.mismatch import correction_weights, mismatch_stats
 from lmpg.metrics import JsonlWriter, clean, format_metrics_line
-from lmpg.modeling import apply_lora, disable_dropout, frozen_copy, is_peft_model, load_model_and_tokenizer
+from lmpg.modeling import apply_lora, cast_lm_head_to_fp32, disable_dropout, frozen_copy, is_peft_model, \
+    load_model_and_tokenizer
 from lmpg.optim import make_adamw, make_scheduler
+from lmpg.reference import ReferenceSync
 from lmpg.rewards import RewardScorer
 from lmpg.rewards.scorer import metric_means, pool_metric_values
 from lmpg.rollout import eos_token_ids, reward_inputs, sample_completions
@@ -62,6 +64,9 @@ from lmpg.samples import logged_records, print_samples, sample_records
 from lmpg.update import NonFiniteGuard, PolicyUpdate, logp_old_rows_before_update
 
 logger = logging.getLogger("lmpg")
+
+REF_MODEL_DIR = "ref_model"
+"""A checkpoint's directory of pi_ref's weights (sync_ref_model only)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -168,10 +173,13 @@ class PGTrainer:
         seed_everything(c.seed)
 
         self.train_dataset = load_prompt_dataset(train_dataset, c.dataset_split, c.prompt_column)
-        model, tokenizer = load_model_and_tokenizer(model, tokenizer)
+        model, tokenizer = load_model_and_tokenizer(model, tokenizer, model_init_kwargs=c.model_init_kwargs,
+                                                    trust_remote_code=c.trust_remote_code)
         self.tokenizer = tokenizer
         disable_dropout(model)
         model = apply_lora(model, c, peft_config)
+        if c.cast_lm_head_to_fp32:
+            cast_lm_head_to_fp32(model)
         if c.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -180,6 +188,9 @@ class PGTrainer:
         self.ref_model = None
         if c.kl_coef > 0 and not is_peft_model(model):
             self.ref_model = frozen_copy(model).to(acc.device)  # with LoRA: the adapter disabled is pi_ref
+        if c.sync_ref_model and self.ref_model is None:
+            raise ConfigError("sync_ref_model=true with a peft model: pi_ref is its base with the adapter disabled, "
+                              "which no step may change; set sync_ref_model=false or train without LoRA")
 
         weights = reward_weights if reward_weights is not None else c.reward_weights
         fns = reward_fns if reward_fns is not None else c.rewards
@@ -210,7 +221,7 @@ class PGTrainer:
                                            max_model_len=self.sequence_limit(), workdir=tempfile.mkdtemp(prefix="lmpg-engine-"))
         # multi-turn episodes (lmpg.episodes) instead of single completions
         self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
-        self.prompt_order = PromptOrder(len(self.train_dataset), c.seed)
+        self.prompt_order = PromptOrder(len(self.train_dataset), c.seed, shuffle=c.shuffle_dataset)
         # DAPO's dynamic sampling: more rounds of prompts until every group has reward spread
         self.dynamic_sampling = None if not c.dynamic_sampling else DynamicSampling(
             acc, prompts_per_iteration=c.prompts_per_iteration, prompts_per_minibatch=c.prompts_per_minibatch,
@@ -222,6 +233,11 @@ class PGTrainer:
         self.policy_update = PolicyUpdate(self.model, self.optimizer, self.scheduler, acc, c, local_mb,
                                           self.micro_batch_size, self.share_prompt_forward, self.guard, self.gather,
                                           chunk_size=self.logits_chunk_size)
+        # TR-DPO's reference sync (lmpg.reference), after the optimizer steps it falls on
+        self.ref_sync = ReferenceSync(self.ref_model, acc.unwrap_model(self.model), alpha=c.ref_model_mixup_alpha,
+                                      every=c.ref_model_sync_steps) if c.sync_ref_model else None
+        if self.ref_sync is not None:
+            self.policy_update.step_observers.append(self.ref_sync)
         self.metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
         self.timings_log = JsonlWriter(self.output_dir / "timings.jsonl")
         self.samples_log = JsonlWriter(self.output_dir / "samples.jsonl")
@@ -324,7 +340,7 @@ class PGTrainer:
         indices = self.prompt_order.next_indices(count)
         rows = self.train_dataset[[indices[p] for p in positions]]  # dict of columns
         prompts = rows[c.prompt_column]
-        rendered = [render_prompt(self.tokenizer, p) for p in prompts]
+        rendered = [render_prompt(self.tokenizer, p, c.chat_template_kwargs) for p in prompts]
         return Prompts([first_position + p for p in positions], rows, prompts, [t for t, _ in rendered], rendered[0][1])
 
     def sample(self, prompts: Prompts) -> TrajectoryBatch:
@@ -338,7 +354,8 @@ class PGTrainer:
                                         turn_sampler=self.turn_sampler or self.episodes.turn_sampler(policy))
         return sample_completions(policy, self.tokenizer, prompts.texts, c.group_size,
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, max_prompt_length=c.max_prompt_length,
+                                  top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty,
+                                  max_prompt_length=c.max_prompt_length,
                                   add_special_tokens=prompts.add_special_tokens, eos_ids=self.eos_ids, seeds=seeds,
                                   sampler=c.sampler, policy_version=self.iteration,
                                   with_grad_sq_norm=c.baseline in WEIGHTED_BASELINES, turn_sampler=self.turn_sampler)
@@ -357,6 +374,9 @@ class PGTrainer:
         token_rewards, scored = scores.to_token_rewards(batch.completion_mask.cpu())
         device = batch.completion_mask.device
         batch.token_rewards, batch.scored = token_rewards.to(device), scored.to(device)
+        if c.reward_aggregation == "normalize_then_sum":  # GDPO: each function normalised in its group, then summed
+            normalised, _ = scores.group_normalised(c.group_size, c.adv_eps).to_token_rewards(batch.completion_mask.cpu())
+            batch.normalised_rewards = normalised.to(device)
         return scores
 
     def fill_logp_old(self, batch: TrajectoryBatch) -> None:
@@ -408,8 +428,9 @@ class PGTrainer:
         return stats
 
     def correct_sampler_mismatch(self, batch: TrajectoryBatch) -> dict:
-        """With an inference engine's samples (q != pi_old, `lmpg.mismatch`): the mismatch figures over
-        the whole batch, and batch.adv times the correction weight w(pi_old / q) of `sampler_correction`."""
+        """With samples from q != pi_old (an inference engine, or lmpg's sampler with truncation or a
+        penalty, `lmpg.mismatch`): the mismatch figures over the whole batch, and batch.adv times the
+        correction weight w(pi_old / q) of `sampler_correction`."""
         c = self.config
         if not c.measures_sampler_mismatch:
             return {}
@@ -440,6 +461,8 @@ class PGTrainer:
 
     def update(self, batch: TrajectoryBatch) -> tuple[dict, torch.Tensor]:
         """`lmpg.update.PolicyUpdate` on the batch: (stats, first-epoch entropy (B, T))."""
+        if self.ref_sync is not None:  # the run's optimizer steps before this iteration's
+            self.ref_sync.step = self.iteration * self.config.optimizer_steps_per_iteration
         return self.policy_update(batch, self.iteration)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -576,12 +599,17 @@ class PGTrainer:
                      "metrics_lines": self.iteration,  # metrics.jsonl holds one line per iteration
                      "entropy_coefficient": self.policy_update.entropy_coefficient.state_dict(),
                      "config": self.config.to_dict()}
-            path = save_checkpoint(self.output_dir, self.iteration,
-                                   lambda p: save_weights(acc.unwrap_model(self.model), p), state,
-                                   self.config.keep_last)
+            path = save_checkpoint(self.output_dir, self.iteration, self._save_weights, state, self.config.keep_last)
             self._write_plot()
         acc.wait_for_everyone()
         return path
+
+    def _save_weights(self, path: Path) -> None:
+        """The policy's weights in `path`; with sync_ref_model pi_ref's beside it (`REF_MODEL_DIR`): its
+        mixed weights are the run's state, no longer a copy of the initial policy."""
+        save_weights(self.accelerator.unwrap_model(self.model), path)
+        if self.ref_sync is not None:
+            save_weights(self.ref_model, path.parent / REF_MODEL_DIR)
 
     def _write_plot(self) -> None:
         """metrics.png in the run directory; a plotting failure is logged, never fatal to training."""
@@ -597,6 +625,14 @@ class PGTrainer:
         path = Path(path)
         state = load_state(path)
         load_weights(self.accelerator.unwrap_model(self.model), path / "model")
+        if self.ref_sync is not None:
+            if not (path / REF_MODEL_DIR).is_dir():
+                raise TrainingError(f"checkpoint {path} holds no reference model, but sync_ref_model=true; resume with "
+                                    "the run's own setting (sync_ref_model=false)")
+            load_weights(self.ref_model, path / REF_MODEL_DIR)
+        elif (path / REF_MODEL_DIR).is_dir():
+            raise TrainingError(f"checkpoint {path} holds a synced reference model, but sync_ref_model=false; resume "
+                                "with the run's own setting (sync_ref_model=true)")
         self.sync_sampler()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

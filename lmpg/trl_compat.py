@@ -26,21 +26,16 @@ ADV_NORM = {"group": "group", "batch": "batch", "none": "none", True: "group", F
 RATIO_LEVEL = {"token": "token", "sequence": "sequence_mean"}
 SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# generation_kwargs keys (vLLM's SamplingParams or transformers' GenerationConfig, which TRL passes them to)
+# that lmpg implements, and the PGConfig field each sets; TRL lets them override its own fields, so here too
+GENERATION_KWARGS = {**{name: name for name in SAMPLING_FIELDS}, "max_tokens": "max_new_tokens",
+                     "max_new_tokens": "max_new_tokens"}
 
 # field -> (the values lmpg can do, what lmpg has instead)
 UNSUPPORTED = {
     "loss_type": (tuple(LOSS_AGG), "not a TRL 1.16 loss type"),
-    "multi_objective_aggregation": (("sum_then_normalize",), "lmpg normalises the weighted sum of the rewards"),
     "importance_sampling_level": (tuple(RATIO_LEVEL), "ratio_level: token or sequence_mean"),
-    "sync_ref_model": ((False,), "the reference model stays the initial policy"),
-    "min_p": ((None,), "temperature, top_p and top_k only"),
-    "repetition_penalty": ((1.0,), "temperature, top_p and top_k only"),
-    "generation_kwargs": ((None, {}), "temperature, top_p and top_k only"),
-    "chat_template_kwargs": ((None, {}), "lmpg renders the chat template with its defaults"),
-    "model_init_kwargs": ((None, {}), "load the model yourself and pass it to PGTrainer"),
-    "trust_remote_code": ((False,), "load the model yourself and pass it to PGTrainer"),
-    "cast_lm_head_to_fp32": ((False,), "no equivalent"),
-    "shuffle_dataset": ((True,), "lmpg always draws prompts in a seeded shuffled order"),
     "use_transformers_paged": ((False,), "lmpg's own KV-cache sampler"),
     "use_transformers_continuous_batching": ((False,), "lmpg's own KV-cache sampler"),
     "torch_compile": ((False,), "no equivalent"),
@@ -60,6 +55,13 @@ def _lacking(args: Any) -> list[str]:
     for name, (allowed, instead) in UNSUPPORTED.items():
         if hasattr(args, name) and _value(getattr(args, name)) not in allowed:
             problems.append(f"{name}={_value(getattr(args, name))!r} ({instead})")
+    unknown = sorted(set(getattr(args, "generation_kwargs", None) or {}) - set(GENERATION_KWARGS))
+    if unknown:
+        problems.append(f"generation_kwargs key(s) {', '.join(map(repr, unknown))} (lmpg's samplers take "
+                        f"{', '.join(GENERATION_KWARGS)}; set the others aside)")
+    aggregation = getattr(args, "multi_objective_aggregation", "sum_then_normalize")
+    if aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+        problems.append(f"multi_objective_aggregation={aggregation!r} (sum_then_normalize or normalize_then_sum)")
     scheduler = str(_value(args.lr_scheduler_type))
     if scheduler not in SCHEDULERS:
         problems.append(f"lr_scheduler_type={scheduler!r} (lr_scheduler: constant, linear or cosine)")
@@ -110,7 +112,8 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         minibatch_size=minibatch, micro_batch_size=args.per_device_train_batch_size,
         epochs_per_batch=args.num_iterations, iterations=iterations, max_new_tokens=args.max_completion_length,
         max_episode_tokens=args.max_completion_length,  # TRL's cap on a multi-turn completion, tool results included
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0, min_p=args.min_p or 0.0,
+        repetition_penalty=args.repetition_penalty,
         clip_eps_low=args.epsilon, clip_eps_high=epsilon_high,
         kl_coef=args.beta, kl_in="loss", kl_estimator="k3", kl_ratio_weighted=bool(args.use_bias_correction_kl),
         loss_agg=loss_agg,
@@ -127,14 +130,29 @@ def pgconfig_fields_from_trl(args: Any) -> dict[str, Any]:
         save_every=max(1, round(args.save_steps / steps_per_iteration))
         if str(_value(args.save_strategy)) == "steps" and args.save_steps >= 1 else 0,
         keep_last=args.save_total_limit or 2, report_to=report_to,
+        chat_template_kwargs=dict(getattr(args, "chat_template_kwargs", None) or {}),
+        model_init_kwargs=model_init_kwargs_from_trl(getattr(args, "model_init_kwargs", None) or {}),
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+        cast_lm_head_to_fp32=bool(getattr(args, "cast_lm_head_to_fp32", False)),
+        shuffle_dataset=getattr(args, "shuffle_dataset", True) is not False,
+        sync_ref_model=bool(getattr(args, "sync_ref_model", False)),
+        ref_model_mixup_alpha=getattr(args, "ref_model_mixup_alpha", 0.6),
+        ref_model_sync_steps=getattr(args, "ref_model_sync_steps", 512),
     )
     fields.update(mask_truncated_completions=bool(args.mask_truncated_completions),
                   top_entropy_quantile=args.top_entropy_quantile, off_policy_mask_threshold=args.off_policy_mask_threshold,
                   entropy_coef=args.entropy_coef, adaptive_entropy=bool(args.use_adaptive_entropy),
                   entropy_coef_min=args.entropy_coef_min, entropy_coef_max=args.entropy_coef_max,
                   entropy_coef_delta=args.entropy_coef_delta, entropy_target=args.entropy_target)
+    if getattr(args, "multi_objective_aggregation", "sum_then_normalize") == "normalize_then_sum":
+        # GDPO in TRL: each reward normalised in its group, summed, then the sum normalised over the whole
+        # batch (its mean and std), whatever scale_rewards says
+        fields.update(reward_aggregation="normalize_then_sum", baseline="batch_mean", adv_norm="batch")
+    fields.update(generation_fields_from_trl(getattr(args, "generation_kwargs", None) or {}))
     if getattr(args, "use_vllm", False):
         fields.update(vllm_fields_from_trl(args))
+    elif PGConfig(**{k: fields[k] for k in SAMPLING_FIELDS}).processes_sampling:
+        fields["sampler_correction"] = "none"  # TRL's transformers path trains on q's samples uncorrected
     if getattr(args, "max_prompt_length", None):  # older TRL
         fields["max_prompt_length"] = args.max_prompt_length
     if getattr(args, "max_tool_calling_iterations", None) is not None:  # N rounds of tool calls, then the answer
@@ -163,6 +181,26 @@ def objective_fields_from_trl(args: Any, loss_type: str, epsilon_high: float) ->
     if loss_type == "vespo":
         fields.update(vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
                       vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg)
+    return fields
+
+
+def model_init_kwargs_from_trl(model_init_kwargs: dict) -> dict[str, Any]:
+    """TRL's model_init_kwargs as lmpg's: TRL loads in float32 unless they give a dtype; a torch dtype
+    becomes its name, so that config.yaml stays plain text."""
+    kwargs = {"dtype": "float32", **model_init_kwargs}
+    if not isinstance(kwargs["dtype"], str) and kwargs["dtype"] is not None:
+        kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
+    return kwargs
+
+
+def generation_fields_from_trl(generation_kwargs: dict) -> dict[str, Any]:
+    """The PGConfig fields that GRPOConfig.generation_kwargs sets (the keys of `GENERATION_KWARGS`;
+    `_lacking` refuses the others); vLLM's top_k=-1 and transformers' None are lmpg's 0 (off)."""
+    fields = {GENERATION_KWARGS[k]: v for k, v in generation_kwargs.items() if k in GENERATION_KWARGS}
+    if "top_k" in fields and (fields["top_k"] is None or fields["top_k"] < 0):
+        fields["top_k"] = 0
+    if "min_p" in fields and fields["min_p"] is None:
+        fields["min_p"] = 0.0
     return fields
 
 

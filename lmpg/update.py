@@ -296,6 +296,7 @@ class PolicyUpdate:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_settings = surrogate_loss_settings(config)
         self.entropy_coefficient = EntropyCoefficient(config, gather)  # lives across iterations
+        self.step_observers: list[UpdateObserver] = []  # the trainer's own (lmpg.reference.ReferenceSync)
 
     def observers(self, batch: TrajectoryBatch) -> list[UpdateObserver]:
         c = self.config
@@ -312,7 +313,7 @@ class PolicyUpdate:
             (("high_entropy_frac",) if c.top_entropy_quantile < 1 else ())
         if masked:
             observers.append(MicroBatchMeans(masked))
-        return observers
+        return observers + self.step_observers
 
     def entropy_terms(self, entropy: torch.Tensor | None, loss_mask: torch.Tensor, num_tokens: float,
                       micro_batches: int) -> dict:

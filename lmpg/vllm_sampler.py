@@ -16,11 +16,12 @@ support (vLLM's `SupportsLoRA`; Llama, Qwen2/3, Mistral, Gemma, Phi and most dec
 
 Which distribution the log-probs belong to. The engine is started with
 `logprobs_mode="processed_logprobs"`: the returned log q(a_t | s_t) is that of the distribution each
-token was actually drawn from, softmax(z / tau) after top-k / top-p truncation. lmpg's pi_old is the
-trainer's own forward of the untruncated tempered policy, so the ratio pi_old / q corrects both the
-kernel mismatch and the truncation (`lmpg.mismatch`). A ratio against the untempered
-(`raw_logprobs`) or a truncated-but-renormalised-elsewhere distribution would be biased
-(huggingface/trl#6789). With top-k / top-p off, q and pi_old are the same function of the logits.
+token was actually drawn from, softmax(z / tau) after the repetition penalty, min_p, top-k and top-p
+(the same steps in the same order as lmpg's own sampler, `lmpg.sampler.sampling_logits`). lmpg's
+pi_old is the trainer's own forward of the untruncated tempered policy, so the ratio pi_old / q
+corrects both the kernel mismatch and the truncation (`lmpg.mismatch`). A ratio against the
+untempered (`raw_logprobs`) or a truncated-but-renormalised-elsewhere distribution would be biased
+(huggingface/trl#6789). With all of them off, q and pi_old are the same function of the logits.
 
 Random streams. Each row's turn k draws with vLLM's per-request seed `row_seed(seeds[i], k, ...)`,
 so a row's sample depends on its own seed and its history only, not on the batch around it: the same
@@ -114,14 +115,16 @@ class VllmSampler:
     """
 
     def __init__(self, policy, tokenizer, *, eos_ids: list[int], temperature: float, top_p: float, top_k: int,
-                 max_model_len: int, max_sequences: int, workdir, seed: int = 0,
-                 memory_utilization: float | None = None, dtype: str | None = None,
-                 enforce_eager: bool | None = None, sleep_mode: bool = False, ignore_eos: bool = False):
+                 max_model_len: int, max_sequences: int, workdir, seed: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, memory_utilization: float | None = None, dtype: str | None = None,
+                 enforce_eager: bool | None = None, sleep_mode: bool = False, ignore_eos: bool = False,
+                 trust_remote_code: bool = False):
         from lmpg.modeling import is_peft_model
 
         vllm = import_vllm()
         self.tokenizer, self.eos_ids = tokenizer, list(eos_ids)
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.min_p, self.repetition_penalty = min_p, repetition_penalty
         self.max_model_len, self.ignore_eos = max_model_len, ignore_eos
         self.workdir = Path(workdir)
         self.on_gpu = torch.cuda.is_available()
@@ -144,7 +147,8 @@ class VllmSampler:
                       max_model_len=max_model_len, **memory,
                       enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager,
                       logprobs_mode="processed_logprobs", enable_prefix_caching=True,
-                      max_num_seqs=max(max_sequences, 1), enable_sleep_mode=sleep_mode)
+                      max_num_seqs=max(max_sequences, 1), enable_sleep_mode=sleep_mode,
+                      trust_remote_code=trust_remote_code)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # one engine per training process, each in the process group the launcher made (TRL's colocate mode)
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -262,6 +266,7 @@ class VllmSampler:
             self.turns[i] += 1
             prompts.append(TokensPrompt(prompt_token_ids=list(history)))
             params.append(SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
+                                         min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                          max_tokens=budget, seed=seed, logprobs=0, detokenize=False,
                                          stop_token_ids=[] if self.ignore_eos else self.eos_ids,
                                          ignore_eos=self.ignore_eos))

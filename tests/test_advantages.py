@@ -412,3 +412,34 @@ def test_optimal_baselines_refuse_what_they_cannot_do():
         PGConfig(baseline="optimal_token", adv_norm="group")
     with pytest.raises(ValueError, match="group_size >= 2"):
         baseline(RET, 1, "optimal", weight=torch.ones(8, dtype=DT))
+
+
+def test_group_normalised_rewards_by_hand():
+    """GDPO's per-function normalisation: each column within each group, population std, over the
+    samples the function scored (NaN stays NaN, no term); a group whose scored values are equal gets 0."""
+    from lmpg.advantages import group_normalised_rewards
+
+    nan = float("nan")
+    rewards = torch.tensor([[1.0, 2.0], [3.0, nan], [5.0, 4.0],      # group 0: f2 scored 2 of 3
+                            [7.0, 1.0], [7.0, 1.0], [7.0, nan]], dtype=torch.float64)  # group 1: no spread
+    z, stats = group_normalised_rewards(rewards, 3, eps=0.0)
+    col0 = (torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64) - 3.0) / (8 / 3) ** 0.5
+    torch.testing.assert_close(z[:3, 0], col0)
+    torch.testing.assert_close(z[[0, 2], 1], torch.tensor([-1.0, 1.0], dtype=torch.float64))  # mean 3, std 1
+    assert torch.isnan(z[1, 1]) and torch.isnan(z[5, 1])
+    assert torch.equal(z[3:5], torch.zeros(2, 2, dtype=torch.float64)) and z[5, 0] == 0
+    assert stats["zero_spread_reward_frac"] == 0.5  # group 1's two functions of the four pairs
+    z_eps, _ = group_normalised_rewards(rewards, 3, eps=1e-6)
+    torch.testing.assert_close(z_eps[:3, 0], col0 * (8 / 3) ** 0.5 / ((8 / 3) ** 0.5 + 1e-6))
+
+
+def test_group_normalised_scores_refuse_per_token_rewards_in_one_line():
+    from lmpg.errors import RewardError
+    from lmpg.rewards.scorer import RewardScores
+
+    scores = RewardScores(names=["ok", "tokens"], values=[[1.0, 0.0], [[0.5], [0.1, 0.2]]], weights=[1.0, 1.0])
+    with pytest.raises(RewardError, match="reward 'tokens' gives per-token rewards") as err:
+        scores.group_normalised(2, 1e-6)
+    assert "\n" not in str(err.value)
+    plain = RewardScores(names=["a", "b"], values=[[1.0, 3.0], [None, 2.0]], weights=[1.0, 2.0])
+    assert plain.group_normalised(2, 0.0).values == [[-1.0, 1.0], [None, 0.0]]

@@ -32,6 +32,18 @@ from lmpg.errors import ConfigError
     (dict(top_entropy_quantile=1.5), r"top_entropy_quantile=1.5 must be in \[0, 1\]"),
     (dict(off_policy_mask_threshold=-0.1), r"off_policy_mask_threshold=-0.1 must be >= 0"),
     (dict(entropy_coef_min=0.5, entropy_coef_max=0.1), r"entropy_coef_min=0.5 must be <= entropy_coef_max=0.1"),
+    # issue 22: lmpg's sampler's log-probs are q, not pi_old, once truncation or a penalty is on
+    (dict(logp_old_source="sampler", min_p=0.1), "logp_old_source=sampler needs the sampler's q to be pi_old"),
+    (dict(logp_old_source="sampler", repetition_penalty=1.2), "logp_old_source=sampler needs the sampler's q"),
+    (dict(logp_old_source="sampler", top_k=5), "logp_old_source=sampler needs the sampler's q"),
+    (dict(sampler_correction="token_mask"), "needs sampler=vllm, or lmpg's sampler with top_k"),
+    (dict(min_p=1.0), r"min_p=1.0 must be in \[0, 1\)"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty=0.0 must be > 0"),
+    (dict(reward_aggregation="normalize_then_sum", group_size=1, batch_size=4, baseline="batch_mean"),
+     "normalize_then_sum normalises within groups; set group_size >= 2"),
+    (dict(reward_aggregation="normalize_then_sum", kl_coef=0.1, kl_in="reward"), "normalize_then_sum with kl_in=reward"),
+    (dict(reward_aggregation="normalize_then_sum", environment="tasks:Calculator"),
+     "normalize_then_sum needs single-turn sampling"),
 ])
 def test_silent_combinations_are_refused_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -51,10 +63,25 @@ def test_valid_combinations_pass():
     assert PGConfig(loss_agg="constant", max_new_tokens=32).resolved_loss_constant == 32.0
 
 
+@pytest.mark.parametrize("sampling", [dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(repetition_penalty=1.1)])
+def test_lmpg_sampler_with_truncation_or_penalty_measures_and_corrects_the_mismatch(sampling):
+    """Issue 22: q != pi_old for lmpg's own sampler with any of these on: the mismatch is measured,
+    auto corrects it (token_truncate, the argument in resolved_sampler_correction), any mode may be set."""
+    config = PGConfig(**sampling)
+    assert config.processes_sampling and config.measures_sampler_mismatch
+    assert config.resolved_sampler_correction == "token_truncate"
+    assert PGConfig(sampler_correction="sequence_mask", **sampling).resolved_sampler_correction == "sequence_mask"
+    assert not PGConfig(sampler="generate", **sampling).measures_sampler_mismatch  # generate reports no q
+    plain = PGConfig()
+    assert not plain.processes_sampling and not plain.measures_sampler_mismatch
+    assert plain.resolved_sampler_correction == "none"
+
+
 # ----------------------------------------------------------------------------- choices from Literals
 CHOICE_FIELDS = {"baseline", "adv_norm", "ratio_level", "loss_agg", "kl_estimator", "kl_in", "reward_on_error",
                  "sampler", "logp_old_source", "tool_format", "reward_executor", "lr_scheduler", "mixed_precision",
-                 "sampler_correction", "pg_objective", "sequence_loss_weight"}
+                 "sampler_correction", "pg_objective", "sequence_loss_weight",
+                 "reward_aggregation"}
 # the fields a choice needs beside it to be a valid config
 CHOICE_CONTEXT = {"sampler_correction": dict(sampler="vllm"), "sequence_loss_weight": dict(ratio_level="sequence_mean")}
 

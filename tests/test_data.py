@@ -95,3 +95,21 @@ def test_an_empty_prompt_in_the_dataset_trains_from_bos(tmp_path, tiny_model, to
     assert len(metrics) == 1 and metrics[0]["completion_len_mean"] > 0
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert "" in {s["prompt"] for s in samples}
+
+
+def test_prompt_order_without_shuffle_is_the_datasets_order_and_resumes():
+    """Issue 22 (TRL's shuffle_dataset=False): rows in dataset order, epoch after epoch; the position
+    resumes from a state dict, and a checkpoint of the other setting is refused in one line."""
+    from lmpg.data import PromptOrder
+
+    order = PromptOrder(5, seed=3, shuffle=False)
+    assert order.next_indices(3) == [0, 1, 2]
+    state = order.state_dict()
+    assert order.next_indices(4) == [3, 4, 0, 1]
+    resumed = PromptOrder(5, seed=3, shuffle=False)
+    resumed.load_state_dict(state)
+    assert resumed.next_indices(4) == [3, 4, 0, 1]
+    assert PromptOrder(5, seed=3).next_indices(5) != [0, 1, 2, 3, 4]  # the default shuffles (seed 3)
+    with pytest.raises(DataError, match="shuffle_dataset=False.*shuffle_dataset=True") as err:
+        PromptOrder(5, seed=3).load_state_dict(state)
+    assert "\n" not in str(err.value)

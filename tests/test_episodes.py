@@ -460,3 +460,21 @@ def test_a_sample_record_reads_the_episode_turn_by_turn(char_setup):
                                {"role": "assistant", "content": "aa", "reward": 0.5},
                                {"role": "user", "content": "[3]"}]
     assert record["reward"] == 1.5 and record["num_turns"] == 3
+
+
+def test_chat_template_kwargs_reach_the_episode_prompt_and_the_bridge():
+    """Issue 22: chat_template_kwargs (TRL's, e.g. enable_thinking) go to apply_chat_template for an
+    episode's prompt and for the bridge tokens around the environment's messages."""
+    from lmpg.episodes import render_episode_prompt
+
+    tok = make_char_tokenizer("abcdefghijklmnopqrstuvwxyz_<>|/\n0123456789")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML.replace("<|im_start|>assistant\n{%- endif %}",
+                                       "<|im_start|>assistant\n{%- if not thinking %}nothink{% endif %}{%- endif %}")
+    prompt = [{"role": "user", "content": "q"}]
+    # (the template's `{%-` strips the newline after "assistant")
+    assert render_episode_prompt(tok, prompt, None, None, {"thinking": False})[0].endswith("assistantnothink")
+    assert render_episode_prompt(tok, prompt, None, None, {"thinking": True})[0].endswith("assistant")
+    assert tok.decode(ChatBridge(tok, "tool", chat_template_kwargs={"thinking": False}).ids("42")).endswith("nothink")
+    assert not tok.decode(ChatBridge(tok, "tool", chat_template_kwargs={"thinking": True}).ids("42")).endswith("nothink")

@@ -342,3 +342,137 @@ def test_config_yaml_of_a_python_run_reruns_with_lmpg_train(tmp_path, tiny_model
     notes = [line.split(":")[0] for line in text.splitlines() if line.startswith("# ")]
     assert notes == ["# model", "# dataset", "# rewards"], text
     assert yaml.safe_load(text)["model"] is None and yaml.safe_load(text)["rewards"] == []
+
+
+def test_lmpg_sampler_with_min_p_logs_and_corrects_the_mismatch(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    """Issue 22: with min_p (truncation only) lmpg's sampler reports q, the trainer logs the mismatch and
+    rho_t = pi_old / q = Z_t, the policy mass of the kept set, is <= 1 (the clamp never acts); the batch's
+    advantages are the uncorrected ones times exp(logp_old - sampler_logp)."""
+    with torch.no_grad():
+        tiny_model.get_output_embeddings().weight.mul_(3.0)  # a peaked policy, where min_p drops tokens
+    config = small_config(tmp_path, min_p=0.2, iterations=1)
+    trainer = PGTrainer(tiny_model, [lambda completions, **kw: [len(set(c)) / 6 for c in completions]], prompts_dataset,
+                        config, tokenizer=tokenizer)
+    trainer.prepare_run_dir()
+    result = trainer.step()
+    m = result.metrics
+    assert m["mismatch_ratio_max"] <= 1 + 1e-6 and m["mismatch_ratio_min"] < 0.999
+    assert m["correction_truncated_frac"] == 0.0 and m["mismatch_kl"] > 0
+    batch = result.batch
+    rho = torch.exp(batch.logp_old - batch.sampler_logp)[batch.action_mask]
+    assert float(rho.max()) <= 1 + 1e-5
+    corrected = batch.adv.clone()
+    trainer.compute_advantages(batch)  # the same rewards: the advantages before the correction
+    weights = torch.where(batch.action_mask, torch.exp(batch.logp_old - batch.sampler_logp), torch.ones_like(batch.adv))
+    torch.testing.assert_close(corrected, batch.adv * weights, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(corrected, batch.adv)
+
+
+# ---- issue 22: TRL's model, template and data options
+
+
+def test_chat_template_kwargs_reach_the_prompts(tmp_path, tiny_model, tokenizer):
+    import datasets
+
+    tokenizer.chat_template = "{%- for m in messages -%}{{- m['content'] -}}{%- endfor -%}{%- if tag %}+{% endif %}"
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1="}]}] * 4)
+    for kwargs, text in (({"tag": True}, "1+1=+"), ({}, "1+1=")):
+        config = small_config(tmp_path / str(len(kwargs)), chat_template_kwargs=kwargs)
+        trainer = PGTrainer(tiny_model, [count_a], ds, config, tokenizer=tokenizer)
+        assert trainer.next_prompts().texts == [text] * 2
+
+
+def test_model_init_kwargs_and_trust_remote_code_load_a_model_by_path(tmp_path, tiny_model, tokenizer, monkeypatch):
+    """model_init_kwargs go to from_pretrained (a string dtype too), trust_remote_code to the model's and
+    the tokenizer's from_pretrained, the revision to the tokenizer's."""
+    import transformers
+
+    from lmpg.modeling import load_model_and_tokenizer
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    config = small_config(tmp_path, model_init_kwargs={"dtype": "bfloat16", "attn_implementation": "eager"})
+    trainer = PGTrainer(str(tmp_path / "m"), [count_a], [{"prompt": "1+1="}] * 4, config)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    assert next(policy.parameters()).dtype == torch.bfloat16 and policy.config._attn_implementation == "eager"
+    calls = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = auto.from_pretrained.__func__
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(
+            lambda cls, name, _original=original, **kw: calls.append((cls.__name__, kw)) or _original(cls, name, **kw)))
+    load_model_and_tokenizer(str(tmp_path / "m"), model_init_kwargs={"revision": "main"}, trust_remote_code=True)
+    assert calls == [("AutoModelForCausalLM", {"revision": "main", "trust_remote_code": True}),
+                     ("AutoTokenizer", {"trust_remote_code": True, "revision": "main"})]
+
+
+def test_cast_lm_head_to_fp32_gives_fp32_logits_under_bf16(tiny_model, tokenizer):
+    """The output layer in fp32 (TRL's cast_lm_head_to_fp32): a bf16 model's logits come out fp32 and
+    equal the fp32 matmul of its hidden states, under autocast too; the tied input embedding still
+    feeds bf16 to the layers after it; LoRA on the output layer is refused in one line."""
+    from lmpg.modeling import cast_lm_head_to_fp32
+
+    model = tiny_model.to(torch.bfloat16)
+    assert model.config.tie_word_embeddings
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+    before = model(input_ids=ids, output_hidden_states=True)
+    assert before.logits.dtype == torch.bfloat16
+    cast_lm_head_to_fp32(model)
+    head = model.get_output_embeddings()
+    assert head.weight.dtype == torch.float32 and head.weight is model.get_input_embeddings().weight
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, output_hidden_states=True)
+        assert out.logits.dtype == torch.float32 and out.hidden_states[0].dtype == torch.bfloat16
+        want = out.hidden_states[-1].float() @ head.weight.T
+        torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-5)
+    assert (out.logits - before.logits.float()).abs().max() > 0  # bf16 logits were rounded
+    from peft import LoraConfig, get_peft_model
+
+    from lmpg.errors import ConfigError
+    from lmpg.tiny import make_tiny_causal_lm
+
+    lora = get_peft_model(make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2),
+                          LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    with pytest.raises(ConfigError, match="cast_lm_head_to_fp32 needs a plain nn.Linear") as err:
+        cast_lm_head_to_fp32(lora)
+    assert "\n" not in str(err.value)
+
+
+def test_dataset_order_without_shuffle_survives_a_resume(tmp_path, tiny_model, tokenizer, prompts_dataset):
+    """shuffle_dataset=False: iterations take the rows in dataset order, and a run resumed from its
+    checkpoint takes the same rows next as the uninterrupted one."""
+    config = small_config(tmp_path, shuffle_dataset=False, iterations=3, save_every=1, keep_last=5)
+    trainer = PGTrainer(tiny_model, [count_a], prompts_dataset, config, tokenizer=tokenizer)
+    trainer.train()
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    by_iteration = [[s["prompt"] for s in samples if s["iteration"] == i][::4] for i in (1, 2, 3)]
+    assert by_iteration == [["0+0=", "1+1="], ["2+2=", "3+3="], ["4+4=", "5+5="]]
+    resumed = PGTrainer(tiny_model, [count_a], prompts_dataset,
+                        dataclasses.replace(config, resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-000001")),
+                        tokenizer=tokenizer)
+    resumed.prepare_run_dir()
+    assert resumed.next_prompts().prompts == ["2+2=", "3+3="]
+
+
+def test_normalize_then_sum_trains_on_each_rewards_group_normalised_sum(tmp_path, tiny_model, tokenizer,
+                                                                        prompts_dataset):
+    """reward_aggregation=normalize_then_sum (GDPO): the returns sum each function's group-normalised
+    reward, weighted; reward_mean still logs the task's raw weighted sum."""
+    from lmpg.advantages import group_normalised_rewards
+
+    def digits(completions, **kw):
+        return [sum(ch.isdigit() for ch in c) * 10.0 for c in completions]
+
+    config = small_config(tmp_path, iterations=1, reward_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5])
+    trainer = PGTrainer(tiny_model, [count_a, digits], prompts_dataset, config, tokenizer=tokenizer)
+    trainer.prepare_run_dir()
+    result = trainer.step()
+    batch = result.batch
+    raw = torch.tensor([count_a(None, batch.completions), digits(batch.completions)], dtype=torch.float64).T
+    z, _ = group_normalised_rewards(raw, 4, eps=config.adv_eps)
+    want = (z * torch.tensor([1.0, 0.5], dtype=torch.float64)).sum(1)
+    torch.testing.assert_close(batch.normalised_rewards.sum(1).double(), want, atol=1e-5, rtol=1e-5)
+    assert result.metrics["reward_mean"] == pytest.approx(float((raw * torch.tensor([1.0, 0.5])).sum(1).mean()), rel=1e-5)
+    assert float(want.abs().max()) > 0
+    # what the returns summed: each group's z sum to 0, so the group-mean baseline leaves them as they are
+    torch.testing.assert_close(batch.adv[:, 0].double(), want, atol=1e-5, rtol=1e-5)

@@ -36,7 +36,8 @@ def test_the_migration_guides_side_by_side_run_converts_to_its_pgconfig(tmp_path
                         kl_coef=0.0, clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token_mean",
                         baseline="group_mean", adv_norm="group", temperature=1.0, iterations=500, seed=42,
                         log_every=10, save_every=500, adam_eps=1e-8, weight_decay=0.0, max_episode_tokens=256,
-                        kl_ratio_weighted=True)  # TRL's use_bias_correction_kl (default on), no effect at beta 0
+                        kl_ratio_weighted=True,  # TRL's use_bias_correction_kl (default on), no effect at beta 0
+                        model_init_kwargs={"dtype": "float32"})
     assert config == expected
 
 
@@ -67,25 +68,62 @@ def test_fields_map_one_by_one(tmp_path):
                                     beta=0.04))
 
 
+def test_min_p_and_repetition_penalty_map_and_trls_transformers_path_stays_uncorrected(tmp_path):
+    """Issue 22: min_p and repetition_penalty map to lmpg's own; TRL's transformers generation trains
+    on their samples without an importance weight, so the port sets sampler_correction none there
+    (lmpg's auto would correct); with vLLM the port keeps TRL's vLLM correction."""
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4, min_p=0.05, repetition_penalty=1.2))
+    assert (config.min_p, config.repetition_penalty) == (0.05, 1.2)
+    assert config.measures_sampler_mismatch and config.resolved_sampler_correction == "none"
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4))
+    assert (config.min_p, config.repetition_penalty, config.sampler_correction) == (0.0, 1.0, "auto")
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4, min_p=0.05, use_vllm=True, vllm_mode="colocate"))
+    assert config.resolved_sampler_correction == grpo_config(tmp_path).vllm_importance_sampling_mode
+
+
+def test_generation_kwargs_set_the_fields_lmpg_has_and_name_the_others(tmp_path):
+    """Issue 22: generation_kwargs (TRL passes them to SamplingParams / GenerationConfig, overriding its
+    own fields) set lmpg's sampling fields; keys lmpg's samplers lack are refused in one line naming them."""
+    config = config_from_trl(grpo_config(tmp_path, max_steps=4, top_p=0.9, generation_kwargs=dict(
+        top_p=0.8, top_k=-1, min_p=0.02, repetition_penalty=1.1, temperature=0.7, max_tokens=12)))
+    assert (config.top_p, config.top_k, config.min_p, config.repetition_penalty, config.temperature,
+            config.max_new_tokens) == (0.8, 0, 0.02, 1.1, 0.7, 12)
+    assert config_from_trl(grpo_config(tmp_path, max_steps=4, generation_kwargs={"max_new_tokens": 9})).max_new_tokens == 9
+    with pytest.raises(ConfigError) as error:
+        config_from_trl(grpo_config(tmp_path, max_steps=4, generation_kwargs=dict(
+            top_p=0.8, suppress_tokens=[1], presence_penalty=0.5)))
+    message = str(error.value)
+    assert "\n" not in message and "'presence_penalty', 'suppress_tokens'" in message and "'top_p'" not in message
+
+
 def test_options_lmpg_lacks_are_one_line_naming_each(tmp_path):
-    args = grpo_config(tmp_path, max_steps=10, multi_objective_aggregation="normalize_then_sum", torch_compile=True)
+    args = grpo_config(tmp_path, max_steps=10, torch_compile=True, use_transformers_paged=True)
     with pytest.raises(ConfigError) as error:
         config_from_trl(args)
     message = str(error.value)
     assert "\n" not in message
-    for fragment in ("multi_objective_aggregation='normalize_then_sum'", "torch_compile=True"):
-        assert fragment in message
-    args = grpo_config(tmp_path, max_steps=10, chat_template_kwargs={"enable_thinking": False},
-                       model_init_kwargs={"dtype": "bfloat16"}, shuffle_dataset=False)
-    with pytest.raises(ConfigError) as error:
-        config_from_trl(args)
-    message = str(error.value)
-    assert "\n" not in message
-    for fragment in ("chat_template_kwargs={'enable_thinking': False}", "model_init_kwargs={'dtype': 'bfloat16'}",
-                     "shuffle_dataset=False"):
+    for fragment in ("torch_compile=True", "use_transformers_paged=True"):
         assert fragment in message
     with pytest.raises(ConfigError, match="max_steps unset"):
         config_from_trl(grpo_config(tmp_path))
+
+
+def test_model_template_and_data_options_map(tmp_path):
+    """Issue 22: chat_template_kwargs, model_init_kwargs (TRL loads in float32 unless they give a dtype),
+    trust_remote_code, cast_lm_head_to_fp32 and shuffle_dataset map to lmpg's fields of the same names."""
+    config = config_from_trl(grpo_config(tmp_path, max_steps=10, chat_template_kwargs={"enable_thinking": False},
+                                         model_init_kwargs={"dtype": "bfloat16", "revision": "r1"},
+                                         shuffle_dataset=False, trust_remote_code=True, cast_lm_head_to_fp32=True))
+    assert config.chat_template_kwargs == {"enable_thinking": False}
+    assert config.model_init_kwargs == {"dtype": "bfloat16", "revision": "r1"}
+    assert (config.shuffle_dataset, config.trust_remote_code, config.cast_lm_head_to_fp32) == (False, True, True)
+    import torch
+
+    with_dtype = config_from_trl(grpo_config(tmp_path, max_steps=10, model_init_kwargs={"dtype": torch.bfloat16}))
+    assert with_dtype.model_init_kwargs == {"dtype": "bfloat16"}  # plain text, for config.yaml
+    default = config_from_trl(grpo_config(tmp_path, max_steps=10))
+    assert default.model_init_kwargs == {"dtype": "float32"} and default.chat_template_kwargs == {}
+    assert (default.shuffle_dataset, default.trust_remote_code, default.cast_lm_head_to_fp32) == (True, False, False)
 
 
 def test_tool_calling_iterations_become_turns(tmp_path):
@@ -392,7 +430,7 @@ def lmpg_episodes(tmp_path, tok, turn_ids, **config):
     from lmpg.tiny import make_tiny_causal_lm
 
     pg = dataclasses.replace(config_from_trl(grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=2,
-                                                           max_completion_length=1024, max_steps=1, **config)),
+                                                         max_completion_length=1024, max_steps=1, **config)),
                              environment="test_environments:IncrementEnv")
     model = make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, max_position_embeddings=4096)
     sampler = EpisodeSampler(pg, tok, [tok.eos_token_id])
@@ -429,3 +467,127 @@ def test_max_tool_calling_iterations_stops_where_trls_own_loop_stops(tmp_path, s
             {"type": "function", "function": {"name": "increment", "arguments": {"step": 1}}}]
     # the environment's own reward, logged under its class name
     assert "rewards/IncrementEnv/mean" in metrics
+
+
+def test_sync_ref_model_maps(tmp_path):
+    config = config_from_trl(grpo_config(tmp_path, max_steps=10, beta=0.04, sync_ref_model=True,
+                                         ref_model_mixup_alpha=0.9, ref_model_sync_steps=64))
+    assert (config.sync_ref_model, config.ref_model_mixup_alpha, config.ref_model_sync_steps) == (True, 0.9, 64)
+    with pytest.raises(ConfigError, match="sync_ref_model=true with kl_coef=0"):
+        config_from_trl(grpo_config(tmp_path, max_steps=10, beta=0.0, sync_ref_model=True))
+
+
+def test_gdpo_normalize_then_sum_equals_trls_own_code(tmp_path):
+    """TRL 1.16's multi_objective_aggregation="normalize_then_sum" (its `_generate_and_score_completions`,
+    installed and unchanged, on a tiny model) against lmpg's port of the same GRPOConfig on the same rewards:
+    reward_aggregation normalize_then_sum (each function normalised in its group, weighted sum), then the
+    batch mean and std. lmpg's population stds make every z sqrt(G / (G - 1)) times TRL's and the final
+    division sqrt(N / (N - 1)), so lmpg's advantages are sqrt(N / (N - 1)) times TRL's (the eps differ:
+    1e-4 in TRL, adv_eps in lmpg)."""
+    import datasets
+    import torch
+
+    from lmpg.advantages import normalise, returns, subtract_baseline
+    from lmpg.rewards.scorer import RewardScores
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    correct = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]  # two groups of G = 4
+    length = [3.0, 9.0, 4.0, 0.0, 7.0, 2.0, 2.0, 10.0]  # a wide range beside a narrow one
+
+    def by_position(values):
+        return lambda completions, **kwargs: list(values)
+
+    tok = make_char_tokenizer("0123456789+=ab ")
+    args = grpo_config(tmp_path, num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+                       max_steps=1, beta=0.0, use_cpu=True, save_strategy="no", scale_rewards="group",
+                       multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.GRPOTrainer(model=make_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, seed=0),
+                                  reward_funcs=[by_position(correct), by_position(length)], args=args,
+                                  processing_class=tok,
+                                  train_dataset=datasets.Dataset.from_list([{"prompt": "1+1="}, {"prompt": "2+2="}]))
+        out = trainer._generate_and_score_completions([{"prompt": "1+1="}] * 4 + [{"prompt": "2+2="}] * 4)
+    trl_adv = out["advantages"]
+
+    config = config_from_trl(args)
+    assert (config.reward_aggregation, config.baseline, config.adv_norm) == ("normalize_then_sum", "batch_mean", "batch")
+    scores = RewardScores(names=["correct", "length"], values=[correct, length], weights=config.reward_weights)
+    actions = torch.ones(8, 1, dtype=torch.bool)
+
+    def lmpg_advantages(scores):
+        rewards, scored = scores.to_token_rewards(actions)
+        adv, _ = subtract_baseline(returns(rewards, actions), actions, group_size=4, kind=config.baseline,
+                                   sample_mask=scored)
+        return normalise(adv, group_size=4, scope=config.adv_norm, sample_mask=scored, eps=config.adv_eps)[:, 0]
+
+    lmpg_adv = lmpg_advantages(scores.group_normalised(config.group_size, config.adv_eps))
+    torch.testing.assert_close(lmpg_adv * (7 / 8) ** 0.5, trl_adv, rtol=1e-3, atol=1e-4)
+    summed_first = lmpg_advantages(scores)  # the default aggregation: no longer TRL's GDPO numbers
+    assert (summed_first * (7 / 8) ** 0.5 - trl_adv).abs().max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory):
+    """A tiny model and its tokenizer saved to a directory, loaded by path as TRL scripts do."""
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = make_char_tokenizer("0123456789+=ab ")
+    make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=32, n_head=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _lm_head_class(trainer):
+    return type(trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()).__name__
+
+
+# Issue 22: each option this issue implemented, as a GRPOConfig sets it, and what its port must show
+TRL_OPTIONS = {
+    "min_p": (dict(min_p=0.1), lambda t: t.config.min_p == 0.1 and t.config.measures_sampler_mismatch),
+    "repetition_penalty": (dict(repetition_penalty=1.3), lambda t: t.config.repetition_penalty == 1.3),
+    "generation_kwargs": (dict(generation_kwargs={"top_k": 5, "max_tokens": 4}),
+                          lambda t: (t.config.top_k, t.config.max_new_tokens) == (5, 4)),
+    "chat_template_kwargs": (dict(chat_template_kwargs={"enable_thinking": False}),
+                             lambda t: t.config.chat_template_kwargs == {"enable_thinking": False}),
+    "model_init_kwargs": (dict(model_init_kwargs={"attn_implementation": "eager"}),
+                          lambda t: t.accelerator.unwrap_model(t.model).config._attn_implementation == "eager"),
+    "trust_remote_code": (dict(trust_remote_code=True), lambda t: t.config.trust_remote_code),
+    "cast_lm_head_to_fp32": (dict(cast_lm_head_to_fp32=True), lambda t: _lm_head_class(t) == "Float32Linear"),
+    "shuffle_dataset": (dict(shuffle_dataset=False), lambda t: t.prompt_order.state_dict()["shuffle"] is False),
+    "sync_ref_model": (dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+                       lambda t: t.ref_sync is not None and t.ref_sync.step == 2),
+    "multi_objective_aggregation": (dict(multi_objective_aggregation="normalize_then_sum"),
+                                    lambda t: t.config.reward_aggregation == "normalize_then_sum"),
+}
+
+
+@pytest.mark.parametrize("option", list(TRL_OPTIONS))
+def test_each_option_issue_22_implemented_ports_and_trains_two_iterations(tmp_path, saved_tiny_model, option):
+    """A GRPOConfig with the option set goes through lmpg's GRPOTrainer (config_from_trl) and trains two
+    iterations on the tiny model loaded by path, with what the option asks in force."""
+    import math
+
+    import datasets
+
+    from lmpg.trl_compat import GRPOTrainer
+
+    settings, holds = TRL_OPTIONS[option]
+
+    def digits(completions, **kwargs):
+        return [sum(ch.isdigit() for ch in c[0]["content"]) / 6 for c in completions]
+
+    def a_count(completions, **kwargs):
+        return [c[0]["content"].count("a") / 6 for c in completions]
+
+    args = grpo_config(tmp_path, num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+                       max_steps=2, learning_rate=1e-3, use_cpu=True, save_strategy="no", gradient_checkpointing=False,
+                       **settings)
+    dataset = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": f"{i}+{i}="}]} for i in range(6)])
+    trainer = GRPOTrainer(model=str(saved_tiny_model), reward_funcs=[digits, a_count], args=args,
+                          train_dataset=dataset)
+    history = trainer.train()
+    assert [m["iteration"] for m in history] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in history)
+    assert holds(trainer)

