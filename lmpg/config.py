@@ -228,9 +228,9 @@ class PGConfig:
     clip_eps_high: float | None = 0.2
     """PPO clipping: ratio ceiling 1 + clip_eps_high (DAPO raises it, e.g. 0.28)."""
     clip_delta: float | None = None
-    """Two-sided clipping (INTELLECT-2; TRL's delta): pg_objective=ppo_clip caps the unclipped ratio at clip_delta
-    too, so a negative-advantage token whose ratio passed it stops pushing (None: off; > 1, usually > 1 +
-    clip_eps_high)."""
+    """Two-sided clipping (INTELLECT-2; TRL's delta): pg_objective=ppo_clip caps the unclipped ratio at
+    clip_delta too, so a negative-advantage token whose ratio passed it stops pushing (None: off; > 1,
+    usually > 1 + clip_eps_high)."""
     loss_agg: LossAgg = "token_mean"
     """Loss aggregation: token_mean, sequence_mean, sequence_sum or constant (see lmpg.losses). With
     ratio_level sequence or sequence_mean and sequence_loss_weight one it aggregates only the KL term
@@ -254,7 +254,8 @@ class PGConfig:
     sapo_temperature_neg: float = 1.05
     """pg_objective=sapo: the gate's temperature tau where A <= 0."""
     vespo_k_pos: float = 2.0
-    """pg_objective=vespo: the exponent k of phi(w) = e^lambda w^k e^(-lambda w) where A >= 0 (damps w < 1)."""
+    """pg_objective=vespo: the exponent k of phi(w) = e^lambda w^k e^(-lambda w) where A >= 0 (damps w <
+    1)."""
     vespo_lambda_pos: float = 3.0
     """pg_objective=vespo: the decay lambda of phi(w) where A >= 0 (damps w > 1)."""
     vespo_k_neg: float = 3.0
@@ -279,28 +280,30 @@ class PGConfig:
     kl_in: KlIn = "loss"
     """Where the KL penalty goes: 'loss' (GRPO) or 'reward' (subtracted per token from the rewards)."""
     kl_ratio_weighted: bool = False
-    """Multiply each token's KL estimate in the loss by the ratio pi_theta / pi_old (DeepSeek-V3.2's unbiased KL;
-    TRL's use_bias_correction_kl, on by default there): the expected gradient of k3 becomes that of
-    KL(pi_theta || pi_ref) at each state, where the plain k3's is KL(pi_ref || pi_theta)'s (lmpg.kl)."""
+    """Multiply each token's KL estimate in the loss by the ratio pi_theta / pi_old (DeepSeek-V3.2's
+    unbiased KL; TRL's use_bias_correction_kl, on by default there): the expected gradient of k3 becomes
+    that of KL(pi_theta || pi_ref) at each state, where the plain k3's is KL(pi_ref || pi_theta)'s
+    (lmpg.kl)."""
     adv_eps: float = 1e-6
     """Added to the std before dividing advantages by it."""
     mask_truncated_completions: bool = False
-    """Leave samples that hit the length limit (no EOS at the end of the policy's last turn) out of the baselines,
-    the std and the loss, as unscored ones are (DAPO's overlong filtering); counted as truncated_masked_frac."""
+    """Leave samples that hit the length limit (no EOS at the end of the policy's last turn) out of the
+    baselines, the std and the loss, as unscored ones are (DAPO's overlong filtering); counted as
+    truncated_masked_frac."""
     top_entropy_quantile: float = 1.0
-    """rho: only the counted tokens whose entropy is in the top rho of their micro-batch's (all processes) keep
-    their policy term ("Beyond the 80/20 rule": 0.2; lmpg.entropy); 1.0 keeps every token."""
+    """rho: only the counted tokens whose entropy is in the top rho of their micro-batch's (all processes)
+    keep their policy term ("Beyond the 80/20 rule": 0.2; lmpg.entropy); 1.0 keeps every token."""
     off_policy_mask_threshold: float | None = None
     """DeepSeek-V3.2's off-policy sequence mask: a sequence with A < 0 whose mean log(q / pi_theta) over its
     tokens exceeds this (q the sampling policy) leaves the policy term (None: off; e.g. 0.5)."""
     entropy_coef: float = 0.0
-    """c: the loss subtracts c times the mean token entropy of the tokens the policy term acts on (lmpg.entropy);
-    with adaptive_entropy, the starting coefficient."""
+    """c: the loss subtracts c times the mean token entropy of the tokens the policy term acts on
+    (lmpg.entropy); with adaptive_entropy, the starting coefficient."""
     adaptive_entropy: bool = False
-    """Skywork-OR1's adaptive entropy bonus (TRL's use_adaptive_entropy): after every optimizer step c moves by
-    entropy_coef_delta towards more bonus while the step's mean entropy is at or below entropy_target and
-    less above it, within [entropy_coef_min, entropy_coef_max]; the bonus applies only at or below the
-    target."""
+    """Skywork-OR1's adaptive entropy bonus (TRL's use_adaptive_entropy): after every optimizer step c
+    moves by entropy_coef_delta towards more bonus while the step's mean entropy is at or below
+    entropy_target and less above it, within [entropy_coef_min, entropy_coef_max]; the bonus applies only
+    at or below the target."""
     entropy_coef_min: float = 0.0
     """adaptive_entropy: the lowest coefficient."""
     entropy_coef_max: float = 1.0
