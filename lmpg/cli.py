@@ -110,6 +110,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def episode_lines(rec: dict) -> list[str]:
+    """An episode's samples record as text, turn by turn: reset's text, each turn (role, content, the
+    environment's reward for an action), why it ended and any environment error."""
+    lines = [f"reset: {rec['reset']}"] if rec.get("reset") else []
+    for turn in rec["turns"]:
+        reward = f"  [reward {turn['reward']:.4f}]" if turn.get("reward") is not None else ""
+        lines.append(f"{turn['role']}: {turn['content']}{reward}")
+    lines.append(f"ended: {rec['ended']}" + (f" ({rec['error']})" if rec.get("error") else ""))
+    return lines
+
+
 def cmd_sample(args) -> int:
     from lmpg.evaluate import load_policy, sample_and_score
 
@@ -128,16 +139,15 @@ def cmd_sample(args) -> int:
     print(f"prompt: {args.prompt!r}")
     for i, rec in enumerate(records):
         parts = [f"[{i}]"]
-        if args.reward:
+        if args.reward or (args.environment and rec["reward"] is not None):  # an environment rewards by itself
             reward = "None" if rec["reward"] is None else f"{rec['reward']:.4f}"
             per_fn = ", ".join(f"{k[len('reward/'):]} {v if v is None else format(v, '.4f')}"
                                for k, v in rec.items() if k.startswith("reward/"))
             parts.append(f"reward {reward}" + (f" ({per_fn})" if len(args.reward) > 1 else ""))
         parts.append(f"{rec['length']} tokens" + (", truncated" if rec["truncated"] else ""))
         print("  ".join(parts))
-        if "turns" in rec:  # an episode, turn by turn
-            for m in rec["turns"]:
-                print(textwrap.indent(f"{m['role']}: {m['content']}", "    "))
+        if "turns" in rec:  # an episode, turn by turn: what reset() said, each action, reward, observation, the end
+            print(textwrap.indent("\n".join(episode_lines(rec)), "    "))
             continue
         print(textwrap.indent(rec["completion"] or "(empty)", "    "))
     if args.reward and not columns and all(rec["reward"] is None for rec in records):

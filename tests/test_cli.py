@@ -414,3 +414,44 @@ def test_config_doc_covers_every_field():
     text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     missing = [name for name in field_docs() if f"| `{name}` |" not in text]
     assert not missing, f"docs/config.md lacks {missing}; add a row per field"
+
+
+GUESS_ENV = '''
+class Guess:
+    def reset(self, **row):
+        return " guess:"
+
+    def step(self, action):
+        return "right", 1.0, True
+'''
+
+
+def test_sample_shows_an_episode_turn_by_turn_with_the_environments_reward(capsys, monkeypatch, tmp_path):
+    """Issue 24: `lmpg sample --environment` without --reward prints the environment's reward, and each
+    episode as it happened: reset's text, the action with its reward, the last observation, why it ended."""
+    import torch
+
+    import lmpg.evaluate
+    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
+
+    tok = make_char_tokenizer("ab q:")
+    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=16, n_head=2, seed=0)
+    script = [tok.convert_tokens_to_ids(c) for c in "ab"] + [tok.eos_token_id]
+    forwards = []
+
+    def scripted(module, inputs, output):
+        target = script[len(forwards)] if len(forwards) < len(script) else tok.eos_token_id
+        forwards.append(target)
+        forced = torch.full_like(output, -1e4)
+        forced[..., target] = 0.0
+        return forced
+
+    model.lm_head.register_forward_hook(scripted)
+    monkeypatch.setattr(lmpg.evaluate, "load_policy", lambda path: (model, tok))
+    (tmp_path / "guess.py").write_text(GUESS_ENV)
+    code, out, err = run_cli(capsys, ["sample", "scripted", "q", "--greedy", "--environment",
+                                      f"{tmp_path / 'guess.py'}:Guess", "--max-turns", "2", "--max-new-tokens", "4"])
+    assert code == 0, err
+    assert "reward 1.0000" in out.splitlines()[1], out
+    for line in ("reset:  guess:", "assistant: ab  [reward 1.0000]", "right", "ended: done"):
+        assert line in out, (line, out)
