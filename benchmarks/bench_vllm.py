@@ -26,7 +26,7 @@ import workload  # noqa: E402,F401 - sets the environment before torch loads
 
 import torch  # noqa: E402
 
-from workload import ModelShape, load_average  # noqa: E402
+from workload import ModelShape, load_average, make_model  # noqa: E402
 
 SHAPES = {
     "4x256": ModelShape(4, 256, 4, arch="qwen2", n_kv_head=2, vocab_size=4096),
@@ -40,21 +40,10 @@ CASES = [("4x256", 32, 32), ("8x512", 32, 32), ("8x512", 64, 128), ("8x512", 16,
 def build(shape_name: str, seed: int = 0):
     """(tokenizer, model) of a SHAPES entry, without the EOS-suppressing bias (vLLM's Qwen2 has no
     output-layer bias); every sampler below is told not to stop at EOS instead."""
-    import transformers
-
     from lmpg.tiny import make_word_tokenizer
 
-    s = SHAPES[shape_name]
-    tokenizer = make_word_tokenizer(s.vocab_size)
-    config = transformers.Qwen2Config(
-        vocab_size=s.vocab_size, hidden_size=s.n_embd, num_hidden_layers=s.n_layer, num_attention_heads=s.n_head,
-        num_key_value_heads=s.n_kv_head or s.n_head, intermediate_size=s.intermediate or 4 * s.n_embd,
-        max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = transformers.Qwen2ForCausalLM(config).eval()
-    return tokenizer, model
+    tokenizer = make_word_tokenizer(SHAPES[shape_name].vocab_size)
+    return tokenizer, make_model(tokenizer, SHAPES[shape_name], seed=seed, eos_suppressed=False).eval()
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:

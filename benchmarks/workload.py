@@ -103,8 +103,10 @@ def make_tokenizer(w: Workload):
     return make_word_tokenizer(w.model_shape.vocab_size)
 
 
-def make_model(tokenizer, shape: ModelShape | str, seed: int = 0):
-    """A model of `shape` (or the SIZES name) with random weights from `seed`, EOS suppressed."""
+def make_model(tokenizer, shape: ModelShape | str, seed: int = 0, eos_suppressed: bool = True):
+    """A model of `shape` (or the SIZES name) with random weights from `seed`, EOS suppressed (an
+    output-layer bias; eos_suppressed=False leaves the model as built, for engines whose model class has
+    no such bias, bench_vllm.py)."""
     from lmpg.tiny import make_tiny_causal_lm, suppress_eos
 
     s = SIZES[shape] if isinstance(shape, str) else shape
@@ -128,7 +130,8 @@ def make_model(tokenizer, shape: ModelShape | str, seed: int = 0):
         model.generation_config.do_sample = True
     else:
         raise ValueError(f"unknown arch {s.arch!r}; choose llama or qwen2")
-    suppress_eos(model, tokenizer.eos_token_id)
+    if eos_suppressed:
+        suppress_eos(model, tokenizer.eos_token_id)
     return model
 
 

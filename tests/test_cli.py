@@ -356,19 +356,20 @@ class SlowTool:
 '''
 
 
-def test_sample_tool_timeout_reaches_the_tools(capsys, tmp_path, monkeypatch):
-    """A policy scripted to write `ab()` then EOS: the tool sleeps 2 s, --tool-timeout 0.2 makes it an error."""
+def scripted_policy(monkeypatch, alphabet: str, text: str):
+    """`lmpg.evaluate.load_policy` made to return a tiny model whose every forward writes the next
+    character of `text`, then EOS (one forward per sampled token: one episode, cached turns)."""
     import torch
 
     import lmpg.evaluate
     from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
 
-    tok = make_char_tokenizer("ab()q")
+    tok = make_char_tokenizer(alphabet)
     model = make_tiny_causal_lm(tok, n_layer=1, n_embd=16, n_head=2, seed=0)
-    script = [tok.convert_tokens_to_ids(c) for c in "ab()"] + [tok.eos_token_id]
+    script = [tok.convert_tokens_to_ids(c) for c in text] + [tok.eos_token_id]
     forwards = []
 
-    def scripted(module, inputs, output):  # one forward per sampled token (one episode, cached turns)
+    def scripted(module, inputs, output):
         target = script[len(forwards)] if len(forwards) < len(script) else tok.eos_token_id
         forwards.append(target)
         forced = torch.full_like(output, -1e4)
@@ -377,6 +378,11 @@ def test_sample_tool_timeout_reaches_the_tools(capsys, tmp_path, monkeypatch):
 
     model.lm_head.register_forward_hook(scripted)
     monkeypatch.setattr(lmpg.evaluate, "load_policy", lambda path: (model, tok))
+
+
+def test_sample_tool_timeout_reaches_the_tools(capsys, tmp_path, monkeypatch):
+    """A policy scripted to write `ab()` then EOS: the tool sleeps 2 s, --tool-timeout 0.2 makes it an error."""
+    scripted_policy(monkeypatch, "ab()q", "ab()")
     (tmp_path / "slow.py").write_text(SLOW_TOOL)
     code, out, err = run_cli(capsys, ["sample", "scripted", "q", "--greedy", "--environment",
                                       f"{tmp_path / 'slow.py'}:SlowTool", "--tool-format", "simple",
@@ -429,25 +435,7 @@ class Guess:
 def test_sample_shows_an_episode_turn_by_turn_with_the_environments_reward(capsys, monkeypatch, tmp_path):
     """Issue 24: `lmpg sample --environment` without --reward prints the environment's reward, and each
     episode as it happened: reset's text, the action with its reward, the last observation, why it ended."""
-    import torch
-
-    import lmpg.evaluate
-    from lmpg.tiny import make_char_tokenizer, make_tiny_causal_lm
-
-    tok = make_char_tokenizer("ab q:")
-    model = make_tiny_causal_lm(tok, n_layer=1, n_embd=16, n_head=2, seed=0)
-    script = [tok.convert_tokens_to_ids(c) for c in "ab"] + [tok.eos_token_id]
-    forwards = []
-
-    def scripted(module, inputs, output):
-        target = script[len(forwards)] if len(forwards) < len(script) else tok.eos_token_id
-        forwards.append(target)
-        forced = torch.full_like(output, -1e4)
-        forced[..., target] = 0.0
-        return forced
-
-    model.lm_head.register_forward_hook(scripted)
-    monkeypatch.setattr(lmpg.evaluate, "load_policy", lambda path: (model, tok))
+    scripted_policy(monkeypatch, "ab q:", "ab")
     (tmp_path / "guess.py").write_text(GUESS_ENV)
     code, out, err = run_cli(capsys, ["sample", "scripted", "q", "--greedy", "--environment",
                                       f"{tmp_path / 'guess.py'}:Guess", "--max-turns", "2", "--max-new-tokens", "4"])
