@@ -91,8 +91,30 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     text = getattr(config, "text_config", None) or config
     heads = getattr(text, "num_attention_heads", 1)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    return 2 * text.num_hidden_layers * kv_heads * head_size(config) * dtype_bytes
+
+
+def head_size(config) -> int:
+    """The attention head size of a transformers config (head_dim, or hidden size / heads)."""
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def check_cpu_head_size(config) -> None:
+    """A one-line ConfigError where vLLM's CPU attention cannot run this model's head size (it fails
+    deep in its first forward otherwise: 'Unsupported CPU attention configuration')."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):  # another vLLM layout: let the engine say
+        return
+    size = head_size(config)
+    if size not in supported:
+        text = getattr(config, "text_config", None) or config
+        raise ConfigError(f"vLLM's CPU attention runs head sizes {', '.join(map(str, supported))}; this model's is "
+                          f"{size} (hidden size {text.hidden_size} / {text.num_attention_heads} heads): set sampler=lmpg, "
+                          "or use a model with a supported head size")
 
 
 def kv_cache_bytes(config, *, dtype_bytes: int, max_sequences: int, max_model_len: int) -> int:
@@ -138,6 +160,8 @@ class VllmSampler:
         dtype = dtype or str(param.dtype).removeprefix("torch.")
         model_dir = self._export_model(policy)
         base = policy.get_base_model() if self.lora else policy
+        if not self.on_gpu:
+            check_cpu_head_size(base.config)
         memory = {"gpu_memory_utilization": memory_utilization or GPU_MEMORY_UTILIZATION}
         if memory_utilization is None and not self.on_gpu:
             dtype_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()

@@ -426,3 +426,11 @@ def test_dynamic_sampling_with_the_engine_fills_the_batch_with_spread_groups(tok
     records = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     for g in range(0, len(records), 4):
         assert "+" not in records[g]["prompt"] and len({r["reward"] for r in records[g:g + 4]}) > 1
+
+
+def test_a_head_size_vllms_cpu_attention_lacks_is_one_line_before_the_engine_starts(tokenizer, tmp_path):
+    policy = make_tiny_causal_lm(tokenizer, n_layer=1, n_embd=128, n_head=8)  # head size 16
+    with pytest.raises(ConfigError, match=r"head sizes 32, .*this model's is 16 \(hidden size 128 / 8 heads\)"
+                                          r".*sampler=lmpg") as e:
+        _engine(policy, tokenizer, type("F", (), {"mktemp": staticmethod(lambda n: tmp_path)}))
+    assert "\n" not in str(e.value)
