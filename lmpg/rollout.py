@@ -119,23 +119,22 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
     was_training = model.training
     model.eval()
     try:
-        if turn_sampler is not None:
-            if with_grad_sq_norm:
-                raise ValueError("grad_sq_norm comes from lmpg's sampler; use sampler='lmpg'")
-            completion_ids, sampler_logp = sample_turns(turn_sampler, prompt_ids, prompt_mask, seeds, max_new_tokens,
-                                                        pad_id=tokenizer.pad_token_id)
-        elif sampler == "lmpg":
+        if with_grad_sq_norm and (turn_sampler is not None or sampler != "lmpg"):
+            raise ValueError("grad_sq_norm comes from lmpg's sampler; use sampler='lmpg'")
+        if turn_sampler is not None or sampler == "lmpg":  # per-row random streams
             if seeds is None:
                 seeds = torch.randint(0, 2**62, (B,)).tolist()
             if len(seeds) != B:
                 raise ValueError(f"got {len(seeds)} seeds for {B} samples")
+        if turn_sampler is not None:
+            completion_ids, sampler_logp = sample_turns(turn_sampler, prompt_ids, prompt_mask, seeds, max_new_tokens,
+                                                        pad_id=tokenizer.pad_token_id)
+        elif sampler == "lmpg":
             completion_ids, sampler_logp, *grad_sq_norm = sample_tokens(
                 model, prompt_ids, prompt_mask, seeds, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                 pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, with_grad_sq_norm=with_grad_sq_norm)
         elif sampler == "generate":
-            if with_grad_sq_norm:
-                raise ValueError("grad_sq_norm comes from lmpg's sampler; use sampler='lmpg'")
             out = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
                 temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None,
@@ -162,13 +161,11 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], group_size: in
                            grad_sq_norm=grad_sq_norm[0] if grad_sq_norm else None)
 
 
-def sample_turns(turn_sampler, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: list[int] | None,
+def sample_turns(turn_sampler, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: list[int],
                  max_new_tokens: int, *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One turn per row from a `lmpg.generation.TurnSampler`: (completion_ids (B, T) right padded,
-    logp (B, T) fp32, 0 on padding), from left-padded prompts."""
+    """One turn per row from a `lmpg.generation.TurnSampler`, row i from seeds[i]: (completion_ids (B, T)
+    right padded, logp (B, T) fp32, 0 on padding), from left-padded prompts."""
     B = prompt_ids.shape[0]
-    if seeds is None:
-        seeds = torch.randint(0, 2**62, (B,)).tolist()
     histories = [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask)]
     turn_sampler.start(seeds)
     try:

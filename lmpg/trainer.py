@@ -214,13 +214,13 @@ class PGTrainer:
                         c.logits_chunk_size, acc.distributed_type)
         self.scheduler = make_scheduler(self.optimizer, c)
         self.eos_ids = eos_token_ids(tokenizer, acc.unwrap_model(self.model))
+        # multi-turn episodes (lmpg.episodes) instead of single completions
+        self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         # an inference engine built from the policy (sampler: vllm), synced after every update; None: lmpg's
         # own samplers, which read the policy directly
         self.turn_sampler = engine_sampler(c, acc.unwrap_model(self.model), tokenizer, self.eos_ids,
                                            max_sequences=c.batch_size // n_proc,
                                            max_model_len=self.sequence_limit(), workdir=tempfile.mkdtemp(prefix="lmpg-engine-"))
-        # multi-turn episodes (lmpg.episodes) instead of single completions
-        self.episodes = EpisodeSampler(c, tokenizer, self.eos_ids) if c.environment else None
         self.prompt_order = PromptOrder(len(self.train_dataset), c.seed, shuffle=c.shuffle_dataset)
         # DAPO's dynamic sampling: more rounds of prompts until every group has reward spread
         self.dynamic_sampling = None if not c.dynamic_sampling else DynamicSampling(
@@ -455,7 +455,7 @@ class PGTrainer:
     def sequence_limit(self) -> int:
         """The longest sequence sampling can make, prompt included, at most the model's positions."""
         c = self.config
-        after_prompt = (c.max_episode_tokens or 2 * c.max_turns * c.max_new_tokens) if c.environment else c.max_new_tokens
+        after_prompt = self.episodes.limits.episode_tokens if self.episodes is not None else c.max_new_tokens
         positions = getattr(self.accelerator.unwrap_model(self.model).config, "max_position_embeddings", None)
         return min(c.max_prompt_length + after_prompt, positions or 2**31)
 
