@@ -1,10 +1,8 @@
 """Checkpoints: atomic saves, exact resume after SIGKILL, non-finite updates skipped and counted."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from lmpg.checkpoint import list_checkpoints, save_checkpoint
 from lmpg.errors import TrainingError
 
 from conftest import count_a
+from sigkill import sigkill_after_checkpoint
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 ITERATIONS = 8
@@ -35,15 +34,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     reference = run_worker(tmp_path / "ref")
     killed = run_worker(tmp_path / "killed")
     # kill once at least three checkpoints exist: a point in the middle of iteration 4 or later
-    deadline = time.time() + 120
-    while len(list_checkpoints(tmp_path / "killed")) < 2 or \
-            int(list_checkpoints(tmp_path / "killed")[-1].name.split("-")[1]) < 3:
-        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "final").exists()  # it really died before the end
+    sigkill_after_checkpoint(killed, tmp_path / "killed", 3, timeout=120, min_checkpoints=2)
     resumed = run_worker(tmp_path / "killed", resume="auto")
     for proc in (reference, resumed):
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]

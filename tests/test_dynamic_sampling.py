@@ -6,10 +6,8 @@ import logging
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,12 +19,12 @@ from conftest import small_config
 from dynamic_sampling_worker import a_unless_one
 from lmpg import PGConfig, PGTrainer
 from lmpg.batch import TrajectoryBatch
-from lmpg.checkpoint import list_checkpoints
 from lmpg.data import PromptOrder
 from lmpg.dynamic_sampling import choose_groups, concat_batches, group_spread, select_rows, trim_padding
 from lmpg.errors import ConfigError
 from lmpg.generation import SampledTurn
 from lmpg.metrics import read_jsonl
+from sigkill import sigkill_after_checkpoint
 
 WORKER = Path(__file__).with_name("dynamic_sampling_worker.py")
 # the workers import the lmpg under test (this checkout's), whatever the environment has installed
@@ -256,15 +254,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     iterations = 6
     reference = _worker([str(tmp_path / "ref"), "never", str(iterations)])
     killed = _worker([str(tmp_path / "killed"), "never", str(iterations)])
-    deadline = time.time() + 180
-    while len(list_checkpoints(tmp_path / "killed")) < 2 or \
-            int(list_checkpoints(tmp_path / "killed")[-1].name.split("-")[1]) < 3:
-        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "final").exists()
+    sigkill_after_checkpoint(killed, tmp_path / "killed", 3, timeout=180, min_checkpoints=2)
     resumed = _worker([str(tmp_path / "killed"), "auto", str(iterations)])
     for proc in (reference, resumed):
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]

@@ -3,16 +3,15 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from lmpg.checkpoint import list_checkpoints
+from sigkill import sigkill_after_checkpoint
+
 
 WORKER = Path(__file__).with_name("episodes_worker.py")
 ITERATIONS = 5
@@ -31,15 +30,7 @@ def weights(run_dir):
 
 def test_sigkill_then_resume_matches_uninterrupted_run_with_an_environment(tmp_path):
     reference, killed = worker(tmp_path / "ref"), worker(tmp_path / "killed")
-    deadline = time.time() + 180
-    while not list_checkpoints(tmp_path / "killed") or \
-            int(list_checkpoints(tmp_path / "killed")[-1].name.split("-")[1]) < 2:
-        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "final").exists()
+    sigkill_after_checkpoint(killed, tmp_path / "killed", 2, timeout=180)
     resumed = worker(tmp_path / "killed", resume="auto")
     for proc in (reference, resumed):
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]

@@ -341,14 +341,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run_with_vllm(tmp_path):
     """The engine is rebuilt from the checkpoint's weights and the per-row seeds give the same samples:
     a run killed after its first checkpoint and resumed ends as the uninterrupted one (same machine)."""
     import os
-    import signal
     import subprocess
-    import time
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    from lmpg.checkpoint import list_checkpoints
+    from sigkill import sigkill_after_checkpoint
 
     worker = Path(__file__).with_name("vllm_worker.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), str(worker.parents[1])]),
@@ -361,14 +359,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_with_vllm(tmp_path):
     reference = start(tmp_path / "ref", "never")
     assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()[-3000:]
     killed = start(tmp_path / "killed", "never")
-    deadline = time.time() + 300
-    while not list_checkpoints(tmp_path / "killed") or int(list_checkpoints(tmp_path / "killed")[-1].name.split("-")[1]) < 1:
-        assert killed.poll() is None, killed.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "final").exists()
+    sigkill_after_checkpoint(killed, tmp_path / "killed", 1, timeout=300, tail=3000)
     resumed = start(tmp_path / "killed", "auto")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
     assert (tmp_path / "ref" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
